@@ -1,0 +1,1 @@
+"""Triton block-sparse attention kernels (forward and backward), imported as ``volumevlm_kernels``."""

@@ -1,0 +1,60 @@
+"""The ``volumevlm`` console script: one entry point, one sub-command per verb.
+
+Sub-commands register themselves through :data:`COMMANDS`; each module keeps its own
+argument parsing (``add_arguments``) and behaviour (``run``), imported only when used
+so ``volumevlm --help`` stays fast. User-facing errors (:class:`VolumeVLMError`) print
+one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from volumevlm.errors import VolumeVLMError
+
+# name -> (module implementing add_arguments(parser) and run(args) -> int, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("volumevlm.data.synthetic.cli", "write a synthetic CT cohort (not clinical data)"),
+    "inspect": ("volumevlm.io.inspect", "print JSON facts and problems of a CT file or DICOM series"),
+    "demo": ("volumevlm.demo", "run the end-to-end demo on the embedded synthetic cohort"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="volumevlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        # Parsers are built lazily per command so a broken optional dependency of one
+        # verb does not break the others.
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"volumevlm {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except VolumeVLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
