@@ -1,0 +1,275 @@
+"""THE preprocessing definition (MONAI transforms), shared by training, inference, the
+HTTP API and the MONAI bundle export.
+
+It is defined once, as data (:func:`transform_specs`: MONAI class names + JSON kwargs,
+bundle style), and instantiated from that data (:func:`build_transforms`), so the
+bundle's ``inference.json`` is generated from the same list rather than re-typed.
+
+Steps, in order: orient to RAS -> resample to ``target_spacing`` mm (images bilinear,
+labels nearest) -> HU window ``hu_window`` mapped to [0, 1] and clipped (images only)
+-> centre pad/crop to ``spatial_size`` (padding 0, i.e. air at -1000 HU after windowing).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import monai.transforms as mt
+import nibabel as nib
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+from monai.data import MetaTensor
+
+from volumevlm.errors import InputError
+from volumevlm.io import Volume, as_volume
+
+LOAD_TARGET = "volumevlm.data.transforms.LoadVolumed"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters (all the knobs; defaults as Merlin).
+
+    target_spacing: output voxel size (mm) along R, A, S.
+    hu_window: (low, high) HU mapped linearly to [0, 1], values outside clipped.
+    spatial_size: output [X, Y, Z] voxels after centre pad/crop; None keeps the resampled size.
+    axcodes: output orientation of the stored axes.
+    """
+
+    target_spacing: tuple[float, float, float] = (1.5, 1.5, 3.0)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    spatial_size: tuple[int, int, int] | None = (224, 224, 160)
+    axcodes: str = "RAS"
+
+    def __post_init__(self):
+        # Hydra/JSON give lists; keep tuples so the config is hashable and comparable.
+        object.__setattr__(self, "target_spacing", tuple(float(v) for v in self.target_spacing))
+        object.__setattr__(self, "hu_window", tuple(float(v) for v in self.hu_window))
+        if self.spatial_size is not None:
+            object.__setattr__(self, "spatial_size", tuple(int(v) for v in self.spatial_size))
+        if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
+            raise ValueError(f"target_spacing must be 3 positive mm values, got {self.target_spacing}")
+        if len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if self.spatial_size is not None and (len(self.spatial_size) != 3 or min(self.spatial_size) < 1):
+            raise ValueError(f"spatial_size must be 3 positive ints or None, got {self.spatial_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PreprocessConfig":
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_spacing"] = list(self.target_spacing)
+        d["hu_window"] = list(self.hu_window)
+        d["spatial_size"] = None if self.spatial_size is None else list(self.spatial_size)
+        return d
+
+
+def _keys(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def transform_specs(
+    config: PreprocessConfig | dict | None = None, image_key: str | Sequence[str] = "image", label_keys: Sequence[str] = ()
+) -> list[dict]:
+    """The preprocessing as JSON-serialisable MONAI-bundle-style specs (after loading).
+
+    Each item: {"_target_": MONAI transform class name, **kwargs}. Image keys are
+    resampled bilinearly and HU-windowed; label keys are resampled nearest-neighbour.
+    """
+    config = _config(config)
+    images, labels = _keys(image_key), list(label_keys)
+    keys = images + labels
+    modes = ["bilinear"] * len(images) + ["nearest"] * len(labels)
+    specs: list[dict] = [
+        # labels spelled out: the meaning of RAS letters, independent of MONAI's changing default.
+        {"_target_": "Orientationd", "keys": keys, "axcodes": config.axcodes, "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        {
+            "_target_": "Spacingd",
+            "keys": keys,
+            "pixdim": list(config.target_spacing),
+            "mode": modes,
+            "padding_mode": ["border"] * len(keys),
+            "dtype": "float32",
+        },
+        {
+            "_target_": "ScaleIntensityRanged",
+            "keys": images,
+            "a_min": config.hu_window[0],
+            "a_max": config.hu_window[1],
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        },
+    ]
+    if config.spatial_size is not None:
+        specs.append(
+            {
+                "_target_": "ResizeWithPadOrCropd",
+                "keys": keys,
+                "spatial_size": list(config.spatial_size),
+                "mode": "constant",
+                "method": "symmetric",
+            }
+        )
+    specs.append({"_target_": "EnsureTyped", "keys": keys, "dtype": "float32"})
+    return specs
+
+
+def load_spec(keys: Sequence[str] = ("image",), label_keys: Sequence[str] = ()) -> dict:
+    """The loading step as a spec (for bundle export): our reader, not MONAI's LoadImage."""
+    return {"_target_": LOAD_TARGET, "keys": list(keys) + list(label_keys), "label_keys": list(label_keys)}
+
+
+def instantiate(spec: dict):
+    """One transform from a spec: a bare name is looked up in ``monai.transforms``."""
+    spec = dict(spec)
+    target = spec.pop("_target_")
+    if "." in target:
+        module_name, _, name = target.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+    else:
+        cls = getattr(mt, target)
+    if "dtype" in spec and isinstance(spec["dtype"], str):
+        spec["dtype"] = getattr(torch, spec["dtype"]) if cls is mt.EnsureTyped else np.dtype(spec["dtype"])
+    return cls(**spec)
+
+
+def build_transforms(
+    config: PreprocessConfig | dict | None = None, image_key: str | Sequence[str] = "image", label_keys: Sequence[str] = ()
+) -> mt.Compose:
+    """The preprocessing (without loading) as a MONAI Compose, built from :func:`transform_specs`."""
+    return mt.Compose([instantiate(s) for s in transform_specs(config, image_key, label_keys)])
+
+
+class LoadVolumed(mt.MapTransform):
+    """Read ``keys`` with volumevlm's reader into MetaTensors [1, X, Y, Z] (affine RAS mm).
+
+    Values may be anything :func:`volumevlm.io.as_volume` accepts (paths, nibabel images,
+    (array, affine), tensors, Volumes). Images become float32 HU; ``label_keys`` are read
+    with kind="label" (integer values, no HU checks), stored as float32 for resampling.
+    Meta: filename_or_obj (the source), original_affine, spatial_shape, format.
+    """
+
+    def __init__(self, keys, label_keys: Sequence[str] = (), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.label_keys = set(label_keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            kind = "label" if key in self.label_keys else "image"
+            d[key] = volume_to_metatensor(as_volume(d[key], kind=kind))
+        return d
+
+
+def volume_to_metatensor(volume: Volume) -> MetaTensor:
+    """A Volume as a float32 MetaTensor [1, X, Y, Z] carrying its RAS affine and source."""
+    array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
+    meta = {
+        "filename_or_obj": volume.source,
+        "original_affine": np.asarray(volume.affine, dtype=np.float64),
+        "spatial_shape": np.asarray(volume.shape),
+        "space": "RAS",
+        "format": volume.meta.get("format", ""),
+    }
+    return MetaTensor(array, affine=torch.as_tensor(volume.affine, dtype=torch.float64), meta=meta)
+
+
+def pipeline(
+    config: PreprocessConfig | dict | None = None,
+    keys: Sequence[str] = ("image",),
+    label_keys: Sequence[str] = (),
+    load: bool = True,
+) -> mt.Compose:
+    """LoadVolumed (if ``load``) + :func:`build_transforms`: what datasets apply to a sample dict."""
+    steps = [LoadVolumed(list(keys) + list(label_keys), label_keys=label_keys)] if load else []
+    steps += list(build_transforms(config, list(keys), label_keys).transforms)
+    return mt.Compose(steps)
+
+
+def _config(config) -> PreprocessConfig:
+    if config is None:
+        return PreprocessConfig()
+    if isinstance(config, PreprocessConfig):
+        return config
+    return PreprocessConfig.from_dict(config)
+
+
+def preprocess(x, config: PreprocessConfig | dict | None = None) -> MetaTensor:
+    """One CT volume -> the model's input.
+
+    x: path | nibabel image | (array, affine) | tensor | Volume (HU values).
+    Returns a float32 MetaTensor [1, X, Y, Z]: RAS, ``target_spacing`` mm, HU window
+    mapped to [0, 1], centre padded/cropped to ``spatial_size``; ``.affine`` is its
+    voxel -> RAS mm map (what :func:`invert_to_input` needs).
+    """
+    volume = as_volume(x)
+    out = build_transforms(config)({"image": volume_to_metatensor(volume)})["image"]
+    return out
+
+
+def invert_to_input(mask, preprocessed, reference, *, mode: str = "auto") -> nib.Nifti1Image:
+    """Bring a map made on the preprocessed grid back to the input's own geometry.
+
+    mask: [X, Y, Z] or [1, X, Y, Z] (tensor or array) on the grid of ``preprocessed``.
+    preprocessed: the MetaTensor :func:`preprocess` returned (its ``.affine`` is used), or
+        a 4x4 affine of that grid (voxel -> RAS mm).
+    reference: the input (a Volume, or anything :func:`as_volume` accepts).
+    mode: "nearest" (label maps), "linear" (float maps) or "auto" (nearest when the
+        values are integers).
+    Returns a nibabel image with exactly the reference's shape, stored orientation and
+    affine; voxels outside the preprocessed field of view are 0. Resampling is an exact
+    world-coordinate mapping of reference voxel centres into the preprocessed grid.
+    """
+    ref = reference if isinstance(reference, Volume) else as_volume(reference)
+    if isinstance(preprocessed, MetaTensor):
+        grid_affine = np.asarray(preprocessed.affine.detach().cpu().numpy(), dtype=np.float64)
+    else:
+        grid_affine = np.asarray(
+            preprocessed.detach().cpu().numpy() if torch.is_tensor(preprocessed) else preprocessed, dtype=np.float64
+        )
+    if grid_affine.shape != (4, 4):
+        raise InputError("<preprocessed>", "needs the MetaTensor from preprocess() or its 4x4 affine")
+    values = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+    if values.ndim == 4 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 3:
+        raise InputError("<mask>", f"expected [X, Y, Z] or [1, X, Y, Z], got shape {values.shape}")
+    integral = values.dtype.kind in "biu" or bool(np.array_equal(values, np.round(values)))
+    if mode == "auto":
+        mode = "nearest" if integral else "linear"
+    if mode not in ("nearest", "linear"):
+        raise ValueError(f"mode must be 'nearest', 'linear' or 'auto', got {mode!r}")
+
+    # reference voxel -> world -> preprocessed voxel, one affine map.
+    to_grid = np.linalg.inv(grid_affine) @ np.asarray(ref.affine, dtype=np.float64)
+    resampled = ndi.affine_transform(
+        values.astype(np.float32 if mode == "linear" else values.dtype, copy=False)
+        if values.dtype.kind != "b"
+        else values.astype(np.uint8),
+        to_grid[:3, :3],
+        offset=to_grid[:3, 3],
+        output_shape=ref.shape,
+        order=0 if mode == "nearest" else 1,
+        mode="constant",
+        cval=0.0,
+    )
+    if mode == "nearest" and integral:
+        lo, hi = (float(resampled.min()), float(resampled.max())) if resampled.size else (0.0, 0.0)
+        dtype = np.uint8 if lo >= 0 and hi <= 255 else np.int32
+        resampled = np.rint(resampled).astype(dtype)
+    else:
+        resampled = resampled.astype(np.float32)
+    img = nib.Nifti1Image(resampled, ref.affine)
+    img.set_qform(ref.affine, code=1)
+    img.set_sform(ref.affine, code=1)
+    return img

@@ -1,0 +1,491 @@
+"""The one reader: every CT volume and label map enters volumevlm through here.
+
+``read_volume`` reads NIfTI (nibabel), DICOM series folders and ``.zip`` archives of
+one (SimpleITK/GDCM), NRRD and MetaImage (SimpleITK), and validates what it read.
+Bad input raises :class:`InputError` with one line naming the file and the problem;
+suspicious-but-usable input (values that do not look like Hounsfield units) emits a
+:class:`VolumeWarning`. Input files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from volumevlm.errors import InputError
+from volumevlm.io.volume import (
+    DEFAULT_MAX_VOXELS,
+    LPS_TO_RAS,
+    MAX_SPACING_MM,
+    MAX_VOXELS_ENV,
+    MIN_SPACING_MM,
+    Volume,
+    max_voxels_limit,
+    spacing_from_affine,
+)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
+KINDS = ("image", "label")
+
+
+class VolumeWarning(UserWarning):
+    """A volume was read but looks suspicious (e.g. values that are not HU)."""
+
+
+def _why(err: BaseException) -> str:
+    """The first non-empty line of an exception message, short enough for one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # ITK messages start with a file:line location; the useful part is the last line.
+    text = lines[-1] if lines and lines[0].startswith("Exception thrown") else (lines[0] if lines else "")
+    text = text or type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        return "dicom"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(".zip"):
+        return "dicom-zip"
+    for suffix, fmt in ITK_SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return "other"
+
+
+def read_volume(path: str | os.PathLike, *, max_voxels: int | None = DEFAULT_MAX_VOXELS, kind: str = "image") -> Volume:
+    """Read and validate one CT volume (``kind="image"``) or integer label map (``kind="label"``).
+
+    path: .nii / .nii.gz, a DICOM series folder, a .zip of a DICOM series, .nrrd / .nhdr /
+          .mha / .mhd (or a single DICOM file, which must then hold a 3D volume).
+    max_voxels: refuse volumes with more voxels (memory guard); the env var
+          VOLUMEVLM_MAX_VOXELS overrides the default; None disables the guard.
+    Returns a :class:`Volume`: array [X, Y, Z] in stored voxel order, float32 HU for
+    images (rescale slope/intercept applied), an integer dtype for labels; affine
+    voxel -> RAS mm. Raises InputError (one line naming ``path``) on bad input.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise InputError(source, "no such file or folder")
+    limit = max_voxels_limit(max_voxels)
+    fmt = _format_of(path)
+    if fmt == "nifti":
+        array, affine, meta = _read_nifti(path, source, limit, kind)
+    elif fmt == "dicom":
+        array, affine, meta = _read_dicom_folder(path, source, limit)
+    elif fmt == "dicom-zip":
+        array, affine, meta = _read_dicom_zip(path, source, limit)
+    else:
+        array, affine, meta = _read_itk_file(path, source, limit, fmt)
+    return _finish(array, affine, source, meta, kind, limit)
+
+
+def as_volume(x, *, source: str | None = None, kind: str = "image") -> Volume:
+    """Any supported input as a validated :class:`Volume` (inputs are never modified).
+
+    x: a path | a nibabel image | (array [X, Y, Z], affine 4x4 voxel -> RAS mm) |
+       a torch tensor [X, Y, Z] or [1, X, Y, Z] (a MONAI MetaTensor's own affine is used;
+       a plain tensor is taken as 1 mm RAS voxels, with a warning) | a Volume.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(x, Volume):
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        return read_volume(x, kind=kind)
+    limit = max_voxels_limit(DEFAULT_MAX_VOXELS)
+    if isinstance(x, nib.spatialimages.SpatialImage):
+        src = source or (x.get_filename() or f"<{type(x).__name__}>")
+        _guard(x.shape, src, limit)
+        try:
+            data = np.array(x.dataobj) if kind == "label" else x.get_fdata(dtype=np.float32)
+        except Exception as err:  # nibabel raises many types on corrupt data
+            raise InputError(src, f"image data unreadable ({_why(err)})") from err
+        meta = {"format": "nibabel", "dtype": str(x.get_data_dtype())}
+        return _finish(data, x.affine, src, meta, kind, limit)
+    if isinstance(x, (tuple, list)) and len(x) == 2:
+        array, affine = x
+        src = source or "<(array, affine)>"
+        array = _to_numpy(array, src)
+        if array.ndim == 4 and array.shape[0] == 1:  # a channel-first [1, X, Y, Z] tensor
+            array = array[0]
+        affine = _to_numpy(affine, src)
+        meta = {"format": "array", "dtype": str(array.dtype)}
+        return _finish(array, affine, src, meta, kind, limit)
+    if _is_tensor(x):
+        src = source or f"<{type(x).__name__}>"
+        array = _to_numpy(x, src)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        meta = {"format": "tensor", "dtype": str(array.dtype)}
+        if getattr(x, "affine", None) is not None:
+            affine = _to_numpy(x.affine, src)
+            if affine.ndim == 3:  # a batched MetaTensor's affine is [B, 4, 4]
+                affine = affine[0]
+        else:
+            warnings.warn(f"{src}: plain tensor has no affine; assuming 1 mm voxels in RAS order", VolumeWarning, stacklevel=2)
+            affine = np.eye(4)
+        return _finish(array, affine, src, meta, kind, limit)
+    if isinstance(x, np.ndarray):
+        raise InputError(source or "<array>", "a bare array has no geometry; pass (array, affine) instead")
+    raise InputError(source or f"<{type(x).__name__}>", f"unsupported input type {type(x).__name__}")
+
+
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith(("torch", "monai"))
+
+
+def _to_numpy(x, source: str) -> np.ndarray:
+    if _is_tensor(x):
+        x = x.detach().cpu()
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        x = x.numpy()
+    try:
+        return np.asarray(x)
+    except Exception as err:
+        raise InputError(source, f"cannot be read as an array ({_why(err)})") from err
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _read_nifti(path: Path, source: str, limit: int | None, kind: str):
+    _check_raw_pixdim(path, source)
+    try:
+        # mmap=False: the file is read once, fully, through a read-only handle.
+        # nibabel's own warnings about a garbled header would print extra lines; the
+        # outcome (an error or our own warning) says what matters.
+        with warnings.catch_warnings(), nib.imageglobals.LoggingOutputSuppressor():
+            warnings.simplefilter("ignore")
+            img = nib.load(str(path), mmap=False)
+    except Exception as err:
+        raise InputError(source, f"not a readable NIfTI image ({_why(err)})") from err
+    header = img.header
+    _check_shape(img.shape, source)
+    _guard(img.shape, source, limit)
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        warnings.warn(
+            f"{source}: NIfTI has neither qform nor sform; orientation is unknown (assumed from pixdim)",
+            VolumeWarning,
+            stacklevel=3,
+        )
+    try:
+        data = np.asarray(img.dataobj) if kind == "label" else img.get_fdata(dtype=np.float32)
+    except Exception as err:
+        raise InputError(source, f"truncated or corrupt image data ({_why(err)})") from err
+    meta = {"format": "nifti", "dtype": str(img.get_data_dtype())}
+    return data, img.affine, meta
+
+
+def _check_raw_pixdim(path: Path, source: str) -> None:
+    """Refuse zero/negative voxel sizes as stored: nibabel silently 'fixes' them on load."""
+    try:
+        with nib.openers.ImageOpener(str(path), "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = nib.Nifti1Header.from_fileobj(f, check=False)
+    except Exception:  # not NIfTI-1 (NIfTI-2, or not an image): nib.load reports it
+        return
+    n = int(min(3, max(0, raw["dim"][0])))
+    pixdim = np.asarray(raw["pixdim"][1 : 1 + n], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise InputError(source, f"non-positive or non-finite voxel size in header pixdim {pixdim.tolist()}")
+
+
+# --------------------------------------------------------------------------- ITK (NRRD / MHA / DICOM)
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """ITK prints its warnings to stderr; ours are raised or warned explicitly instead."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield sitk
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _sitk_to_numpy(image) -> tuple[np.ndarray, np.ndarray]:
+    """A SimpleITK image as (array [X, Y, Z, ...], affine voxel -> RAS mm)."""
+    import SimpleITK as sitk
+
+    dim = image.GetDimension()
+    array = sitk.GetArrayFromImage(image)  # [.., Z, Y, X]
+    array = np.transpose(array, tuple(range(dim - 1, -1, -1)))
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    n = min(dim, 3)
+    affine_lps = np.eye(4)
+    affine_lps[:n, :n] = direction[:n, :n] * spacing[:n]
+    affine_lps[:n, 3] = origin[:n]
+    return array, LPS_TO_RAS @ affine_lps
+
+
+def _read_itk_file(path: Path, source: str, limit: int | None, fmt: str):
+    with _quiet_itk() as sitk:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            what = "not a readable image" if fmt == "other" else f"not a readable {fmt.upper()} image"
+            raise InputError(source, f"{what} ({_why(err)})") from err
+        size = tuple(int(n) for n in reader.GetSize())
+        spacing = tuple(float(v) for v in reader.GetSpacing())
+        if not all(np.isfinite(v) and v > 0 for v in spacing):
+            raise InputError(source, f"non-positive or non-finite voxel size {list(spacing)} in the header")
+        if reader.GetNumberOfComponents() != 1:
+            raise InputError(source, f"{reader.GetNumberOfComponents()}-component (e.g. RGB) image; a CT volume has one")
+        is_dicom = "0008|0060" in reader.GetMetaDataKeys() or "0020|000e" in reader.GetMetaDataKeys()
+        if is_dicom and len(size) == 3 and size[2] == 1:
+            raise InputError(source, "a single DICOM slice; pass the folder (or .zip) holding the whole series")
+        _check_shape(size, source)
+        _guard(size, source, limit)
+        meta = {"format": "dicom" if is_dicom else (fmt if fmt != "other" else "itk")}
+        if "0008|0060" in reader.GetMetaDataKeys():
+            meta["modality"] = reader.GetMetaData("0008|0060").strip()
+        try:
+            image = reader.Execute()
+        except RuntimeError as err:
+            raise InputError(source, f"truncated or corrupt image data ({_why(err)})") from err
+    meta["dtype"] = image.GetPixelIDTypeAsString()
+    array, affine = _sitk_to_numpy(image)
+    return array, affine, meta
+
+
+def _dicom_header(sitk, filename: str) -> dict:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(filename)
+    reader.ReadImageInformation()
+    keys = set(reader.GetMetaDataKeys())
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if key in keys else ""
+
+    return {
+        "modality": tag("0008|0060"),
+        "position": tag("0020|0032"),
+        "orientation": tag("0020|0037"),
+        "series_description": tag("0008|103e"),
+        "rows": tag("0028|0010"),
+        "columns": tag("0028|0011"),
+        "bits_allocated": tag("0028|0100"),
+        "pixel_representation": tag("0028|0103"),
+    }
+
+
+def _floats(text: str, n: int, source: str, what: str) -> np.ndarray:
+    try:
+        values = np.array([float(v) for v in text.split("\\")], dtype=np.float64)
+    except ValueError:
+        values = np.array([])
+    if values.shape != (n,) or not np.all(np.isfinite(values)):
+        raise InputError(source, f"DICOM {what} is missing or malformed ({text!r})")
+    return values
+
+
+def _read_dicom_folder(folder: Path, source: str, limit: int | None):
+    with _quiet_itk() as sitk:
+        series = []  # (modality, n_files, series_uid, files)
+        for dirpath, _dirnames, filenames in sorted(os.walk(folder)):
+            if not filenames:
+                continue
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(dirpath):
+                files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(dirpath, uid))
+                try:
+                    modality = _dicom_header(sitk, files[0])["modality"]
+                except RuntimeError:
+                    continue
+                series.append((modality, len(files), uid, files))
+        if not series:
+            raise InputError(source, "no DICOM series found (not DICOM files, or unreadable)")
+        ct = [s for s in series if s[0].upper() == "CT"]
+        modality, n_files, uid, files = max(ct or series, key=lambda s: s[1])
+        if not ct:
+            warnings.warn(
+                f"{source}: no series with Modality CT; using the largest series (Modality {modality or 'missing'})",
+                VolumeWarning,
+                stacklevel=3,
+            )
+        headers = []
+        for name in files:
+            try:
+                headers.append(_dicom_header(sitk, name))
+            except RuntimeError as err:
+                raise InputError(source, f"unreadable DICOM file {Path(name).name} ({_why(err)})") from err
+        first = headers[0]
+        shape = (int(first["columns"] or 0), int(first["rows"] or 0), len(files))
+        _check_shape(shape, source)
+        _guard(shape, source, limit)
+        _check_slice_positions(headers, source)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        try:
+            image = reader.Execute()
+        except RuntimeError as err:
+            raise InputError(source, f"truncated or corrupt DICOM series ({_why(err)})") from err
+    array, affine = _sitk_to_numpy(image)
+    meta = {
+        "format": "dicom",
+        "dtype": _dicom_dtype(first) or image.GetPixelIDTypeAsString(),
+        "modality": modality,
+        "series_uid": uid,
+        "series_description": first["series_description"],
+        "n_files": n_files,
+        "n_series": len(series),
+    }
+    return array, affine, meta
+
+
+def _dicom_dtype(header: dict) -> str:
+    """The stored pixel type, e.g. "int16" (before RescaleSlope/Intercept)."""
+    if not header["bits_allocated"]:
+        return ""
+    return ("int" if header["pixel_representation"] == "1" else "uint") + header["bits_allocated"]
+
+
+def _check_slice_positions(headers: list[dict], source: str) -> None:
+    """Slices must be evenly spaced along the slice normal: no gaps, no duplicates."""
+    orientation = _floats(headers[0]["orientation"], 6, source, "ImageOrientationPatient")
+    normal = np.cross(orientation[:3], orientation[3:])
+    for h in headers[1:]:
+        if not np.allclose(_floats(h["orientation"], 6, source, "ImageOrientationPatient"), orientation, atol=1e-4):
+            raise InputError(source, "slices of the series have different ImageOrientationPatient")
+    along = np.sort([_floats(h["position"], 3, source, "ImagePositionPatient") @ normal for h in headers])
+    gaps = np.diff(along)
+    if gaps.size == 0:
+        return
+    if np.any(gaps < 1e-3):
+        raise InputError(source, "two or more slices share one ImagePositionPatient (duplicate slices)")
+    step = float(np.median(gaps))
+    if np.any(np.abs(gaps - step) > max(0.01, 0.1 * step)):
+        raise InputError(
+            source,
+            f"uneven slice spacing {float(gaps.min()):.4g}..{float(gaps.max()):.4g} mm (missing slices?)",
+        )
+
+
+def _read_dicom_zip(path: Path, source: str, limit: int | None):
+    with tempfile.TemporaryDirectory(prefix="volumevlm-zip-") as tmp:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                unpacked = sum(info.file_size for info in archive.infolist())
+                # Guard against zip bombs: a CT series is about 2 bytes per voxel plus headers.
+                if limit is not None and unpacked > 4 * limit + (64 << 20):
+                    raise InputError(source, f"archive unpacks to {unpacked} bytes, beyond the memory guard")
+                # extractall never writes outside ``tmp`` (it strips '..' and absolute paths).
+                archive.extractall(tmp)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
+            raise InputError(source, f"not a readable zip archive ({_why(err)})") from err
+        array, affine, meta = _read_dicom_folder(Path(tmp), source, limit)
+        array = np.array(array)  # own the memory before the folder goes
+    meta["format"] = "dicom"
+    meta["container"] = "zip"
+    return array, affine, meta
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_shape(shape, source: str) -> None:
+    shape = tuple(int(n) for n in shape)
+    core = list(shape)
+    while len(core) > 3 and core[-1] == 1:
+        core.pop()
+    if len(core) < 3:
+        raise InputError(source, f"2D image (shape {shape}); a CT volume needs three dimensions")
+    if len(core) > 3:
+        raise InputError(source, f"{len(core)}D image (shape {shape}); pass a single 3D volume")
+    if min(core) < 2:
+        raise InputError(source, f"single slice (shape {shape}); a CT volume needs at least 2 voxels along every axis")
+
+
+def _guard(shape, source: str, limit: int | None) -> None:
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    if limit is not None and n > limit:
+        raise InputError(
+            source,
+            f"{n} voxels exceeds the memory guard of {limit} (raise it with max_voxels or {MAX_VOXELS_ENV})",
+        )
+
+
+def _finish(array, affine, source: str, meta: dict, kind: str, limit: int | None) -> Volume:
+    """Validate geometry and values; return the Volume (arrays are fresh copies)."""
+    array = np.asarray(array)
+    _check_shape(array.shape, source)
+    _guard(array.shape, source, limit)
+    array = array.reshape(array.shape[:3])
+
+    affine = np.array(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(source, f"affine must be 4x4, got shape {affine.shape}")
+    if not np.all(np.isfinite(affine)):
+        raise InputError(source, "affine holds NaN or infinite values")
+    spacing = spacing_from_affine(affine)
+    if min(spacing) <= 0 or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(source, f"zero voxel spacing or singular affine (spacing {_fmt(spacing)} mm)")
+    if min(spacing) < MIN_SPACING_MM or max(spacing) > MAX_SPACING_MM:
+        raise InputError(
+            source,
+            f"implausible voxel spacing {_fmt(spacing)} mm (expected {MIN_SPACING_MM}..{MAX_SPACING_MM} mm)",
+        )
+
+    if array.dtype.kind not in "biuf":
+        raise InputError(source, f"unsupported voxel type {array.dtype}")
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(array.size - np.count_nonzero(finite))
+            raise InputError(source, f"{bad} non-finite (NaN or infinite) voxels")
+
+    meta = dict(meta, kind=kind)
+    if kind == "label":
+        if array.dtype.kind == "f":
+            if not np.array_equal(array, np.round(array)):
+                raise InputError(source, "label map holds non-integer values")
+        lo, hi = (float(array.min()), float(array.max()))
+        dtype = next(
+            (t for t in (np.uint8, np.int16, np.int32, np.int64) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+        )
+        array = array.astype(dtype)  # astype copies: the caller's array is never aliased
+    else:
+        array = np.array(array, dtype=np.float32)
+        _warn_if_not_hu(array, source)
+    return Volume(array=array, affine=affine, source=source, meta=meta)
+
+
+def hu_problem(lo: float, hi: float) -> str | None:
+    """Why a volume with value range [lo, hi] does not look like CT Hounsfield units, or None."""
+    if lo >= 0.0 and hi <= 1.0:
+        return f"values lie within [0, 1] ({lo:.4g}..{hi:.4g}): normalised intensities, not Hounsfield units"
+    if lo > -500.0:
+        return f"minimum value {lo:.4g} > -500: no air; not Hounsfield units (missing rescale intercept, or not CT?)"
+    if hi < 0.0:
+        return f"maximum value {hi:.4g} < 0: no soft tissue or bone; not Hounsfield units?"
+    return None
+
+
+def _warn_if_not_hu(array: np.ndarray, source: str) -> None:
+    problem = hu_problem(float(array.min()), float(array.max()))
+    if problem:
+        warnings.warn(f"{source}: {problem}", VolumeWarning, stacklevel=4)
+
+
+def _fmt(values) -> str:
+    return " x ".join(f"{v:.4g}" for v in values)
