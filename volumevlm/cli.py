@@ -18,6 +18,7 @@ from volumevlm.errors import VolumeVLMError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("volumevlm.data.synthetic.cli", "write a synthetic CT cohort (not clinical data)"),
     "inspect": ("volumevlm.io.inspect", "print JSON facts and problems of a CT file or DICOM series"),
+    "adapt": ("volumevlm.data.adapters", "turn a Merlin / CT-RATE / TotalSegmentator folder into a manifest"),
     "demo": ("volumevlm.demo", "run the end-to-end demo on the embedded synthetic cohort"),
 }
 
