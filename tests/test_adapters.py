@@ -62,76 +62,15 @@ def _write_csv(path: Path, header: list[str], rows: list[list], delimiter: str =
     return path
 
 
-def _column_letters(index: int) -> str:
-    letters = ""
-    index += 1
-    while index:
-        index, rem = divmod(index - 1, 26)
-        letters = chr(ord("A") + rem) + letters
-    return letters
-
-
 def _write_xlsx(path: Path, grid: list[list]) -> Path:
-    """A minimal Office Open XML workbook as spreadsheet programs write it: text in the
-    shared-strings part, numbers inline, empty cells left out (cells carry their refs)."""
-    shared: list[str] = []
-    rows_xml = []
-    for r, row in enumerate(grid, start=1):
-        cells = []
-        for c, value in enumerate(row):
-            ref = f"{_column_letters(c)}{r}"
-            if value is None or value == "":
-                continue
-            if isinstance(value, (int, float)):
-                cells.append(f'<c r="{ref}"><v>{value!r}</v></c>' if isinstance(value, float) else f'<c r="{ref}"><v>{value}</v></c>')
-            else:
-                if value not in shared:
-                    shared.append(value)
-                cells.append(f'<c r="{ref}" t="s"><v>{shared.index(value)}</v></c>')
-        rows_xml.append(f'<row r="{r}">{"".join(cells)}</row>')
-    main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
-    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
-    pkg = "http://schemas.openxmlformats.org/package/2006/relationships"
-    parts = {
-        "[Content_Types].xml": (
-            '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-            '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
-            '<Default Extension="xml" ContentType="application/xml"/>'
-            '<Override PartName="/xl/workbook.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
-            '<Override PartName="/xl/worksheets/sheet1.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/>'
-            '<Override PartName="/xl/sharedStrings.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sharedStrings+xml"/>'
-            "</Types>"
-        ),
-        "_rels/.rels": (
-            f'<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="{pkg}">'
-            f'<Relationship Id="rId1" Type="{rel}/officeDocument" Target="xl/workbook.xml"/></Relationships>'
-        ),
-        "xl/workbook.xml": (
-            f'<?xml version="1.0" encoding="UTF-8"?><workbook xmlns="{main}" xmlns:r="{rel}">'
-            '<sheets><sheet name="reports" sheetId="1" r:id="rId1"/></sheets></workbook>'
-        ),
-        "xl/_rels/workbook.xml.rels": (
-            f'<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="{pkg}">'
-            f'<Relationship Id="rId1" Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/>'
-            f'<Relationship Id="rId2" Type="{rel}/sharedStrings" Target="sharedStrings.xml"/></Relationships>'
-        ),
-        "xl/worksheets/sheet1.xml": (
-            f'<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="{main}"><sheetData>{"".join(rows_xml)}</sheetData></worksheet>'
-        ),
-        "xl/sharedStrings.xml": (
-            f'<?xml version="1.0" encoding="UTF-8"?><sst xmlns="{main}" count="{len(shared)}" uniqueCount="{len(shared)}">'
-            + "".join(f'<si><t xml:space="preserve">{escape(s)}</t></si>' for s in shared)
-            + "</sst>"
-        ),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as book:
-        for name, text in parts.items():
-            book.writestr(name, text)
+    """A workbook as spreadsheet programs write it (openpyxl), first sheet holding ``grid``."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    for row in grid:
+        book.active.append([None if value == "" else value for value in row])
+    book.save(path)
     return path
-
-
-# --------------------------------------------------------------------------- tables
 
 
 def test_read_table_csv_semicolons_and_xlsx(tmp_path):

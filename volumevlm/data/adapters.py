@@ -48,7 +48,6 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import numpy as np
 
@@ -75,81 +74,36 @@ def _norm(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", str(name).lower())
 
 
-def _excel_number(text: str) -> str:
-    """XLSX stores numbers as text like "250.19999999999999"; give their shortest form."""
+def _integral_id(text: str) -> str:
+    """ "1001.0" (a number column saved by a spreadsheet) -> "1001"; other text unchanged."""
     try:
         value = float(text)
     except ValueError:
         return text
-    if not math.isfinite(value):
-        return text
-    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    return _cell_text(value) if math.isfinite(value) and value.is_integer() else text
 
 
-_XLSX_MAIN = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
-_XLSX_REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
-_XLSX_PKG_REL = "{http://schemas.openxmlformats.org/package/2006/relationships}"
-
-
-def _column_index(ref: str) -> int:
-    """0-based column of a cell reference like "AB12"."""
-    index = 0
-    for char in ref:
-        if not char.isalpha():
-            break
-        index = index * 26 + (ord(char.upper()) - ord("A") + 1)
-    return index - 1
-
-
-def _xlsx_text(element) -> str:
-    """All text runs of a shared / inline string element, concatenated."""
-    return "".join(t.text or "" for t in element.iter(f"{_XLSX_MAIN}t"))
+def _cell_text(value) -> str:
+    """A spreadsheet cell as text: integral numbers without ".0" (study ids), empty cells as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return str(value)
 
 
 def _read_xlsx(path: Path) -> list[list[str]]:
-    """The first worksheet of an XLSX file as rows of cell strings (Office Open XML, ECMA-376)."""
-    with zipfile.ZipFile(path) as book:
-        names = set(book.namelist())
-        shared: list[str] = []
-        if "xl/sharedStrings.xml" in names:
-            root = ElementTree.fromstring(book.read("xl/sharedStrings.xml"))
-            shared = [_xlsx_text(si) for si in root.iter(f"{_XLSX_MAIN}si")]
-        workbook = ElementTree.fromstring(book.read("xl/workbook.xml"))
-        first = next(workbook.iter(f"{_XLSX_MAIN}sheet"), None)
-        if first is None:
+    """The first worksheet of an XLSX workbook as rows of cell strings (via openpyxl, read-only)."""
+    import openpyxl
+
+    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    try:
+        sheet = book.worksheets[0] if book.worksheets else None
+        if sheet is None:
             raise InputError(path, "workbook has no worksheet")
-        rel_id = first.get(f"{_XLSX_REL}id")
-        rels = ElementTree.fromstring(book.read("xl/_rels/workbook.xml.rels"))
-        target = next((r.get("Target") for r in rels.iter(f"{_XLSX_PKG_REL}Relationship") if r.get("Id") == rel_id), None)
-        if target is None:
-            raise InputError(path, f"worksheet {first.get('name')!r} has no part in the package")
-        sheet_name = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
-        rows: list[list[str]] = []
-        with book.open(sheet_name) as sheet:
-            for _, element in ElementTree.iterparse(sheet):
-                if element.tag != f"{_XLSX_MAIN}row":
-                    continue
-                cells: dict[int, str] = {}
-                for position, cell in enumerate(element.iter(f"{_XLSX_MAIN}c")):
-                    ref = cell.get("r")
-                    column = _column_index(ref) if ref else position
-                    kind = cell.get("t", "n")
-                    value = cell.find(f"{_XLSX_MAIN}v")
-                    if kind == "inlineStr":
-                        inline = cell.find(f"{_XLSX_MAIN}is")
-                        cells[column] = _xlsx_text(inline) if inline is not None else ""
-                    elif value is None or value.text is None:
-                        cells[column] = ""
-                    elif kind == "s":
-                        cells[column] = shared[int(value.text)]
-                    elif kind == "n":
-                        cells[column] = _excel_number(value.text)
-                    else:  # "str" (formula result), "b" (0/1), "e" (error text)
-                        cells[column] = value.text
-                width = max(cells) + 1 if cells else 0
-                rows.append([cells.get(c, "") for c in range(width)])
-                element.clear()
-    return rows
+        return [[_cell_text(value) for value in row] for row in sheet.iter_rows(values_only=True)]
+    finally:
+        book.close()
 
 
 def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -167,7 +121,7 @@ def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
             first = text.split("\n", 1)[0]
             delimiter = max(",;\t", key=first.count) if first else ","
             grid = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-    except (OSError, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, KeyError, ElementTree.ParseError) as err:
+    except (OSError, UnicodeDecodeError, csv.Error, zipfile.BadZipFile, KeyError, ValueError) as err:
         raise InputError(path, f"unreadable table ({type(err).__name__}: {err})") from None
     grid = [row for row in grid if any(cell.strip() for cell in row)]
     if not grid:
@@ -337,7 +291,7 @@ def merlin_rows(
                 continue
             # "1001.0" (a number column saved by a spreadsheet) names 1001.nii.gz, but a
             # zero-padded id like "0012" must stay as written when a volume has that name.
-            study = raw if raw in volumes else _excel_number(raw)
+            study = raw if raw in volumes else _integral_id(raw)
             for key in ("findings", "impression", "report"):
                 if found[key] and record[found[key]]:
                     texts.setdefault(study, {})[key] = record[found[key]]
