@@ -308,30 +308,56 @@ def flex_block_mask(layout, device):
     return BlockMask.from_kv_blocks(part_n, part_idx, full_n, full_idx, BLOCK_SIZE=T, mask_mod=mask_mod, seq_lengths=(N, N))
 
 
-# Kernel tile sizes that divide a 64-token mask block (fwd, dK/dV, dQ); used when the
-# defaults are rejected for the block size.
-_FLEX_SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+# FlexAttention configurations tried in order (its defaults differ between torch
+# releases, and some reject 64-token mask blocks in the backward): the first one whose
+# compiled forward AND backward run on a probe is the one timed. kernel_options None =
+# flex's defaults.
+_FLEX_CANDIDATES = (
+    ("block mask from our lists, default tiles", "lists", None),
+    ("block mask from our lists, 64x64 tiles", "lists",
+     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}),
+    ("create_block_mask at 128-token blocks, default tiles", "create128", None),
+)
 
 
-def make_flex(layout, device):
-    """(compiled flex attention f(q, k, v) -> out, kernel options used)."""
+def _flex_create_block_mask(layout, device):
+    """Flex's own BlockMask (128-token blocks) from a mask_mod over our tile table:
+    same attended pairs, coarser blocks (more partial blocks than our lists)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    T, N = layout.block_size, layout.seq_len
+    key_valid = layout.key_valid.to(device)
+    blocks = layout.block_mask().to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return key_valid[kv_idx] & blocks[q_idx // T, kv_idx // T]
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=device, BLOCK_SIZE=128)
+
+
+def make_flex(layout, device, dtype=torch.bfloat16, dim=64):
+    """(compiled flex attention f(q, k, v) -> out, {"config", "tried"}), or (None, info)
+    when no configuration compiles forward and backward on this torch/GPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = flex_block_mask(layout, device)
     compiled = torch.compile(flex_attention, dynamic=False)
-    state = {"options": None}
+    info = {"config": None, "tried": []}
+    probe = [torch.randn(1, 2, layout.seq_len, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    for name, mask_kind, options in _FLEX_CANDIDATES:
+        try:
+            mask = flex_block_mask(layout, device) if mask_kind == "lists" else _flex_create_block_mask(layout, device)
 
-    def run(q, k, v):
-        if state["options"] is None:
-            try:
-                out = compiled(q, k, v, block_mask=block_mask)
-                state["options"] = {}
-                return out
-            except Exception:  # default tiles may not divide the 64-token blocks
-                state["options"] = dict(_FLEX_SMALL_TILES)
-        return compiled(q, k, v, block_mask=block_mask, kernel_options=state["options"] or None)
+            def run(q, k, v, mask=mask, options=options):
+                return compiled(q, k, v, block_mask=mask, kernel_options=options)
 
-    return run, state
+            run(*probe).sum().backward()
+            torch.cuda.synchronize()
+            info["config"] = name
+            info["tried"].append({"config": name, "error": None})
+            return run, info
+        except Exception as exc:  # record why, try the next configuration
+            info["tried"].append({"config": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+    return None, info
 
 
 def gpu_correctness(device, layout=None) -> list[dict]:
@@ -353,7 +379,13 @@ def gpu_correctness(device, layout=None) -> list[dict]:
         ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do64.to(device))
         candidates = {"ours (triton)": lambda q, k, v: sparse_attention(q, k, v, layout, backend="triton")}
         if dtype == torch.bfloat16:
-            candidates["flex"] = make_flex(layout, device)[0]
+            flex, flex_info = make_flex(layout, device)
+            print(f"FlexAttention configurations: {flex_info['tried']}")
+            if flex is not None:
+                candidates[f"flex ({flex_info['config']})"] = flex
+            else:
+                results.append({"method": "flex", "dtype": "bfloat16", "ok": False, "rel_errors": {},
+                                "error": "no configuration compiled: " + "; ".join(t["error"] for t in flex_info["tried"])})
         valid = layout.query_valid.to(device)
         for name, fn in candidates.items():
             try:
@@ -396,7 +428,7 @@ def run_gpu(args) -> dict:
 
     device = torch.device("cuda")
     checks = gpu_correctness(device)
-    flex_ok = any(r["method"] == "flex" and r["ok"] for r in checks)
+    flex_ok = any(r["method"].startswith("flex") and r["ok"] for r in checks)
     B, H, D = args.batch, args.heads, args.dim
     dtype = torch.bfloat16
     grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")] if args.grids else GPU_GRIDS
@@ -413,12 +445,19 @@ def run_gpu(args) -> dict:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v)
 
+        def sdpa_cudnn(q, k, v):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+
         methods = {
             "ours (triton)": (lambda q, k, v: sparse_attention(q, k, v, layout, backend="triton"), (q, k, v, do), flops),
             "sdpa dense (flash)": (sdpa, (qd, kd, vd, dod), dense_flops),
+            "sdpa dense (cudnn)": (sdpa_cudnn, (qd, kd, vd, dod), dense_flops),
         }
         if flex_ok:
-            methods["flex (compiled)"] = (make_flex(layout, device)[0], (q, k, v, do), flops)
+            flex, _ = make_flex(layout, device)
+            if flex is not None:
+                methods["flex (compiled)"] = (flex, (q, k, v, do), flops)
         case = {"grid": list(grid), "tokens": N, "valid_tokens": Nv, "density": layout.density, "methods": {}}
         for name, (fn, (a, b, c, g), executed) in methods.items():
             leaves = [x.clone().requires_grad_() for x in (a, b, c)]
