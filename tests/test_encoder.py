@@ -1,0 +1,176 @@
+"""The 3D ViT encoder: shapes, geometry of the token order, locality of the sparse
+attention, RoPE, checkpointing, named sizes. CPU, small configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.models.encoder import EncoderConfig, VolumeEncoder, apply_rope, rope_tables
+from volumevlm.models.heads import PhenotypeHead, ProjectionHead
+from volumevlm.models.registry import available_sizes, encoder_config
+
+
+def small_config(**overrides) -> EncoderConfig:
+    spec = dict(image_size=(16, 16, 16), patch_size=(2, 2, 2), dim=32, depth=2, heads=2, num_registers=2)
+    spec.update(overrides)
+    return EncoderConfig(**spec)
+
+
+def seeded_encoder(config: EncoderConfig) -> VolumeEncoder:
+    torch.manual_seed(0)
+    return VolumeEncoder(config).eval()
+
+
+def test_output_shapes_and_multiscale_maps():
+    enc = seeded_encoder(small_config(depth=4))
+    out = enc(torch.rand(3, 1, 16, 16, 16))
+    assert out.grid == (8, 8, 8)
+    assert out.pooled.shape == (3, 32) and out.tokens.shape == (3, 512, 32) and out.registers.shape == (3, 2, 32)
+    assert [tuple(m.shape) for m in out.feature_maps] == [(3, 32, 8, 8, 8)] * 4
+    assert torch.isfinite(out.pooled).all()
+
+
+def test_inputs_not_a_multiple_of_the_patch_are_zero_padded():
+    enc = seeded_encoder(small_config())
+    x = torch.rand(1, 1, 15, 13, 9)
+    out = enc(x)
+    assert out.grid == (8, 7, 5)
+    padded = F.pad(x, (0, 1, 0, 1, 0, 1))
+    assert torch.allclose(enc(padded).pooled, out.pooled, atol=1e-6)
+
+
+def test_bad_input_is_one_line_error():
+    enc = seeded_encoder(small_config())
+    with pytest.raises(InputError) as err:
+        enc(torch.rand(1, 16, 16, 16))
+    assert "\n" not in str(err.value) and "[B, 1, X, Y, Z]" in str(err.value)
+    with pytest.raises(InputError):
+        enc(torch.zeros(1, 1, 8, 8, 8, dtype=torch.long))
+
+
+def _grid_order_reference(enc: VolumeEncoder, x: torch.Tensor) -> torch.Tensor:
+    """The encoder re-computed in plain grid order (registers first), with each layer's
+    attention as dense softmax under the layout's mask mapped to that order: an
+    independent check that the tile order is applied once and consistently."""
+    c = enc.config
+    feats = enc.patch_embed(x)
+    B, C, *grid = feats.shape
+    grid = tuple(grid)
+    layouts = enc.layouts(grid)
+    first = layouts[0]
+    R = c.num_registers
+    # sequence position of [registers..., grid tokens...] in the layout order
+    order = torch.cat([torch.arange(R), first.grid_to_seq])
+    tokens = torch.cat([enc.registers.expand(B, -1, -1), feats.flatten(2).transpose(1, 2)], dim=1)
+    cos, sin = rope_tables(first.coords[order], c.head_dim, c.rope_base)
+    for block, layout in zip(enc.blocks, layouts):
+        mask = layout.dense_mask()[order][:, order]
+        h = block.norm1(tokens)
+        q, k, v = block.attn.qkv(h).view(B, -1, 3, c.heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = block.attn.q_norm(q), block.attn.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores = (q @ k.transpose(-1, -2)) / c.head_dim**0.5
+        o = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        tokens = tokens + block.attn.proj(o.transpose(1, 2).reshape(B, -1, C))
+        tokens = tokens + block.mlp(block.norm2(tokens))
+    return enc.norm(tokens)[:, R:]
+
+
+@pytest.mark.parametrize("patterns", [("local", "dilated"), ("dense", "local")])
+def test_tile_order_matches_a_grid_order_dense_reference(patterns):
+    enc = seeded_encoder(small_config(layer_patterns=patterns, image_size=(20, 18, 14)))
+    x = torch.rand(2, 1, 20, 18, 14)  # grid 10x9x7: padding inside tiles
+    with torch.no_grad():
+        ours = enc(x).tokens
+        ref = _grid_order_reference(enc, x)
+    assert torch.allclose(ours, ref, atol=2e-5), (ours - ref).abs().max()
+
+
+def test_local_attention_is_local():
+    """No registers, one local layer: a change in one corner patch reaches only tokens
+    whose tile is within one tile of it; far tokens are bit-identical."""
+    enc = seeded_encoder(small_config(depth=1, num_registers=0, layer_patterns=("local",), image_size=(32, 32, 32)))
+    x = torch.rand(1, 1, 32, 32, 32)
+    y = x.clone()
+    y[..., :2, :2, :2] += 1.0  # token (0, 0, 0), tile (0, 0, 0)
+    with torch.no_grad():
+        a, b = enc(x).tokens, enc(y).tokens
+    changed = (a - b).abs().amax(dim=-1)[0].reshape(16, 16, 16)
+    assert changed[0, 0, 0] > 0
+    assert changed[:8, :8, :8].amax() > 0  # tiles 0..1 on each axis can see it
+    assert changed[8:].abs().max() == 0 and changed[:, 8:].abs().max() == 0 and changed[:, :, 8:].abs().max() == 0
+
+
+def test_rope_scores_depend_on_coordinate_differences_only():
+    D = 24
+    q = torch.randn(1, 1, 1, D).expand(1, 1, 2, D).contiguous()
+    k = torch.randn(1, 1, 1, D).expand(1, 1, 2, D).contiguous()
+    coords = torch.tensor([[1, 2, 3], [4, 0, 5]])
+    shifted = coords + torch.tensor([7, 3, 2])
+    scores = []
+    for c in (coords, shifted):
+        cos, sin = rope_tables(c, D, 100.0)
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores.append(qr[0, 0, 0] @ kr[0, 0, 1])
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+    cos, sin = rope_tables(torch.tensor([[-1, -1, -1]]), D, 100.0)  # registers/padding: identity
+    assert torch.equal(apply_rope(q[:, :, :1], cos, sin), q[:, :, :1])
+
+
+def test_a_model_runs_on_a_grid_it_was_not_built_for():
+    enc = seeded_encoder(small_config())
+    out = enc(torch.rand(1, 1, 24, 10, 30))
+    assert out.grid == (12, 5, 15) and torch.isfinite(out.pooled).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = small_config(depth=3)
+    x = torch.rand(2, 1, 16, 16, 16)
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        enc = VolumeEncoder(EncoderConfig(**{**config.to_dict(), "grad_checkpointing": flag})).train()
+        enc(x).pooled.square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in enc.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_stochastic_depth_only_in_training():
+    enc = seeded_encoder(small_config(drop_path=0.5, depth=4))
+    x = torch.rand(4, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(enc(x).pooled, enc(x).pooled)
+        enc.train()
+        torch.manual_seed(1)
+        a = enc(x).pooled
+        torch.manual_seed(2)
+        b = enc(x).pooled
+    assert not torch.allclose(a, b)
+
+
+def test_named_sizes_and_overrides():
+    assert {"tiny", "small", "base"} <= set(available_sizes())
+    small = encoder_config("small")
+    assert small.image_size == (224, 224, 160) and small.grid() == (14, 14, 20)
+    assert encoder_config("base").grid() == (28, 28, 20)
+    custom = encoder_config("tiny", patch_size=[4, 4, 4], depth=3)
+    assert custom.patch_size == (4, 4, 4) and custom.depth == 3 and custom.name == "tiny"
+    assert EncoderConfig.from_dict(custom.to_dict()) == custom
+    for bad in (lambda: encoder_config("huge"), lambda: encoder_config("tiny", no_such=1),
+                lambda: encoder_config("tiny", dim=30, heads=4),
+                lambda: encoder_config("tiny", layer_patterns=["local", "sideways", "local", "local"])):
+        with pytest.raises(VolumeVLMError) as err:
+            bad()
+        assert "\n" not in str(err.value)
+
+
+def test_heads():
+    torch.manual_seed(0)
+    proj, phen = ProjectionHead(32, 8), PhenotypeHead(32, 5)
+    x = torch.randn(4, 32)
+    assert proj(x).shape == (4, 8) and phen(x).shape == (4, 5)
+    assert torch.allclose(proj(2 * x), 2 * proj(x), atol=1e-6)  # linear, no bias
+    assert PhenotypeHead(32, 0)(x).shape == (4, 0)  # an empty phecode vocabulary still runs

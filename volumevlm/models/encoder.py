@@ -1,0 +1,335 @@
+"""The 3D CT image encoder: a ViT over patch tokens with block-sparse 3D attention.
+
+::
+
+    x [B, 1, X, Y, Z]  (preprocessed CT in [0, 1]; any size, zero-padded up to a
+                        multiple of the patch size)
+      -> Conv3d patch embedding                       -> grid tokens [B, gx*gy*gz, C]
+      -> + register tokens, put into the layout's tile order ONCE
+      -> depth x Block(norm -> attention -> norm -> MLP), tokens stay in tile order;
+         attention = volumevlm.ops.sparse_attention over the layer's pattern:
+           "local"    3x3x3 tiles around each tile (window 1)
+           "dilated"  the same window with a 2-tile stride (reaches 4x farther)
+           "dense"    every token
+         positions enter as 3D rotary embeddings (RoPE) of each token's grid
+         coordinate, so a model trained at one grid runs at another
+      -> EncoderOutput: pooled [B, C], tokens [B, gx*gy*gz, C] (x-major grid order),
+         registers [B, R, C], feature_maps (multi-scale [B, C, gx, gy, gz]).
+
+All layers share one token order (it depends on grid, tile and register count,
+never on the window), so the only permutations are one before the first block and
+one after the last. Register tokens (global tokens) attend, and are attended by,
+every token in every layer: they carry context across the volume in local layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.ops import attention_layout, sparse_attention
+
+PATTERNS = ("local", "dilated", "dense")
+
+
+def _triple(value, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        value = (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3 or min(value) < 1:
+        raise VolumeVLMError(f"encoder config: {name} must be 3 positive ints, got {value}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hyper-parameters of :class:`VolumeEncoder` (see ``volumevlm/models/sizes/*.json``).
+
+    image_size: nominal input grid in voxels (X, Y, Z); the encoder accepts other sizes.
+    patch_size: voxels per token along X, Y, Z.
+    layer_patterns: one of ``PATTERNS`` per layer; empty = ``pattern_cycle`` repeated.
+    out_indices: layers (0-based) whose outputs become ``feature_maps``; empty = four
+    evenly spaced layers ending at the last (UNETR-style skip connections).
+    attention_backend: None (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+
+    name: str = "custom"
+    image_size: tuple[int, int, int] = (224, 224, 160)
+    patch_size: tuple[int, int, int] = (16, 16, 8)
+    in_channels: int = 1
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    num_registers: int = 4
+    tile: tuple[int, int, int] = (4, 4, 4)
+    window: int = 1
+    dilation: int = 2
+    pattern_cycle: tuple[str, ...] = ("local", "local", "dilated")
+    layer_patterns: tuple[str, ...] = ()
+    out_indices: tuple[int, ...] = ()
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False
+    attention_backend: str | None = None
+    rope_base: float = 100.0
+    qk_norm: bool = True
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "tile"):
+            object.__setattr__(self, name, _triple(getattr(self, name), name))
+        for name in ("pattern_cycle", "layer_patterns", "out_indices"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.dim % self.heads:
+            raise VolumeVLMError(f"encoder config: dim {self.dim} is not divisible by heads {self.heads}")
+        if self.depth < 1 or self.num_registers < 0 or self.window < 0 or self.dilation < 1:
+            raise VolumeVLMError(f"encoder config: need depth >= 1, num_registers >= 0, window >= 0, dilation >= 1 ({self})")
+        if self.layer_patterns and len(self.layer_patterns) != self.depth:
+            raise VolumeVLMError(
+                f"encoder config: layer_patterns has {len(self.layer_patterns)} entries for depth {self.depth}"
+            )
+        bad = [p for p in (*self.pattern_cycle, *self.layer_patterns) if p not in PATTERNS]
+        if bad or not self.pattern_cycle:
+            raise VolumeVLMError(f"encoder config: unknown attention pattern(s) {bad}; known: {PATTERNS}")
+        if any(not 0 <= i < self.depth for i in self.out_indices):
+            raise VolumeVLMError(f"encoder config: out_indices {self.out_indices} outside 0..{self.depth - 1}")
+        if self.attention_backend not in (None, "triton", "torch"):
+            raise VolumeVLMError(f"encoder config: attention_backend must be null, 'triton' or 'torch', got {self.attention_backend!r}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise VolumeVLMError(f"encoder config: drop_path must be in [0, 1), got {self.drop_path}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    def patterns(self) -> tuple[str, ...]:
+        """The attention pattern of every layer."""
+        if self.layer_patterns:
+            return self.layer_patterns
+        cycle = self.pattern_cycle
+        return tuple(cycle[i % len(cycle)] for i in range(self.depth))
+
+    def feature_layers(self) -> tuple[int, ...]:
+        """Layers whose outputs are the multi-scale feature maps (sorted)."""
+        if self.out_indices:
+            return tuple(sorted(set(self.out_indices)))
+        return tuple(sorted({max(0, round(self.depth * k / 4) - 1) for k in (1, 2, 3, 4)}))
+
+    def grid(self, spatial: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+        """Token grid of an input of ``spatial`` voxels (default: image_size)."""
+        spatial = self.image_size if spatial is None else spatial
+        return tuple(math.ceil(s / p) for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise VolumeVLMError(f"encoder config: unknown keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass
+class EncoderOutput:
+    """pooled [B, C]; tokens [B, gx*gy*gz, C] x-major; registers [B, R, C];
+    grid (gx, gy, gz); feature_maps: [B, C, gx, gy, gz] per ``config.feature_layers()``."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    registers: torch.Tensor
+    grid: tuple[int, int, int]
+    feature_maps: list[torch.Tensor] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- positions
+
+
+def rope_axis_dims(head_dim: int) -> int:
+    """Channels rotated per axis: an even count, the same for X, Y and Z (the rest of
+    the head dimension is left unrotated)."""
+    return 2 * (head_dim // 6)
+
+
+def rope_tables(coords: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 [N, P] of the rotation angles of each position's channel pairs.
+
+    coords: long [N, 3] grid coordinates (-1 for registers and padding: no rotation).
+    P = 3 * rope_axis_dims(head_dim) // 2 pairs: X's frequencies, then Y's, then Z's.
+    """
+    per_axis = rope_axis_dims(head_dim) // 2
+    if per_axis == 0:
+        n = coords.shape[0]
+        return torch.ones(n, 0), torch.zeros(n, 0)
+    freqs = base ** (-torch.arange(per_axis, dtype=torch.float32) / per_axis)  # [P/3]
+    pos = coords.clamp_min(0).to(torch.float32)  # registers/padding at 0: identity rotation
+    angles = (pos[:, :, None] * freqs[None, None, :]).reshape(coords.shape[0], 3 * per_axis)
+    angles = angles * (coords[:, :1] >= 0).to(torch.float32)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [B, H, N, D] by the angles of cos/sin [N, P]."""
+    P = cos.shape[-1]
+    if P == 0:
+        return x
+    rot, rest = x[..., : 2 * P], x[..., 2 * P :]
+    pairs = rot.float().unflatten(-1, (P, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+
+
+# ---------------------------------------------------------------------- blocks
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch with probability p."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        # QK-norm keeps attention logits bounded in bf16 (as in ViT-22B).
+        head_dim = dim // heads
+        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x, layout, cos, sin, backend):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, backend=backend)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, config: EncoderConfig, drop_path: float):
+        super().__init__()
+        dim = config.dim
+        hidden = int(dim * config.mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, config.heads, config.qk_norm)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, layout, cos, sin, backend):
+        x = x + self.drop_path(self.attn(self.norm1(x), layout, cos, sin, backend))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------- encoder
+
+
+class VolumeEncoder(nn.Module):
+    """3D ViT with block-sparse attention (see the module docstring). ``embed_dim`` = C."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.dim
+        self.patch_embed = nn.Conv3d(config.in_channels, config.dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.registers = nn.Parameter(torch.zeros(1, config.num_registers, config.dim))
+        rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(config.dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.registers, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)
+
+    def layouts(self, grid: tuple[int, int, int]) -> list:
+        """The attention layout of every layer for a token grid (cached by the ops)."""
+        c = self.config
+        window = (c.window,) * 3
+        by_pattern = {
+            "local": lambda: attention_layout(grid, c.tile, window, 1, c.num_registers),
+            "dilated": lambda: attention_layout(grid, c.tile, window, c.dilation, c.num_registers),
+            "dense": lambda: attention_layout(grid, c.tile, None, 1, c.num_registers),
+        }
+        return [by_pattern[p]() for p in c.patterns()]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != c.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError("encoder input", f"expected a tensor [B, {c.in_channels}, X, Y, Z], got {shape}")
+        if not x.is_floating_point():
+            raise InputError("encoder input", f"expected a floating-point tensor, got {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        """x float [B, in_channels, X, Y, Z] -> :class:`EncoderOutput` (see the module docstring)."""
+        self._check_input(x)
+        c = self.config
+        pad = [0, 0, 0, 0, 0, 0]
+        for axis in range(3):  # F.pad lists the last axis first
+            pad[2 * (2 - axis) + 1] = (-x.shape[2 + axis]) % c.patch_size[axis]
+        if any(pad):
+            x = F.pad(x, pad)
+        feats = self.patch_embed(x)  # [B, C, gx, gy, gz]
+        grid = tuple(feats.shape[2:])
+        B = feats.shape[0]
+        layouts = self.layouts(grid)
+        first = layouts[0]
+        tokens = first.to_layout(feats.flatten(2).transpose(1, 2), self.registers.expand(B, -1, -1).to(feats.dtype))
+        cos, sin = (t.to(x.device) for t in rope_tables(first.coords, c.head_dim, c.rope_base))
+        valid = first._index("key_valid", x.device)[None, :, None].to(tokens.dtype)
+
+        backend = c.attention_backend
+        keep = set(c.feature_layers())
+        maps = []
+        for i, (block, layout) in enumerate(zip(self.blocks, layouts)):
+            if c.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, layout, cos, sin, backend, use_reentrant=False)
+            else:
+                tokens = block(tokens, layout, cos, sin, backend)
+            # Padding positions never feed attention; zeroing them keeps norms and pooling clean.
+            tokens = tokens * valid
+            if i in keep:
+                maps.append(tokens)
+
+        tokens = self.norm(tokens)
+        grid_tokens, registers = first.from_layout(tokens)
+        registers = registers if registers is not None else tokens.new_zeros(B, 0, c.dim)
+        # Mean of the patch tokens and of the registers: both see the whole volume.
+        pooled = grid_tokens.mean(dim=1)
+        if registers.shape[1]:
+            pooled = 0.5 * (pooled + registers.mean(dim=1))
+        feature_maps = [
+            first.from_layout(m)[0].transpose(1, 2).reshape(B, c.dim, *grid) for m in maps
+        ]
+        return EncoderOutput(pooled=pooled, tokens=grid_tokens, registers=registers, grid=grid, feature_maps=feature_maps)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
