@@ -15,6 +15,7 @@ _LAZY = {
     "preprocess": ("volumevlm.data.transforms", "preprocess"),
     "read_volume": ("volumevlm.io", "read_volume"),
     "ops": ("volumevlm.ops", None),
+    "load": ("volumevlm.inference.checkpoint", "load"),
 }
 
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("volumevlm.data.synthetic.cli", "write a synthetic CT cohort (not clinical data)"),
     "inspect": ("volumevlm.io.inspect", "print JSON facts and problems of a CT file or DICOM series"),
     "adapt": ("volumevlm.data.adapters", "turn a Merlin / CT-RATE / TotalSegmentator folder into a manifest"),
+    "train": ("volumevlm.train.cli", "pretrain with Hydra overrides, e.g. experiment=demo data.root=DIR output_dir=OUT"),
     "demo": ("volumevlm.demo", "run the end-to-end demo on the embedded synthetic cohort"),
 }
 

@@ -1,0 +1,193 @@
+"""Pretraining end to end, composed from the real Hydra configs in conf/ and shrunk.
+
+Data: a 12-case synthetic cohort (NOT clinical data) written once per module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import volumevlm
+from pretrain_helpers import make_cohort, shrunk_config
+from volumevlm.errors import VolumeVLMError
+from volumevlm.train.cli import compose_config, conf_dir
+from volumevlm.train.metrics import macro_auroc, retrieval_recall
+from volumevlm.train.module import lr_factor
+from volumevlm.train.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return make_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+# ---------------------------------------------------------------------- configs
+
+
+def test_every_config_group_option_composes():
+    """Each member of each group composes with the rest, and the encoder sizes resolve."""
+    from volumevlm.train.module import build_encoder_config
+
+    assert {"demo", "merlin_like"} <= set(EXPERIMENTS)
+    for group in ("model", "trainer", "logger", "callbacks", "data", "experiment", "debug"):
+        for option in sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")):
+            cfg = compose_config([f"{group}={option}", "data.root=/nonexistent"])
+            assert cfg.output_dir and cfg.trainer._target_ == "lightning.pytorch.Trainer"
+            encoder = build_encoder_config(dict(cfg.model.encoder))
+            assert tuple(encoder.image_size) == tuple(cfg.data.preprocess.spatial_size)
+    gpu = compose_config(["trainer=gpu", "data.root=x"])
+    cpu = compose_config(["trainer=cpu", "data.root=x"])
+    ddp = compose_config(["trainer=ddp", "data.root=x"])
+    assert (gpu.trainer.precision, cpu.trainer.precision) == ("bf16-mixed", "32-true")
+    assert ddp.trainer.strategy == "ddp" and ddp.trainer.precision == "bf16-mixed"
+
+
+def test_merlin_like_is_merlins_recipe_on_one_gpu():
+    cfg = compose_config(["experiment=merlin_like", "data.root=x"])
+    assert list(cfg.data.preprocess.target_spacing) == [1.5, 1.5, 3.0]
+    assert list(cfg.data.preprocess.spatial_size) == [224, 224, 160]
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 1
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model.encoder.name in ("small", "base")
+
+
+def test_every_key_is_overridable_and_bad_overrides_fail_in_one_line():
+    cfg = compose_config(["experiment=demo", "data.root=x", "model.optimizer.lr=0.123", "trainer.max_steps=7"])
+    assert cfg.model.optimizer.lr == 0.123 and cfg.trainer.max_steps == 7
+    with pytest.raises(VolumeVLMError) as err:
+        compose_config(["data.root=x", "model.no_such_key=1"])
+    assert "\n" not in str(err.value) and "no_such_key" in str(err.value)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(step, 10, 100, 0.1) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert max(factors) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_metrics_against_hand_computed_values():
+    keys = torch.eye(4)
+    # case 1's query scores key 2 (1.0) above its own key (0.5): rank 2; the others rank 1
+    queries = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    recall = retrieval_recall(queries, keys, ks=(1, 2))
+    assert recall[1] == pytest.approx(0.75) and recall[2] == pytest.approx(1.0)
+    collapsed = retrieval_recall(torch.ones(4, 3), torch.ones(4, 3), ks=(1,))
+    assert collapsed[1] == 0.0  # ties never count as hits
+    scores = torch.tensor([[0.1, 0.9], [0.4, 0.2], [0.35, 0.1], [0.8, 0.5]])
+    targets = torch.tensor([[0, 1], [0, 0], [1, 1], [1, 0]])
+    value, used = macro_auroc(scores, targets)
+    # column 0: positives {0.35, 0.8} vs negatives {0.1, 0.4}: 3 of 4 pairs ordered -> 0.75;
+    # column 1: positives {0.9, 0.1} vs negatives {0.2, 0.5}: 2 of 4 -> 0.5
+    assert used == 2 and value == pytest.approx((0.75 + 0.5) / 2)
+    assert macro_auroc(torch.rand(3, 1), torch.zeros(3, 1))[1] == 0
+
+
+# ---------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_of_every_experiment_leaves_a_loadable_model(cohort, tmp_path, experiment):
+    out = tmp_path / "out"
+    cfg = shrunk_config(cohort, out, f"experiment={experiment}", "debug=fdr")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    model = volumevlm.load(out / "model")
+    assert model.preprocess.spatial_size == (32, 32, 16)
+    x = torch.rand(2, 1, 32, 32, 16)
+    emb = model.encode_image(x)
+    assert emb.shape == (2, cfg.model.embed_dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["provenance"]["synthetic"] is True and "NOT clinical" in config["provenance"]["data_note"]
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 1
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_overfits_a_handful_of_cases_to_perfect_retrieval(cohort, tmp_path):
+    """4 training cases, one batch: loss falls and image->report top-1 retrieval on them is 100%."""
+    cfg = shrunk_config(
+        cohort, tmp_path / "out",
+        "data.train_limit=4", "trainer.max_steps=150", "model.optimizer.lr=2e-3",
+        "model.optimizer.warmup_steps=5", "trainer.limit_val_batches=0", "model_dir=null",
+    )
+    recorder = _LossRecorder()
+    _, objects = train(cfg, callbacks=[recorder])
+    assert len(recorder.losses) == 150
+    first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+    module, datamodule = objects["module"], objects["datamodule"]
+    batch = next(iter(datamodule.train_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        image = module.model.encode_image(batch["image"])
+        text = module.model.encode_text(batch["report"])
+    assert len(batch["report"]) == 4
+    assert retrieval_recall(image, text, ks=(1,))[1] == 1.0
+    assert (image @ text.T).argmax(dim=1).tolist() == [0, 1, 2, 3]
+
+
+class _Crash(L.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated kill")
+
+
+class _StepCounter(L.Callback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+def test_resume_after_an_interrupted_run_loses_at_most_the_interval(cohort, tmp_path):
+    out = tmp_path / "out"
+    overrides = ("trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=5",
+                 "trainer.limit_val_batches=0", "model_dir=null")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(shrunk_config(cohort, out, *overrides), callbacks=[_Crash(at_step=8)])
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    # Our own file, written just above by Lightning: loading its pickle is safe here.
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 5
+
+    tokenizer_file = out / "vocab" / "tokenizer" / "tokenizer.json"
+    tokenizer_bytes = tokenizer_file.read_bytes()
+
+    counter = _StepCounter()
+    _, objects = train(shrunk_config(cohort, out, *overrides), callbacks=[counter])
+    assert objects["resumed_from"] == str(last)
+    # The resumed run reads the first run's vocabularies instead of training new ones.
+    assert tokenizer_file.read_bytes() == tokenizer_bytes
+    assert counter.steps[0] == 5 and len(counter.steps) == 7
+    assert objects["trainer"].global_step == 12
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 12
+
+
+def test_cli_train_reports_a_missing_data_root_in_one_line(capsys):
+    from volumevlm.cli import main
+
+    assert main(["train", "experiment=demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.root") and "\n" not in err

@@ -1,0 +1,344 @@
+"""VolumeVLM: the 3D CT image encoder and the report text tower in one embedding space.
+
+::
+
+    image [B, 1, X, Y, Z] -> VolumeEncoder -> pooled [B, C_img] -> ProjectionHead -> [B, E]
+                                                              \\-> PhenotypeHead  -> [B, V] phecode logits
+    report texts (list[str]) -> TextTower -> [B, C_txt] -> ProjectionHead -> [B, E]
+
+Similarities are ``logit_scale.exp() * image_emb @ text_emb.T`` with a learnable
+temperature (CLIP's parametrisation, initialised at 1 / 0.07).
+
+A trained model is saved as a self-describing directory (:meth:`VolumeVLM.save_pretrained`)
+that loads with no network, no Hydra run directory and no pickle::
+
+    config.json        encoder / text / preprocessing configs, embedding size, findings,
+                       versions and provenance (e.g. trained on SYNTHETIC data)
+    model.safetensors  all weights
+    tokenizer/         the tokenizer (Hugging Face save_pretrained files)
+    text/              the text tower's own description (Hugging Face config files)
+    phecodes.json      the phecode vocabulary (order = phenotype logit columns)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volumevlm.data.transforms import PreprocessConfig
+from volumevlm.errors import VolumeVLMError
+from volumevlm.io.writers import _replace_folder
+
+CHECKPOINT_FORMAT = "volumevlm-checkpoint"
+CHECKPOINT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TEXT_DIR = "text"
+PHECODES_NAME = "phecodes.json"
+# exp(logit_scale) is clipped here, as CLIP does, so the temperature cannot collapse.
+MAX_LOGIT_SCALE = math.log(100.0)
+# Zero-shot prompt pair per finding: (present, absent); {finding} is the plain-English name.
+DEFAULT_PROMPTS: tuple[str, str] = ("{finding} is present.", "No {finding}.")
+
+
+def finding_text(name: str) -> str:
+    """Plain-English name of a finding key ("renal_cyst" -> "renal cyst")."""
+    from volumevlm.data.synthetic.findings import FINDING_NAMES
+
+    return FINDING_NAMES.get(name, name.replace("_", " "))
+
+
+def prompt_pairs(findings: Sequence[str], prompts: Sequence[str] = DEFAULT_PROMPTS) -> list[tuple[str, str]]:
+    """(positive, negative) prompt texts for each finding key, in order."""
+    if len(prompts) != 2:
+        raise VolumeVLMError(f"prompts: need a (present, absent) pair of templates, got {len(prompts)}")
+    positive, negative = prompts
+    pairs = []
+    for name in findings:
+        text = finding_text(name)
+        pairs.append((positive.format(finding=text), negative.format(finding=text)))
+    return pairs
+
+
+class VolumeVLM(nn.Module):
+    """The vision-language model.
+
+    encoder_config: :class:`~volumevlm.models.encoder.EncoderConfig`.
+    text_config: :class:`~volumevlm.models.text.TextConfig`.
+    tokenizer: a Hugging Face fast tokenizer (e.g. WordPiece trained on training reports).
+    phecode_vocab: :class:`~volumevlm.text.vocab.PhecodeVocabulary` (phenotype columns).
+    embed_dim: size E of the shared embedding space.
+    preprocess: the PreprocessConfig images must go through before :meth:`encode_image`.
+    findings: finding keys for zero-shot scoring (default: the synthetic cohort's).
+    init_temperature: initial softmax temperature (logit_scale = ln(1 / T)).
+    text_tower: an already built TextTower (used when loading); built from text_config if None.
+    """
+
+    def __init__(
+        self,
+        encoder_config,
+        text_config,
+        tokenizer,
+        phecode_vocab,
+        embed_dim: int = 256,
+        preprocess: PreprocessConfig | None = None,
+        findings: Sequence[str] | None = None,
+        init_temperature: float = 0.07,
+        text_tower: nn.Module | None = None,
+    ):
+        super().__init__()
+        from volumevlm.models.encoder import VolumeEncoder
+        from volumevlm.models.heads import PhenotypeHead, ProjectionHead
+        from volumevlm.models.text import TextTower
+
+        if findings is None:
+            from volumevlm.data.synthetic.findings import FINDINGS
+
+            findings = FINDINGS
+        self.encoder_config = encoder_config
+        self.text_config = text_config
+        self.tokenizer = tokenizer
+        self.phecode_vocab = phecode_vocab
+        self.embed_dim = int(embed_dim)
+        self.preprocess = preprocess if preprocess is not None else PreprocessConfig()
+        self.findings = [str(name) for name in findings]
+        self.init_temperature = float(init_temperature)
+
+        self.encoder = VolumeEncoder(encoder_config)
+        self.image_projection = ProjectionHead(self.encoder.embed_dim, self.embed_dim)
+        self.text = text_tower if text_tower is not None else TextTower(text_config, tokenizer)
+        self.text_projection = ProjectionHead(self.text.embed_dim, self.embed_dim)
+        self.phenotype_head = PhenotypeHead(self.encoder.embed_dim, len(phecode_vocab.codes))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.init_temperature)))
+
+    # ------------------------------------------------------------------ verbs
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clipped at 100: the multiplier of cosine similarities (scalar)."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder features [B, C_img] of preprocessed images x [B, 1, X, Y, Z]."""
+        return self.encoder(x).pooled
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings [B, E] (unit length if normalize) of x float [B, 1, X, Y, Z] in [0, 1]."""
+        emb = self.image_projection(self.image_features(x))
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Text embeddings [B, E] (unit length if normalize) of B report texts."""
+        tokens = self.text.tokenize(list(texts))
+        emb = self.text_projection(
+            self.text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        )
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def phenotype_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Phecode logits [B, V] (columns = ``phecode_vocab.codes``) of images x [B, 1, X, Y, Z]."""
+        return self.phenotype_head(self.image_features(x))
+
+    def forward(self, images: torch.Tensor, texts: Sequence[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """One pass for training: {"image_emb" [B, E] unit, "phenotype_logits" [B, V],
+        "text_emb" [T, E] unit or None (T = len(texts)), "logit_scale" scalar (exp, clipped)}."""
+        pooled = self.image_features(images)
+        return {
+            "image_emb": F.normalize(self.image_projection(pooled), dim=-1),
+            "phenotype_logits": self.phenotype_head(pooled),
+            "text_emb": self.encode_text(texts) if texts else None,
+            "logit_scale": self.scale(),
+        }
+
+    def zero_shot_from_embeddings(
+        self, image_emb: torch.Tensor, findings: Sequence[str] | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS
+    ) -> torch.Tensor:
+        """P(finding present) [B, F] from unit image embeddings [B, E]: for each finding a
+        softmax over its (present, absent) prompt pair."""
+        findings = list(findings or self.findings)
+        pairs = prompt_pairs(findings, prompts)
+        texts = [text for pair in pairs for text in pair]
+        text_emb = self.encode_text(texts).to(image_emb.dtype)  # [2F, E]: pos, neg, pos, neg, ...
+        logits = self.scale().to(image_emb.dtype) * image_emb @ text_emb.T  # [B, 2F]
+        logits = logits.view(image_emb.shape[0], len(findings), 2)
+        return logits.softmax(dim=-1)[..., 0]
+
+    @torch.no_grad()
+    def zero_shot_scores(
+        self, x: torch.Tensor, findings: Sequence[str] | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS
+    ) -> torch.Tensor:
+        """P(finding present) [B, F] for preprocessed images x [B, 1, X, Y, Z]."""
+        return self.zero_shot_from_embeddings(self.encode_image(x), findings, prompts)
+
+    # ------------------------------------------------------------------ checkpoint directory
+
+    def config_dict(self, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON-able description config.json holds."""
+        import transformers
+
+        import volumevlm
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "model_type": "VolumeVLM",
+            "embed_dim": self.embed_dim,
+            "init_temperature": self.init_temperature,
+            "encoder": self.encoder_config.to_dict(),
+            "text": _text_config_dict(self.text_config),
+            "preprocess": self.preprocess.to_dict(),
+            "findings": list(self.findings),
+            "zero_shot_prompts": list(DEFAULT_PROMPTS),
+            "num_phecodes": len(self.phecode_vocab.codes),
+            "versions": {
+                "volumevlm": volumevlm.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            "provenance": dict(provenance or {}),
+            "note": volumevlm.NOT_FOR_CLINICAL_USE,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike, provenance: Mapping[str, Any] | None = None) -> Path:
+        """Write the checkpoint directory atomically (a temp dir next to it, then renamed).
+
+        provenance: JSON-able facts about the training (data, command, metrics); a model
+        trained on the synthetic cohort should say so here. Returns the directory.
+        """
+        from safetensors.torch import save_model
+
+        target = Path(directory).expanduser().resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(provenance), indent=2, default=str) + "\n")
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            self.text.save(tmp / TEXT_DIR)
+            (tmp / PHECODES_NAME).write_text(_phecodes_json(self.phecode_vocab))
+            _replace_folder(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "VolumeVLM":
+        """Load a directory written by :meth:`save_pretrained` (no network, no pickle).
+
+        Raises VolumeVLMError (one line naming the directory) when it is missing,
+        incomplete or corrupt. The model is returned in eval mode on ``device``
+        (default CPU).
+        """
+        from safetensors.torch import load_model
+
+        from volumevlm.models.encoder import EncoderConfig
+        from volumevlm.models.text import TextConfig, TextTower
+        from volumevlm.text.vocab import PhecodeVocabulary
+
+        folder = Path(directory).expanduser()
+        if not folder.is_dir():
+            raise VolumeVLMError(f"{folder}: checkpoint directory not found")
+        config = _read_config(folder)
+        for name in (WEIGHTS_NAME, TOKENIZER_DIR, TEXT_DIR, PHECODES_NAME):
+            if not (folder / name).exists():
+                raise VolumeVLMError(f"{folder}: not a complete volumevlm checkpoint (missing {name})")
+        try:
+            encoder_config = EncoderConfig.from_dict(config["encoder"])
+            text_config = TextConfig(**config["text"])
+            preprocess = PreprocessConfig.from_dict(config["preprocess"])
+            tokenizer = _load_tokenizer(folder / TOKENIZER_DIR)
+            vocab = PhecodeVocabulary.from_json((folder / PHECODES_NAME).read_text())
+            text_tower = TextTower.load(folder / TEXT_DIR, tokenizer=tokenizer)
+            model = cls(
+                encoder_config,
+                text_config,
+                tokenizer,
+                vocab,
+                embed_dim=config["embed_dim"],
+                preprocess=preprocess,
+                findings=config.get("findings"),
+                init_temperature=config.get("init_temperature", 0.07),
+                text_tower=text_tower,
+            )
+        except VolumeVLMError:
+            raise
+        except (KeyError, TypeError, ValueError, OSError) as err:
+            raise VolumeVLMError(f"{folder}: inconsistent checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+        try:
+            missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: unreadable weights ({_first_line(err)})") from None
+            raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: weight shapes do not match config.json") from None
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: unreadable weights ({_first_line(err)})") from None
+        if missing or unexpected:
+            raise VolumeVLMError(
+                f"{folder / WEIGHTS_NAME}: weights do not match config.json "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        model.eval()
+        return model.to(device) if device is not None else model
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _text_config_dict(config) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(config)
+    if d.get("pretrained") is not None:
+        d["pretrained"] = str(d["pretrained"])
+    return d
+
+
+def _phecodes_json(vocab) -> str:
+    text = vocab.to_json()
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise VolumeVLMError(f"{folder}: not a volumevlm checkpoint directory (no {CONFIG_NAME})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VolumeVLMError(f"{path}: unreadable checkpoint config ({_first_line(err)})") from None
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        raise VolumeVLMError(f"{path}: not a volumevlm checkpoint config (format is not {CHECKPOINT_FORMAT!r})")
+    if int(config.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise VolumeVLMError(
+            f"{path}: checkpoint format {config['format_version']} is newer than this volumevlm reads ({CHECKPOINT_VERSION})"
+        )
+    return config
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise VolumeVLMError(f"{folder}: unreadable tokenizer ({_first_line(err)})") from None

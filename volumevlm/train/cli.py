@@ -1,0 +1,95 @@
+"""``volumevlm train [key=value ...]``: pretraining from the Hydra configs in ``conf/``.
+
+Arguments are Hydra overrides of ``conf/train.yaml``, e.g.::
+
+    volumevlm train experiment=demo data.root=demo-output/cohort output_dir=OUT
+    volumevlm train experiment=merlin_like data.root=DIR trainer.devices=2 trainer=ddp
+    volumevlm train experiment=demo data.root=DIR debug=fdr        # fast_dev_run smoke test
+
+The config folder is found, in order, at ``$VOLUMEVLM_CONF``, inside the installed
+package (``volumevlm/conf``), or next to the package (the repository's top-level
+``conf/`` of an editable install). The composed config is printed with ``--print-config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from volumevlm.errors import VolumeVLMError
+
+CONF_ENV = "VOLUMEVLM_CONF"
+CONFIG_NAME = "train"
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder (see the module docstring for the search order)."""
+    env = os.environ.get(CONF_ENV)
+    if env:
+        folder = Path(env).expanduser().resolve()
+        if not (folder / f"{CONFIG_NAME}.yaml").is_file():
+            raise VolumeVLMError(f"{folder}: ${CONF_ENV} names no folder holding {CONFIG_NAME}.yaml")
+        return folder
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "conf", package.parent / "conf"):
+        if (folder / f"{CONFIG_NAME}.yaml").is_file():
+            return folder
+    raise VolumeVLMError(f"{package}: no Hydra config folder found; set ${CONF_ENV} to the repository's conf/ folder")
+
+
+def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None):
+    """The composed ``train`` config (an OmegaConf DictConfig) with ``overrides`` applied."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    folder = Path(config_dir).resolve() if config_dir else conf_dir()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base="1.3", job_name="volumevlm_train"):
+            return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise VolumeVLMError(f"{folder / (CONFIG_NAME + '.yaml')}: {message}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="Hydra overrides, e.g. experiment=demo data.root=DIR output_dir=OUT")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(args.overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise VolumeVLMError("data.root: not set; give the dataset folder, e.g. volumevlm train experiment=demo data.root=DIR")
+    from volumevlm.train.train import train
+
+    metrics, objects = train(cfg)
+    print(format_metrics(metrics))
+    if objects["model_dir"] is not None:
+        print(f"model: {objects['model_dir']}")
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    """Validation figures as aligned lines, chance levels alongside."""
+    chance = {"val/r1_i2t": metrics.get("val/chance_r1"), "val/r1_t2i": metrics.get("val/chance_r1"),
+              "val/r5_i2t": metrics.get("val/chance_r5"), "val/r5_t2i": metrics.get("val/chance_r5"),
+              "val/zero_shot_auroc": 0.5, "val/phenotype_auroc": 0.5}
+    lines = [f"{'metric':<24}{'value':>8}{'chance':>9}"]
+    for key, level in chance.items():
+        value = metrics.get(key)
+        if value is None:
+            continue
+        lines.append(f"{key:<24}{value:>8.3f}{'' if level is None else format(level, '>9.3f')}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""The pretraining objective: symmetric InfoNCE (image <-> report) + phenotype BCE.
+
+Correct under DDP. The contrastive term needs every rank's negatives: features are
+gathered from all ranks WITH gradients (``torch.distributed.nn.functional.all_gather``,
+whose backward sums each rank's gradient into the owner's slice), and every rank
+computes the full global loss. Lightning/DDP then averages parameter gradients over
+W ranks: (1/W) * sum_r (W * dL/df_r) df_r/dtheta = dL/dtheta, the single-process
+gradient on the global batch (open_clip's ClipLoss with gather_with_grad does the same).
+
+The phenotype term is a mean over the code-carrying cases of the GLOBAL batch: each
+rank divides its local sum by the global count (an all-reduced integer, no gradient)
+and multiplies by W, so the average over ranks - which DDP takes - is the global mean
+even when ranks hold different numbers of cases with codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """[b, ...] from every rank concatenated in rank order -> [W*b, ...]; gradients flow
+    back to each rank's own slice. Identity when not distributed."""
+    if not _distributed(world_size):
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Like :func:`gather_with_grad` without gradients; bool tensors travel as uint8
+    (gloo gathers no bool)."""
+    if not _distributed(world_size):
+        return x
+    as_bool = x.dtype == torch.bool
+    send = x.to(torch.uint8) if as_bool else x
+    parts = [torch.empty_like(send) for _ in range(world_size)]
+    dist.all_gather(parts, send.contiguous())
+    out = torch.cat(parts, dim=0)
+    return out.bool() if as_bool else out
+
+
+def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
+    """An exact 0 that stays connected to the inputs (DDP needs every used parameter in
+    the graph, even in a step where a term has nothing to say)."""
+    return sum(t.sum() for t in tensors) * 0.0
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+              pair_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over the paired rows.
+
+    image_emb, text_emb: [B, E] (unit length as the model gives them); logit_scale: the
+    scalar multiplier exp(t); pair_mask: bool [B], rows without a report excluded
+    (default: all rows). Mean of the image->text and text->image cross entropies with
+    the diagonal as targets; 0 (graph-connected) without pairs.
+    """
+    if pair_mask is not None:
+        if not bool(pair_mask.any()):
+            return _zero_like_graph(image_emb, text_emb, logit_scale)
+        image_emb, text_emb = image_emb[pair_mask], text_emb[pair_mask]
+    # at least float32: bf16 logits lose the ranking among close negatives
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)
+    logits = logit_scale.to(dtype) * image_emb.to(dtype) @ text_emb.to(dtype).T
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+class PretrainObjective:
+    """clip_weight * clip_loss + phenotype_weight * phenotype BCE, DDP-aware.
+
+    A plain object (not an nn.Module): it holds no parameters and stays out of state
+    dicts. ``clip_weight`` / ``phenotype_weight`` may be changed between steps
+    (staged schedules). pos_weight: float [V] for BCE-with-logits, or None.
+    """
+
+    def __init__(self, clip_weight: float = 1.0, phenotype_weight: float = 1.0,
+                 pos_weight: torch.Tensor | None = None, rank: int = 0, world_size: int = 1):
+        self.clip_weight = float(clip_weight)
+        self.phenotype_weight = float(phenotype_weight)
+        self.pos_weight = pos_weight
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def contrastive(self, image_emb, text_emb, logit_scale, pair_mask) -> torch.Tensor:
+        image_all = gather_with_grad(image_emb, self.world_size)
+        text_all = gather_with_grad(text_emb, self.world_size)
+        mask_all = gather_no_grad(pair_mask, self.world_size)
+        return clip_loss(image_all, text_all, logit_scale, mask_all)
+
+    def phenotype(self, logits: torch.Tensor, targets: torch.Tensor, codes_mask: torch.Tensor) -> torch.Tensor:
+        """Mean BCE per (case with codes, code) of the global batch, as this rank's share."""
+        count = codes_mask.sum().to(torch.float32)
+        if _distributed(self.world_size):
+            count = count.clone()
+            dist.all_reduce(count)
+        num_codes = logits.shape[1]
+        if num_codes == 0 or float(count) == 0.0:
+            return _zero_like_graph(logits)
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits.device, torch.float32)
+        per_item = F.binary_cross_entropy_with_logits(
+            logits.float(), targets.float(), pos_weight=pos_weight, reduction="none"
+        )
+        local_sum = (per_item * codes_mask[:, None].to(per_item.dtype)).sum()
+        scale = self.world_size if _distributed(self.world_size) else 1
+        return local_sum * scale / (count * num_codes)
+
+    def __call__(self, image_emb, text_emb, logit_scale, phenotype_logits, phenotype_targets,
+                 pair_mask, codes_mask) -> dict[str, torch.Tensor]:
+        """All [B, ...] local tensors; returns scalar {"loss", "clip", "phenotype"}.
+        A term whose weight is 0 is not computed (returned as a detached 0)."""
+        zero = image_emb.new_zeros((), dtype=torch.float32)
+        clip = (self.contrastive(image_emb, text_emb, logit_scale, pair_mask)
+                if self.clip_weight else zero)
+        phen = (self.phenotype(phenotype_logits, phenotype_targets, codes_mask)
+                if self.phenotype_weight else zero)
+        loss = self.clip_weight * clip + self.phenotype_weight * phen
+        if not (self.clip_weight and self.phenotype_weight):
+            # keep every parameter in the graph (DDP's unused-parameter check)
+            loss = loss + _zero_like_graph(image_emb, text_emb, phenotype_logits, logit_scale)
+        return {"loss": loss, "clip": clip, "phenotype": phen}

@@ -1,0 +1,340 @@
+"""The pretraining LightningModule: contrastive image-report + phenotype objective.
+
+Each training batch (see :class:`~volumevlm.train.datamodule.PretrainDataModule`) gives
+images [B, 1, X, Y, Z], report texts and phecode lists. The loss is
+
+    clip_weight * symmetric InfoNCE(image, report)  +  phenotype_weight * BCE(phecodes)
+
+where a case without a report leaves the contrastive term (``pair_mask``) and a case
+without codes leaves the phenotype term (``has_codes``), each still training on what
+it has. ``schedule: staged`` trains the phenotype head first and the reports after
+(Merlin compared both). Under DDP the contrastive term sees the features of every
+rank (gathered with gradients), so its value equals single-process training on the
+global batch.
+
+Validation collects image and report embeddings of all validation cases and logs
+``val/r1_i2t``, ``val/r5_i2t``, ``val/r1_t2i``, ``val/r5_t2i`` (retrieval recall),
+``val/zero_shot_auroc`` (a softmax over a "present"/"absent" prompt pair per finding)
+and ``val/phenotype_auroc`` (macro over codes with both classes in validation).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from volumevlm.train.metrics import macro_auroc, retrieval_recall
+
+OBJECTIVE_DEFAULTS: dict[str, Any] = {
+    "clip_weight": 1.0,
+    "phenotype_weight": 1.0,
+    "phenotype_pos_weight": None,
+    "schedule": "joint",
+    "stage_fraction": 0.5,
+    "init_temperature": 0.07,
+}
+OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "lr": 5e-4,
+    "weight_decay": 0.05,
+    "betas": (0.9, 0.98),
+    "warmup_steps": 50,
+    "min_lr_ratio": 0.05,
+}
+
+
+def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(f"model.{what}: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def build_encoder_config(encoder: Mapping[str, Any]):
+    """EncoderConfig from {"name": size, field: value or None (= the size's value), ...}."""
+    from volumevlm.models.registry import encoder_config
+
+    spec = dict(encoder)
+    name = spec.pop("name", "tiny")
+    overrides = {key: (tuple(value) if isinstance(value, list) else value) for key, value in spec.items() if value is not None}
+    return encoder_config(name, **overrides)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warmup from 0 over
+    ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def report_sections(report: str) -> list[str]:
+    """The organ-system sections of a report, each as "HEADER: text" (the whole report
+    when it has none)."""
+    from volumevlm.text.sections import split_report
+
+    parts = [f"{header}: {text}" for header, text in split_report(report).items() if text.strip()]
+    return parts or [report]
+
+
+class PretrainModule(L.LightningModule):
+    """Pretrains a :class:`~volumevlm.models.vlm.VolumeVLM`.
+
+    encoder: {"name": "tiny"|"small"|"base", EncoderConfig field: value or None}.
+    text: TextConfig fields. embed_dim: shared embedding size E.
+    objective: see :data:`OBJECTIVE_DEFAULTS`; optimizer: see :data:`OPTIMIZER_DEFAULTS`
+    (AdamW, lr warmup then cosine, stepped per optimizer step).
+    tokenizer / phecode_vocab / preprocess / findings: from the datamodule (built on the
+    training split).
+    """
+
+    def __init__(
+        self,
+        encoder: Mapping[str, Any],
+        text: Mapping[str, Any],
+        embed_dim: int = 128,
+        objective: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        tokenizer=None,
+        phecode_vocab=None,
+        preprocess: Mapping[str, Any] | None = None,
+        findings: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        from volumevlm.models.text import TextConfig
+        from volumevlm.models.vlm import VolumeVLM
+        from volumevlm.train.datamodule import as_preprocess_config
+
+        if tokenizer is None or phecode_vocab is None:
+            raise ValueError("PretrainModule needs the tokenizer and phecode vocabulary built by the datamodule")
+        self.save_hyperparameters(ignore=["tokenizer", "phecode_vocab"])
+        self.objective_config = _merged(OBJECTIVE_DEFAULTS, objective, "objective")
+        self.optimizer_config = _merged(OPTIMIZER_DEFAULTS, optimizer, "optimizer")
+        if self.objective_config["schedule"] not in ("joint", "staged"):
+            raise ValueError(f"model.objective.schedule must be 'joint' or 'staged', got {self.objective_config['schedule']!r}")
+        self.model = VolumeVLM(
+            build_encoder_config(encoder),
+            TextConfig(**dict(text)),
+            tokenizer,
+            phecode_vocab,
+            embed_dim=embed_dim,
+            preprocess=as_preprocess_config(preprocess),
+            findings=list(findings) if findings else None,
+            init_temperature=self.objective_config["init_temperature"],
+        )
+        self.sections = bool(self.model.text_config.sections)
+        self.configure_objective(rank=0, world_size=1)
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ objective
+
+    def configure_objective(self, rank: int, world_size: int) -> None:
+        """(Re)build the loss for this process's place among ``world_size`` ranks."""
+        from volumevlm.train.losses import PretrainObjective
+
+        pos_weight = self.objective_config["phenotype_pos_weight"]
+        self.objective = PretrainObjective(
+            clip_weight=self.objective_config["clip_weight"],
+            phenotype_weight=self.objective_config["phenotype_weight"],
+            pos_weight=None if pos_weight is None else torch.full((len(self.model.phecode_vocab.codes),), float(pos_weight)),
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self.configure_objective(rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+    def loss_weights(self, step: int) -> tuple[float, float]:
+        """(clip weight, phenotype weight) at optimizer step ``step`` under the schedule."""
+        clip_w = float(self.objective_config["clip_weight"])
+        phen_w = float(self.objective_config["phenotype_weight"])
+        if self.objective_config["schedule"] == "staged":
+            total = self._total_steps()
+            if step < int(self.objective_config["stage_fraction"] * total):
+                return 0.0, phen_w
+            return clip_w, 0.0
+        return clip_w, phen_w
+
+    def _total_steps(self) -> int:
+        if self._trainer is None:
+            return 1
+        total = self.trainer.estimated_stepping_batches
+        # Unbounded runs (no max_steps, no max_epochs) keep the peak rate after warmup.
+        return max(1, int(total)) if math.isfinite(total) else 10**12
+
+    # ------------------------------------------------------------------ batches
+
+    def training_texts(self, reports: Sequence[str | None]) -> list[str | None]:
+        """The text paired with each case: the whole report, or (sections mode) one of
+        its organ-system sections drawn at random; None where there is no report."""
+        if not self.sections:
+            return list(reports)
+        return [random.choice(report_sections(r)) if r is not None else None for r in reports]
+
+    def text_embeddings(self, texts: Sequence[str | None], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit text embeddings [B, E] (zero rows where text is None) and pair_mask bool [B]."""
+        mask = torch.tensor([t is not None for t in texts], dtype=torch.bool, device=self.device)
+        emb = torch.zeros(len(texts), self.model.embed_dim, device=self.device, dtype=dtype)
+        present = [t for t in texts if t is not None]
+        if present:
+            emb[mask] = self.model.encode_text(present).to(dtype)
+        return emb, mask
+
+    def phenotype_targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-hot phecode targets float [B, V] and has_codes bool [B]."""
+        vocab = self.model.phecode_vocab
+        targets = torch.stack([torch.as_tensor(vocab.encode(codes), dtype=torch.float32) for codes in batch["phecodes"]])
+        return targets.to(self.device), torch.as_tensor(batch["has_codes"], dtype=torch.bool, device=self.device)
+
+    def compute_losses(self, batch: Mapping[str, Any], texts: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """The objective on one (local) batch: {"loss", "clip", "phenotype"} scalars."""
+        texts = self.training_texts(batch["report"]) if texts is None else texts
+        out = self.model(batch["image"])
+        image_emb = out["image_emb"]
+        text_emb, pair_mask = self.text_embeddings(texts, image_emb.dtype)
+        targets, has_codes = self.phenotype_targets(batch)
+        clip_w, phen_w = self.loss_weights(self.global_step if self._trainer is not None else 0)
+        self.objective.clip_weight = clip_w
+        self.objective.phenotype_weight = phen_w
+        return self.objective(
+            image_emb=image_emb,
+            text_emb=text_emb,
+            logit_scale=out["logit_scale"],
+            phenotype_logits=out["phenotype_logits"],
+            phenotype_targets=targets,
+            pair_mask=pair_mask,
+            codes_mask=has_codes,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        size = batch["image"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
+        self.log("train/clip", losses["clip"], batch_size=size)
+        self.log("train/phenotype", losses["phenotype"], batch_size=size)
+        self.log("train/temperature", 1.0 / self.model.scale().detach(), batch_size=size)
+        return losses["loss"]
+
+    # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_text_embeddings(self, reports: Sequence[str | None], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report embeddings [B, E] for retrieval: the whole report, or (sections mode) the
+        normalised mean of its section embeddings; zero rows and mask False without report."""
+        if not self.sections:
+            return self.text_embeddings(reports, dtype)
+        mask = torch.tensor([r is not None for r in reports], dtype=torch.bool, device=self.device)
+        emb = torch.zeros(len(reports), self.model.embed_dim, device=self.device, dtype=dtype)
+        for i, report in enumerate(reports):
+            if report is not None:
+                mean = self.model.encode_text(report_sections(report)).mean(dim=0)
+                emb[i] = torch.nn.functional.normalize(mean, dim=-1).to(dtype)
+        return emb, mask
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        out = self.model(batch["image"])
+        text_emb, pair_mask = self.validation_text_embeddings(batch["report"], out["image_emb"].dtype)
+        targets, has_codes = self.phenotype_targets(batch)
+        names = self.model.findings
+        findings = torch.full((len(batch["report"]), len(names)), -1.0, device=self.device)
+        for i, case in enumerate(batch["findings"]):
+            if case:
+                findings[i] = torch.tensor([float(case.get(n, -1)) for n in names], device=self.device)
+        self._val_outputs.append(
+            {
+                "image_emb": out["image_emb"].float(),
+                "text_emb": text_emb.float(),
+                "pair_mask": pair_mask,
+                "phenotype_logits": out["phenotype_logits"].float(),
+                "phenotype_targets": targets,
+                "has_codes": has_codes,
+                "findings": findings,
+            }
+        )
+
+    def _gathered_val_outputs(self) -> dict[str, torch.Tensor]:
+        joined = {key: torch.cat([o[key] for o in self._val_outputs]) for key in self._val_outputs[0]}
+        if self.trainer.world_size > 1:
+            # Every rank holds the same number of validation cases (the distributed
+            # sampler pads), so an all_gather of [n, ...] gives [world, n, ...].
+            # Booleans travel as floats: not every backend gathers bool tensors.
+            joined = {
+                key: (self.all_gather(value.float()).flatten(0, 1) > 0.5) if value.dtype == torch.bool
+                else self.all_gather(value).flatten(0, 1)
+                for key, value in joined.items()
+            }
+        return joined
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        data = self._gathered_val_outputs()
+        self._val_outputs = []
+        metrics = self.validation_metrics(data)
+        for key, value in metrics.items():
+            if not math.isnan(value):
+                self.log(f"val/{key}", value, prog_bar=key in ("r1_i2t", "zero_shot_auroc"), sync_dist=False)
+
+    @torch.no_grad()
+    def validation_metrics(self, data: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Figures over the whole validation set (tensors as collected by validation_step)."""
+        metrics: dict[str, float] = {}
+        paired = data["pair_mask"]
+        image_emb, text_emb = data["image_emb"][paired], data["text_emb"][paired]
+        n = int(paired.sum())
+        for k, value in retrieval_recall(image_emb, text_emb, ks=(1, 5)).items():
+            metrics[f"r{k}_i2t"] = value
+            metrics[f"chance_r{k}"] = min(1.0, k / n) if n else math.nan
+        for k, value in retrieval_recall(text_emb, image_emb, ks=(1, 5)).items():
+            metrics[f"r{k}_t2i"] = value
+        metrics["pairs"] = float(n)
+
+        has_codes = data["has_codes"]
+        metrics["phenotype_auroc"], metrics["phenotype_codes"] = macro_auroc(
+            data["phenotype_logits"][has_codes], data["phenotype_targets"][has_codes]
+        )
+
+        findings = data["findings"]
+        known = (findings >= 0).all(dim=1)
+        if bool(known.any()) and findings.shape[1] > 0:
+            probs = self.model.zero_shot_from_embeddings(data["image_emb"][known])
+            metrics["zero_shot_auroc"], metrics["zero_shot_findings"] = macro_auroc(probs.float(), findings[known])
+        else:
+            metrics["zero_shot_auroc"], metrics["zero_shot_findings"] = math.nan, 0
+        metrics = {key: float(value) for key, value in metrics.items()}
+        return metrics
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Biases, norms, embeddings-as-vectors and the temperature are not decayed.
+            (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(cfg["lr"]),
+            betas=tuple(float(b) for b in cfg["betas"]),
+        )
+        total = self._total_steps()
+        warmup = min(int(cfg["warmup_steps"]), max(0, total - 1))
+        min_ratio = float(cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
