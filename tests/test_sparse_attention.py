@@ -239,3 +239,15 @@ def test_blocked_path_never_builds_an_n_by_n_score_matrix(gen, monkeypatch):
     one_global_block_row = 2 * T * N  # a global query block attends all N keys
     assert max(sizes) <= max(torch_path._CHUNK_ELEMENTS, one_global_block_row)
     assert max(sizes) < 2 * N * N / 8
+
+
+def test_default_backend_choice_follows_what_the_kernels_take():
+    """backend=None on CUDA uses the kernels only for shapes they take (checked here
+    without a GPU: the rule itself)."""
+    from volumevlm.ops.attention import _kernels_support
+
+    cube = attention_layout((8, 8, 8), tile=(4, 4, 4))  # 64-token blocks
+    odd = attention_layout((6, 6, 6), tile=(3, 3, 3))  # 27-token blocks
+    assert _kernels_support(cube, 64) and _kernels_support(cube, 16) and _kernels_support(cube, 128)
+    assert not _kernels_support(cube, 48) and not _kernels_support(cube, 256) and not _kernels_support(cube, 8)
+    assert not _kernels_support(odd, 64)

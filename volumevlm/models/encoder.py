@@ -221,8 +221,10 @@ class Attention(nn.Module):
     def forward(self, x, layout, cos, sin, backend):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # Under CUDA autocast LayerNorm returns float32 while the Linear gave bf16/fp16:
+        # bring q and k back to v's dtype (the kernels take one dtype).
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         o = sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, backend=backend)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 

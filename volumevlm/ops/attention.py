@@ -63,6 +63,24 @@ def _kernels():
         raise VolumeVLMError(f"sparse_attention: the Triton kernels (volumevlm_kernels) are unavailable: {exc}") from None
 
 
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _kernels_support(layout: AttentionLayout, head_dim: int) -> bool:
+    """True when the Triton kernels take this layout and head dim (block size a power of
+    two >= 16, head dim a power of two in 16..128) and the kernels import."""
+    if not (_power_of_two(layout.block_size) and layout.block_size >= 16):
+        return False
+    if not (_power_of_two(head_dim) and 16 <= head_dim <= 128):
+        return False
+    try:
+        _kernels()
+    except VolumeVLMError:
+        return False
+    return True
+
+
 class _TritonBlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: AttentionLayout, scale: float):

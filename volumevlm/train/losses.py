@@ -26,7 +26,8 @@ def _distributed(world_size: int) -> bool:
 
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """[b, ...] from every rank concatenated in rank order -> [W*b, ...]; gradients flow
-    back to each rank's own slice. Identity when not distributed."""
+    back to each rank's own slice (summed over the ranks' losses). Identity when not
+    distributed. Every rank must hold the same b (the distributed sampler pads)."""
     if not _distributed(world_size):
         return x
     from torch.distributed.nn.functional import all_gather
@@ -97,20 +98,23 @@ class PretrainObjective:
 
     def phenotype(self, logits: torch.Tensor, targets: torch.Tensor, codes_mask: torch.Tensor) -> torch.Tensor:
         """Mean BCE per (case with codes, code) of the global batch, as this rank's share."""
-        count = codes_mask.sum().to(torch.float32)
+        # a float count: all_reduce of integer tensors is not supported on every backend
+        count = codes_mask.sum().to(torch.float64)
         if _distributed(self.world_size):
             count = count.clone()
             dist.all_reduce(count)
         num_codes = logits.shape[1]
         if num_codes == 0 or float(count) == 0.0:
             return _zero_like_graph(logits)
-        pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits.device, torch.float32)
+        # at least float32 (bf16 logits under autocast), float64 stays float64
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits.device, dtype)
         per_item = F.binary_cross_entropy_with_logits(
-            logits.float(), targets.float(), pos_weight=pos_weight, reduction="none"
+            logits.to(dtype), targets.to(dtype), pos_weight=pos_weight, reduction="none"
         )
-        local_sum = (per_item * codes_mask[:, None].to(per_item.dtype)).sum()
+        local_sum = (per_item * codes_mask[:, None].to(dtype)).sum()
         scale = self.world_size if _distributed(self.world_size) else 1
-        return local_sum * scale / (count * num_codes)
+        return local_sum * scale / (count.to(dtype) * num_codes)
 
     def __call__(self, image_emb, text_emb, logit_scale, phenotype_logits, phenotype_targets,
                  pair_mask, codes_mask) -> dict[str, torch.Tensor]:
