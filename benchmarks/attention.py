@@ -340,6 +340,12 @@ def make_flex(layout, device, dtype=torch.bfloat16, dim=64):
     when no configuration compiles forward and backward on this torch/GPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    import torch._dynamo
+
+    # One compiled function per grid and per grad mode: the default limit (8) makes
+    # dynamo fall back to flex's unfused eager path, which would time the wrong thing.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     compiled = torch.compile(flex_attention, dynamic=False)
     info = {"config": None, "tried": []}
     probe = [torch.randn(1, 2, layout.seq_len, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
