@@ -166,12 +166,9 @@ class TextTower(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """{"input_ids", "attention_mask"}: int64 [B, L] (right-padded to the longest text,
         truncated at ``max_length`` tokens). B = 0 gives [0, 0] tensors."""
-        if isinstance(texts, str):
-            raise VolumeVLMError("text tower: tokenize() needs a list of texts, got one string")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise VolumeVLMError(f"text tower: text {i} is {type(text).__name__}, not a string")
+        from volumevlm.text.tokenizer import as_text_list
+
+        texts = as_text_list(texts, "text tower: tokenize()")
         if not texts:
             empty = torch.zeros(0, 0, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}

@@ -20,6 +20,17 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)
 SUBWORD_PREFIX = "##"
 
 
+def as_text_list(texts, what: str) -> list[str]:
+    """``texts`` as a list of strings, or a one-line VolumeVLMError naming ``what``."""
+    if isinstance(texts, str):
+        raise VolumeVLMError(f"{what}: expected a list of strings, got one string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise VolumeVLMError(f"{what}: item {i} is {type(text).__name__}, not a string")
+    return texts
+
+
 def build_wordpiece_tokenizer(texts: Sequence[str], vocab_size: int = 4096, min_frequency: int = 1):
     """Train an uncased WordPiece tokenizer on ``texts`` and wrap it for transformers.
 
@@ -36,12 +47,7 @@ def build_wordpiece_tokenizer(texts: Sequence[str], vocab_size: int = 4096, min_
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if isinstance(texts, str):
-        raise VolumeVLMError("tokenizer training texts: expected a list of strings, got one string")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise VolumeVLMError(f"tokenizer training texts: item {i} is {type(text).__name__}, not a string")
+    texts = as_text_list(texts, "tokenizer training texts")
     if not any(text.strip() for text in texts):
         raise VolumeVLMError("tokenizer training texts: no non-empty text to train the WordPiece vocabulary on")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
