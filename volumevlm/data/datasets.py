@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from monai.data import PersistentDataset
 
 from volumevlm.data.manifest import Manifest, read_manifest
 from volumevlm.data.transforms import PreprocessConfig, pipeline, transform_specs
+from volumevlm.io.writers import write_text_atomic
 from volumevlm.errors import ManifestError, VolumeVLMError
 from volumevlm.io import Volume, check_same_geometry
 from volumevlm.io.readers import VolumeWarning, hu_problem, read_volume
@@ -185,10 +185,7 @@ def _cached_dataset(items: list[dict], transform: mt.Compose, cache_dir, fingerp
     about = folder / "preprocessing.json"
     if not about.exists():
         # For people looking at the cache folder: which preprocessing made these entries.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".preprocessing.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"fingerprint": fingerprint, "kind": kind}, handle)
-        os.replace(tmp, about)
+        write_text_atomic(about, json.dumps({"fingerprint": fingerprint, "kind": kind}))
     return PersistentDataset(items, transform, cache_dir=folder, hash_func=case_hash)
 
 

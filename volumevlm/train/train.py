@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from volumevlm import NOT_FOR_CLINICAL_USE
-from volumevlm.data.synthetic.cohort import _write_text_atomic
+from volumevlm.io.writers import write_text_atomic
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -137,7 +137,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[s
             "versions": module.model.config_dict()["versions"],
             "note": f"{provenance['data_note']}. {NOT_FOR_CLINICAL_USE}",
         }
-        _write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     objects = {
         "cfg": cfg,
         "datamodule": datamodule,

@@ -42,6 +42,7 @@ from volumevlm.data.synthetic.codes import sample_codes
 from volumevlm.data.synthetic.findings import CONTRAST_PHASES, FINDINGS, sample_findings, sample_patient
 from volumevlm.data.synthetic.reports import write_report
 from volumevlm.errors import GeometryError, InputError
+from volumevlm.io.writers import write_text_atomic
 from volumevlm.text.phecodes import icd10_to_phecodes
 
 GENERATOR_VERSION = "1.0"
@@ -207,18 +208,6 @@ def _build_case(job: tuple) -> dict:
     return {k: row[k] for k in ordered}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 README = """SYNTHETIC CT COHORT - NOT CLINICAL DATA
 =======================================
 
@@ -292,7 +281,7 @@ def generate_cohort(out, n: int, seed: int, shape=None, dicom_fraction: float = 
     elapsed = time.perf_counter() - start
 
     write_manifest(out / "manifest.jsonl", [rows[i] for i in range(n)])
-    _write_text_atomic(out / "labels.json", json.dumps({str(k): v for k, v in LABELS.items()}, indent=2) + "\n")
+    write_text_atomic(out / "labels.json", json.dumps({str(k): v for k, v in LABELS.items()}, indent=2) + "\n")
     info = {
         "generator": "volumevlm.data.synthetic", "version": GENERATOR_VERSION, "note": NOT_CLINICAL,
         "synthetic": True, "seed": int(seed), "n": int(n), "shape": list(shape),
@@ -300,8 +289,8 @@ def generate_cohort(out, n: int, seed: int, shape=None, dicom_fraction: float = 
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 2), "workers": workers,
     }
-    _write_text_atomic(out / "cohort.json", json.dumps(info, indent=2) + "\n")
-    _write_text_atomic(out / "README.txt", README.format(version=GENERATOR_VERSION, seed=seed, n=n,
+    write_text_atomic(out / "cohort.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(out / "README.txt", README.format(version=GENERATOR_VERSION, seed=seed, n=n,
                                                          shape="x".join(map(str, shape)), n_findings=len(FINDINGS),
                                                          spacing=_spacing_range(shape)))
     return summarize_cohort(out)
