@@ -26,10 +26,8 @@ import datetime as _dt
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
