@@ -18,10 +18,17 @@ that loads with no network, no Hydra run directory and no pickle::
     tokenizer/         the tokenizer (Hugging Face save_pretrained files)
     text/              the text tower's own description (Hugging Face config files)
     phecodes.json      the phecode vocabulary (order = phenotype logit columns)
+    heads/<name>/      extra files of a downstream head, if it has any
+
+Downstream heads (segmentation, report generation) are attached with
+:meth:`VolumeVLM.attach_head`; config.json lists them under ``"heads"`` (type + config)
+and their weights live in model.safetensors under ``heads.<name>.``, so one directory
+accumulates the heads that later training runs add.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -48,6 +55,17 @@ TEXT_DIR = "text"
 PHECODES_NAME = "phecodes.json"
 # exp(logit_scale) is clipped here, as CLIP does, so the temperature cannot collapse.
 MAX_LOGIT_SCALE = math.log(100.0)
+HEADS_DIR = "heads"
+# Head type -> "module:Class"; imported only when a checkpoint holds that head.
+HEAD_TYPES: dict[str, str] = {
+    "segmentation": "volumevlm.models.segmentation:SegmentationNet",
+    "report": "volumevlm.models.report:ReportGenerator",
+}
+# What to run when a verb needs a head the checkpoint lacks.
+HEAD_RECIPES: dict[str, str] = {
+    "segmentation": "volumevlm train experiment=segment_demo init_from=CKPT data.root=DIR",
+    "report": "volumevlm train experiment=report_demo init_from=CKPT data.root=DIR",
+}
 # Zero-shot prompt pair per finding: (present, absent); {finding} is the plain-English name.
 DEFAULT_PROMPTS: tuple[str, str] = ("{finding} is present.", "No {finding}.")
 
@@ -121,6 +139,31 @@ class VolumeVLM(nn.Module):
         self.text_projection = ProjectionHead(self.text.embed_dim, self.embed_dim)
         self.phenotype_head = PhenotypeHead(self.encoder.embed_dim, len(phecode_vocab.codes))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.init_temperature)))
+        self.heads = nn.ModuleDict()
+        # Where this model was loaded from (named in errors); None when built in memory.
+        self.source: Path | None = None
+
+    # ------------------------------------------------------------------ downstream heads
+
+    def attach_head(self, name: str, module: nn.Module) -> None:
+        """Add (or replace) a downstream head; it is saved with the model from now on."""
+        if name not in HEAD_TYPES:
+            raise VolumeVLMError(f"head {name!r}: unknown head name (known: {', '.join(HEAD_TYPES)})")
+        if getattr(module, "head_type", None) != name:
+            raise VolumeVLMError(f"head {name!r}: the module's head_type is {getattr(module, 'head_type', None)!r}")
+        self.heads[name] = module
+
+    def has_head(self, name: str) -> bool:
+        return name in self.heads
+
+    def head(self, name: str) -> nn.Module:
+        """The head called ``name``, or a one-line error saying how to train it."""
+        if name not in self.heads:
+            where = self.source if self.source is not None else "this model"
+            recipe = HEAD_RECIPES.get(name)
+            hint = f" (train one with: {recipe})" if recipe else ""
+            raise VolumeVLMError(f"{where}: this checkpoint has no {name} head{hint}")
+        return self.heads[name]
 
     # ------------------------------------------------------------------ verbs
 
@@ -204,6 +247,7 @@ class VolumeVLM(nn.Module):
             "findings": list(self.findings),
             "zero_shot_prompts": list(DEFAULT_PROMPTS),
             "num_phecodes": len(self.phecode_vocab.codes),
+            "heads": {name: {"type": head.head_type, "config": head.head_config()} for name, head in self.heads.items()},
             "versions": {
                 "volumevlm": volumevlm.__version__,
                 "torch": torch.__version__,
@@ -230,6 +274,11 @@ class VolumeVLM(nn.Module):
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             self.text.save(tmp / TEXT_DIR)
             (tmp / PHECODES_NAME).write_text(_phecodes_json(self.phecode_vocab))
+            for name, head in self.heads.items():
+                if hasattr(head, "save_extra"):
+                    head_folder = tmp / HEADS_DIR / name
+                    head_folder.mkdir(parents=True, exist_ok=True)
+                    head.save_extra(head_folder)
             _replace_folder(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -275,6 +324,8 @@ class VolumeVLM(nn.Module):
                 init_temperature=config.get("init_temperature", 0.07),
                 text_tower=text_tower,
             )
+            for name, entry in (config.get("heads") or {}).items():
+                model.attach_head(name, _build_head(name, entry, folder / HEADS_DIR / name, model))
         except VolumeVLMError:
             raise
         except (KeyError, TypeError, ValueError, OSError) as err:
@@ -292,6 +343,7 @@ class VolumeVLM(nn.Module):
                 f"{folder / WEIGHTS_NAME}: weights do not match config.json "
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
+        model.source = folder
         model.eval()
         return model.to(device) if device is not None else model
 
@@ -302,6 +354,20 @@ class VolumeVLM(nn.Module):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _build_head(name: str, entry: Any, folder: Path, vlm: "VolumeVLM") -> nn.Module:
+    """Rebuild head ``name`` (random weights) from its config.json entry."""
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise VolumeVLMError(f"{folder.parent.parent}: config.json heads.{name} has no type")
+    target = HEAD_TYPES.get(entry["type"])
+    if target is None:
+        raise VolumeVLMError(
+            f"{folder.parent.parent}: head {name!r} has type {entry['type']!r}, which this volumevlm does not know"
+        )
+    module_name, class_name = target.split(":")
+    head_class = getattr(importlib.import_module(module_name), class_name)
+    return head_class.from_head_config(dict(entry.get("config") or {}), folder, vlm)
 
 
 def _text_config_dict(config) -> dict[str, Any]:

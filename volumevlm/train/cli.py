@@ -72,20 +72,39 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if OmegaConf.is_missing(cfg.data, "root"):
         raise VolumeVLMError("data.root: not set; give the dataset folder, e.g. volumevlm train experiment=demo data.root=DIR")
-    from volumevlm.train.train import train
-
-    metrics, objects = train(cfg)
+    metrics, objects = run_task(cfg)
     print(format_metrics(metrics))
-    if objects["model_dir"] is not None:
+    if objects.get("model_dir") is not None:
         print(f"model: {objects['model_dir']}")
     return 0
+
+
+TASKS = {
+    "pretrain": "volumevlm.train.train:train",
+    "segment": "volumevlm.train.segment:train_segmentation",
+    "report": "volumevlm.train.report:train_report",
+}
+
+
+def run_task(cfg) -> tuple[dict, dict]:
+    """Run the training ``cfg.task`` names; returns its (metrics, objects)."""
+    import importlib
+
+    task = str(cfg.get("task") or "pretrain")
+    if task not in TASKS:
+        raise VolumeVLMError(f"task={task}: unknown task (known: {', '.join(TASKS)})")
+    if task != "pretrain" and not cfg.get("init_from"):
+        raise VolumeVLMError(f"task={task}: init_from is not set; give the pretrained checkpoint directory, e.g. init_from=demo-output/model")
+    module_name, function_name = TASKS[task].split(":")
+    return getattr(importlib.import_module(module_name), function_name)(cfg)
 
 
 def format_metrics(metrics: dict) -> str:
     """Validation figures as aligned lines, chance levels alongside."""
     chance = {"val/r1_i2t": metrics.get("val/chance_r1"), "val/r1_t2i": metrics.get("val/chance_r1"),
               "val/r5_i2t": metrics.get("val/chance_r5"), "val/r5_t2i": metrics.get("val/chance_r5"),
-              "val/zero_shot_auroc": 0.5, "val/phenotype_auroc": 0.5}
+              "val/zero_shot_auroc": 0.5, "val/phenotype_auroc": 0.5,
+              "val/mean_dice": None, "val/loss": None, "val/clinical_f1": None, "val/bleu4": None}
     lines = [f"{'metric':<24}{'value':>8}{'chance':>9}"]
     for key, level in chance.items():
         value = metrics.get(key)

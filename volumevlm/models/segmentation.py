@@ -1,0 +1,414 @@
+"""The segmentation head: a UNETR-style decoder over the image encoder's feature maps.
+
+::
+
+    x [B, 1, X, Y, Z] (preprocessed CT in [0, 1])
+      zero-padded up to a multiple of the patch size (0 = air after windowing)
+      -> its OWN VolumeEncoder (a copy of the pretrained one, fine-tuned or frozen)
+           feature_maps: [B, C, gx, gy, gz] at encoder.config.feature_layers()
+      -> decoder over S resolution levels (level 0 = voxels, level S = token grid):
+           level S:        the last feature map (bottleneck)
+           level 1..S-1:   an earlier feature map brought up by transposed convolutions
+                           (UnetrPrUpBlock) to that level (skip connection)
+           level 0:        a conv stem on the image itself (UnetrBasicBlock)
+           S-1 ... 0:      UnetrUpBlock: transposed conv up one level, concat the skip,
+                           residual conv block
+      -> UnetOutBlock -> logits [B, num_classes, X, Y, Z] (the padding cropped off)
+
+The patch size need not be a power of two nor isotropic (tiny 8x8x6, small 16x16x8,
+base 8x8x8): each axis' patch size is split into its prime factors, one per level
+(:func:`stage_factors`), so every transposed convolution has an integer per-axis
+stride and the levels multiply back to exactly the patch size.
+
+Inference over volumes of any size goes through :func:`sliding_window_segment`
+(``monai.inferers.sliding_window_inference`` at the encoder's nominal image size) and
+:func:`segment_to_input` (THE preprocessing, segmentation, and the mask brought back to
+the input's own voxel grid).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volumevlm.data.labels import LABELS
+from volumevlm.errors import InputError, VolumeVLMError
+
+# Lateral structures: a flip of the left-right axis swaps these label names.
+LEFT_RIGHT_SUFFIXES = ("_left", "_right")
+NIFTI_DESCRIP = "volumevlm segmentation (label indices); not for clinical use"
+# The key of the JSON header extension that carries {index: name} with a saved mask.
+LABELS_EXTENSION_KEY = "labels"
+
+
+def _prime_factors(n: int) -> list[int]:
+    factors, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        factors.append(n)
+    return factors
+
+
+def stage_factors(patch_size: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Per-level upsampling factors whose per-axis product is ``patch_size``.
+
+    Returns S tuples (fx, fy, fz), finest level first: factors[0] takes level 1 to the
+    voxel grid, factors[S-1] takes the token grid (level S) to level S-1. S is the
+    largest number of prime factors of any axis (at least 1); an axis with fewer gets
+    factor 1 at its coarsest levels, so the fine levels upsample every axis.
+    E.g. (8, 8, 6) -> [(2, 2, 2), (2, 2, 3), (2, 2, 1)].
+    """
+    per_axis = [sorted(_prime_factors(int(p))) for p in patch_size]
+    levels = max(1, max(len(f) for f in per_axis))
+    padded = [f + [1] * (levels - len(f)) for f in per_axis]
+    return [tuple(padded[axis][level] for axis in range(3)) for level in range(levels)]  # type: ignore[misc]
+
+
+@dataclass
+class SegmentationConfig:
+    """Hyper-parameters of :class:`SegmentationNet`.
+
+    num_classes: output channels, background (index 0) included.
+    label_names: {index: structure name} (default: volumevlm.data.labels.LABELS).
+    feature_size: decoder width at the voxel level (level l has feature_size * 2**min(l, 3)).
+    roi_size: sliding-window ROI in voxels (X, Y, Z); the encoder's nominal image_size.
+    sw_overlap: sliding-window overlap fraction in [0, 1).
+    freeze_encoder: whether training kept the encoder fixed (recorded; the training
+        module acts on it).
+    norm_name: MONAI norm of the decoder blocks ("instance", "batch", ...).
+    res_block: residual conv blocks in the decoder.
+    """
+
+    num_classes: int = len(LABELS)
+    label_names: dict[int, str] = field(default_factory=lambda: dict(LABELS))
+    feature_size: int = 16
+    roi_size: tuple[int, int, int] = (96, 96, 48)
+    sw_overlap: float = 0.25
+    freeze_encoder: bool = False
+    norm_name: str = "instance"
+    res_block: bool = True
+
+    def __post_init__(self):
+        self.num_classes = int(self.num_classes)
+        self.label_names = {int(k): str(v) for k, v in dict(self.label_names).items()}
+        self.feature_size = int(self.feature_size)
+        self.roi_size = tuple(int(v) for v in self.roi_size)  # type: ignore[assignment]
+        self.sw_overlap = float(self.sw_overlap)
+        self.freeze_encoder = bool(self.freeze_encoder)
+        if self.num_classes < 2:
+            raise VolumeVLMError(f"segmentation config: num_classes must be at least 2 (background + one), got {self.num_classes}")
+        bad = [k for k in self.label_names if not 0 <= k < self.num_classes]
+        if bad:
+            raise VolumeVLMError(f"segmentation config: label_names indices {bad} outside 0..{self.num_classes - 1}")
+        if self.feature_size < 1:
+            raise VolumeVLMError(f"segmentation config: feature_size must be positive, got {self.feature_size}")
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise VolumeVLMError(f"segmentation config: roi_size must be 3 positive ints, got {self.roi_size}")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise VolumeVLMError(f"segmentation config: sw_overlap must be in [0, 1), got {self.sw_overlap}")
+
+    def name_of(self, index: int) -> str:
+        return self.label_names.get(int(index), f"label_{int(index)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (label_names keys become strings, as JSON requires)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["label_names"] = {str(k): v for k, v in sorted(self.label_names.items())}
+        d["roi_size"] = list(self.roi_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SegmentationConfig":
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise VolumeVLMError(f"segmentation config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class SegmentationNet(nn.Module):
+    """Encoder + UNETR-style decoder (see the module docstring).
+
+    encoder_config: the EncoderConfig of the encoder this head owns (random weights
+        here; :meth:`from_encoder` copies pretrained ones in).
+    config: :class:`SegmentationConfig`.
+
+    forward(x float [B, 1, X, Y, Z]) -> logits float [B, num_classes, X, Y, Z], any
+    X, Y, Z (the input is padded to a multiple of the patch size internally).
+    """
+
+    head_type: ClassVar[str] = "segmentation"
+
+    def __init__(self, encoder_config, config: SegmentationConfig):
+        super().__init__()
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
+        from volumevlm.models.encoder import VolumeEncoder
+
+        self.config = config
+        self.encoder = VolumeEncoder(encoder_config)
+        enc = encoder_config
+        if enc.in_channels != 1:
+            raise VolumeVLMError(f"segmentation: the encoder takes {enc.in_channels} channels; CT segmentation needs 1")
+        self.factors = stage_factors(enc.patch_size)
+        levels = len(self.factors)
+        fs, norm, res = config.feature_size, config.norm_name, config.res_block
+        widths = [fs * 2 ** min(level, 3) for level in range(levels + 1)]
+        maps = len(enc.feature_layers())
+        # Skip level l (1..S-1) reads an earlier feature map, spread evenly over all but
+        # the last (the bottleneck), earlier layers feeding finer levels as in UNETR.
+        self.skip_sources = [
+            0 if maps < 2 else min(maps - 2, round((level - 1) * (maps - 2) / max(1, levels - 2)))
+            for level in range(1, levels)
+        ]
+
+        self.stem = UnetrBasicBlock(3, enc.in_channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
+        self.skips = nn.ModuleList()
+        for level in range(1, levels):
+            width = widths[level]
+            steps: list[nn.Module] = []
+            # From the token grid down to `level`: coarsest factor first.
+            for i, stage in enumerate(range(levels - 1, level - 1, -1)):
+                steps.append(
+                    UnetrPrUpBlock(
+                        3, enc.dim if i == 0 else width, width, num_layer=0, kernel_size=3, stride=1,
+                        upsample_kernel_size=self.factors[stage], norm_name=norm,
+                    )
+                )
+                if stage > level:  # between upsamplings, a conv block as UNETR's PrUp has
+                    steps.append(UnetrBasicBlock(3, width, width, kernel_size=3, stride=1, norm_name=norm, res_block=res))
+            self.skips.append(nn.Sequential(*steps))
+        self.ups = nn.ModuleList()
+        for level in range(levels - 1, -1, -1):  # S-1 ... 0
+            in_ch = enc.dim if level == levels - 1 else widths[level + 1]
+            self.ups.append(
+                UnetrUpBlock(3, in_ch, widths[level], kernel_size=3, upsample_kernel_size=self.factors[level],
+                             norm_name=norm, res_block=res)
+            )
+        self.out = UnetOutBlock(3, fs, config.num_classes)
+        # Memory layout of the decoder's activations on the CPU (a speed knob only: the
+        # results are the same up to float rounding).
+        self.channels_last = True
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_encoder(cls, encoder, config: SegmentationConfig) -> "SegmentationNet":
+        """A net whose encoder is a copy of ``encoder`` (same config, weights copied;
+        the original is left untouched); the decoder is freshly initialised."""
+        net = cls(encoder.config, config)
+        net.encoder.load_state_dict(copy.deepcopy(encoder.state_dict()))
+        return net
+
+    def head_config(self) -> dict[str, Any]:
+        """JSON-able: enough to rebuild this net with random weights."""
+        return {"segmentation": self.config.to_dict(), "encoder": self.encoder.config.to_dict()}
+
+    @classmethod
+    def from_head_config(cls, config: Mapping[str, Any], folder=None, vlm=None) -> "SegmentationNet":
+        """Rebuild from :meth:`head_config` (random weights; the checkpoint loader then
+        loads them). Without an "encoder" entry the VolumeVLM's encoder config is used."""
+        from volumevlm.models.encoder import EncoderConfig
+
+        config = dict(config)
+        if "segmentation" not in config:
+            raise VolumeVLMError(f"{folder or 'segmentation head'}: head config has no 'segmentation' entry")
+        if config.get("encoder") is not None:
+            encoder_config = EncoderConfig.from_dict(dict(config["encoder"]))
+        elif vlm is not None:
+            encoder_config = vlm.encoder_config
+        else:
+            raise VolumeVLMError(f"{folder or 'segmentation head'}: head config has no encoder entry and no model to take it from")
+        return cls(encoder_config, SegmentationConfig.from_dict(config["segmentation"]))
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return dict(self.config.label_names)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x float [B, 1, X, Y, Z] in [0, 1] -> logits float [B, num_classes, X, Y, Z]."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError("segmentation input", f"expected a tensor [B, 1, X, Y, Z], got {shape}")
+        spatial = tuple(x.shape[2:])
+        patch = self.encoder.config.patch_size
+        pad = [0] * 6
+        for axis in range(3):  # F.pad lists the last axis first
+            pad[2 * (2 - axis) + 1] = (-spatial[axis]) % patch[axis]
+        if any(pad):
+            x = F.pad(x, pad)
+        maps = self.encoder(x).feature_maps
+        if self.channels_last and x.device.type == "cpu":
+            # The CPU's 3D convolutions (oneDNN) run about twice as fast, backward
+            # included, on channels-last activations; the weights stay contiguous.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            maps = [m.contiguous(memory_format=torch.channels_last_3d) for m in maps]
+        skips = [self.skips[i](maps[src]) for i, src in enumerate(self.skip_sources)]  # levels 1..S-1
+        skips = [self.stem(x)] + skips  # level 0 first
+        h = maps[-1]
+        for up, level in zip(self.ups, range(len(self.factors) - 1, -1, -1)):
+            h = up(h, skips[level])
+        logits = self.out(h)
+        return logits[:, :, : spatial[0], : spatial[1], : spatial[2]].contiguous()
+
+
+# ---------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def sliding_window_segment(
+    net: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int] | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Label map of a preprocessed image by sliding-window inference.
+
+    image: float [1, X, Y, Z] or [B, 1, X, Y, Z] (preprocessed, in [0, 1]); any size,
+        larger or smaller than the ROI (smaller inputs are padded with 0, then cropped).
+    roi_size / overlap: default ``net.config.roi_size`` / ``net.config.sw_overlap``.
+    Returns int64 labels with the image's shape ([1, X, Y, Z] or [B, 1, X, Y, Z]), on
+    the image's device: the argmax over classes of the blended window logits. The net
+    is run in whatever mode it is in (call ``net.eval()`` for inference).
+    """
+    from monai.inferers import sliding_window_inference
+
+    if not isinstance(image, torch.Tensor) or image.dim() not in (4, 5) or image.shape[-4] != 1:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError("segmentation input", f"expected a tensor [1, X, Y, Z] or [B, 1, X, Y, Z], got {shape}")
+    config = getattr(net, "config", None)
+    roi = tuple(int(v) for v in (roi_size if roi_size is not None else config.roi_size))
+    overlap = float(overlap if overlap is not None else config.sw_overlap)
+    batched = image.dim() == 5
+    x = image if batched else image[None]
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else x.device
+    logits = sliding_window_inference(
+        x.float(), roi, int(sw_batch_size), net, overlap=overlap, mode="gaussian", sw_device=device, device=x.device
+    )
+    labels = logits.argmax(dim=1, keepdim=True)
+    return labels if batched else labels[0]
+
+
+def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
+    """Segment one CT volume and return the mask in the input's own geometry.
+
+    x: anything :func:`volumevlm.data.transforms.preprocess` accepts (NIfTI / NRRD /
+        MHA path, DICOM folder or zip, nibabel image, (array, affine), tensor, Volume),
+        in HU.
+    preprocess_config: the model's PreprocessConfig (``model.preprocess``); the same
+        pipeline the encoder was trained with.
+    Returns (nifti_image, label_names): a ``nibabel.Nifti1Image`` holding uint8 (int16
+    beyond 255 classes) label indices with exactly the input's shape, stored
+    orientation and affine (voxels outside the preprocessed field of view are 0), and
+    {index: structure name}. The image header says what it is: ``descrip`` is a short
+    note, the intent is NIFTI_INTENT_LABEL, and a JSON "comment" extension carries
+    {"labels": {index: name}}, so a saved file keeps its names.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from volumevlm.data.transforms import invert_to_input, preprocess
+    from volumevlm.io import as_volume
+
+    volume = as_volume(x)  # read once; the same Volume is the geometry reference
+    pre = preprocess(volume, preprocess_config)
+    was_training = net.training
+    net.eval()
+    try:
+        labels = sliding_window_segment(net, pre.as_tensor())
+    finally:
+        net.train(was_training)
+    names = dict(net.config.label_names)
+    dtype = np.uint8 if net.config.num_classes <= 256 else np.int16
+    image = invert_to_input(labels[0].cpu().numpy().astype(dtype), pre, volume, mode="nearest")
+    if image.get_data_dtype() != dtype:
+        image = nib.Nifti1Image(np.asarray(image.dataobj).astype(dtype), image.affine, image.header)
+        image.set_data_dtype(dtype)
+    header = image.header
+    header["descrip"] = NIFTI_DESCRIP.encode()[:79]
+    header.set_intent("label")
+    payload = json.dumps({LABELS_EXTENSION_KEY: {str(k): v for k, v in sorted(names.items())}}).encode()
+    header.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
+    return image, names
+
+
+def save_segmentation(image, path) -> Path:
+    """Write a mask from :func:`segment_to_input` to ``path`` (.nii or .nii.gz) atomically.
+
+    The file keeps everything :func:`segment_to_input` put in the header, the label
+    names included (a NIfTI-1 "comment" extension holding JSON ``{"labels": {index:
+    name}}``; :func:`read_label_names` reads them back). Written to a temporary name
+    beside ``path`` first and renamed into place, so a reader never sees half a file.
+    """
+    import os
+    import tempfile
+
+    from volumevlm.io.writers import _nifti_suffix, _umask_mode
+
+    path = Path(path)
+    suffix = _nifti_suffix(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
+    os.close(fd)
+    try:
+        image.to_filename(tmp)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_label_names(image_or_path) -> dict[int, str]:
+    """{index: structure name} from a mask written by :func:`segment_to_input` /
+    :func:`save_segmentation` (its JSON header extension). A NIfTI file without that
+    extension raises InputError naming it."""
+    import nibabel as nib
+
+    image = image_or_path if isinstance(image_or_path, nib.Nifti1Image) else nib.load(str(image_or_path))
+    where = image.get_filename() or "<segmentation image>"
+    for extension in image.header.extensions:
+        if extension.get_code() != 6:  # 6 = NIFTI_ECODE_COMMENT
+            continue
+        try:
+            payload = json.loads(extension.get_content())
+        except (ValueError, UnicodeDecodeError, TypeError):
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get(LABELS_EXTENSION_KEY), dict):
+            return {int(k): str(v) for k, v in payload[LABELS_EXTENSION_KEY].items()}
+    raise InputError(where, "no volumevlm label-name extension in the NIfTI header (not a volumevlm segmentation?)")
+
+
+def label_swap_table(label_names: Mapping[int, str], num_classes: int) -> torch.Tensor:
+    """int64 [num_classes]: index -> the index of its mirror image under a left-right flip
+    (kidney_left <-> kidney_right, ...); unpaired labels map to themselves."""
+    table = torch.arange(num_classes)
+    by_name = {name: index for index, name in label_names.items()}
+    left, right = LEFT_RIGHT_SUFFIXES
+    for name, index in by_name.items():
+        if name.endswith(left):
+            mirror = by_name.get(name[: -len(left)] + right)
+            if mirror is not None:
+                table[index], table[mirror] = mirror, index
+    return table
+
