@@ -1,0 +1,389 @@
+"""Report generation head (volumevlm.models.report) and its training task (volumevlm.train.report).
+
+Everything runs on a tiny VolumeVLM exported by a fast_dev_run pretraining over a
+12-case synthetic cohort (NOT clinical data; 32x32x16 volumes), so the encoder is
+untrained: the checks are about plumbing, determinism, checkpoints and the ability of
+the head to learn, not about report quality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import volumevlm
+from pretrain_helpers import make_cohort, shrunk_config
+from volumevlm.errors import VolumeVLMError
+from volumevlm.models.report import (
+    IGNORE_INDEX,
+    ReportConfig,
+    ReportGenerator,
+    VisualResampler,
+    encoder_features,
+    generate_reports,
+    tidy_wordpiece_text,
+)
+from volumevlm.text import label_findings
+from volumevlm.text.labeler import SYNTHETIC_FINDINGS
+from volumevlm.text.sections import IMPRESSION_HEADER, SECTIONS, split_report
+
+# Small enough for a few seconds of CPU; dropout off so the overfit check is quick and exact.
+TINY_HEAD = {
+    "num_visual_tokens": 8,
+    "resampler_depth": 1,
+    "resampler_heads": 2,
+    "resampler_dropout": 0.0,
+    "n_layer": 2,
+    "n_embd": 64,
+    "n_head": 2,
+    "n_positions": 128,
+    "dropout": 0.0,
+    "max_target_tokens": 48,
+    "max_new_tokens": 48,
+}
+OVERFIT_STEPS = 150
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These models are tiny: a second intra-op thread only adds synchronisation, which
+    # on a shared 2-core machine costs more than the work itself.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return make_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(cohort, tmp_path_factory) -> Path:
+    """A loadable (untrained) VolumeVLM checkpoint directory from a fast_dev_run."""
+    from volumevlm.train.train import train
+
+    out = tmp_path_factory.mktemp("pretrain")
+    train(shrunk_config(cohort, out, "experiment=demo", "debug=fdr"))
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def train_cases(pretrained, cohort):
+    """Three training cases: preprocessed images [3, 1, 32, 32, 16], reports, encoder tokens."""
+    from volumevlm.data.datasets import PretrainDataset
+    from volumevlm.data.manifest import read_manifest
+
+    model = volumevlm.load(pretrained)
+    rows = [row for row in read_manifest(cohort / "manifest.jsonl").rows if row["split"] == "train"][:3]
+    data = PretrainDataset(rows, model.preprocess)
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        tokens, grid = encoder_features(model.encoder(images))
+    return {"images": images, "reports": [row["report"] for row in rows], "tokens": tokens, "grid": grid}
+
+
+def batch_of(generator, cases):
+    from volumevlm.train.report import ReportCollate
+
+    items = [{"tokens": t, "grid": cases["grid"], "report": r, "id": str(i)}
+             for i, (t, r) in enumerate(zip(cases["tokens"], cases["reports"]))]
+    return ReportCollate(generator)(items)
+
+
+def loss_of(generator, batch) -> torch.Tensor:
+    return generator(batch["tokens"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                     grid=batch["grid"], case_index=batch["case_index"])
+
+
+@pytest.fixture(scope="module")
+def overfit(pretrained, train_cases):
+    """A head trained for OVERFIT_STEPS full-batch steps on the three cases."""
+    torch.manual_seed(0)
+    model = volumevlm.load(pretrained)
+    generator = ReportGenerator.build(TINY_HEAD, model)
+    batch = batch_of(generator, train_cases)
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=3e-3)
+    losses = []
+    generator.train()
+    for _ in range(OVERFIT_STEPS):
+        loss = loss_of(generator, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    generator.eval()
+    texts = generator.generate(train_cases["tokens"], grid=train_cases["grid"])
+    return {"model": model, "generator": generator, "losses": losses, "texts": texts}
+
+
+def present(report: str) -> set[str]:
+    return {k for k, v in label_findings(report, SYNTHETIC_FINDINGS).items() if v != "negative"}
+
+
+# ---------------------------------------------------------------------- the head
+
+
+def test_targets_mask_prompt_and_padding(pretrained):
+    generator = ReportGenerator.build(TINY_HEAD, volumevlm.load(pretrained))
+    enc = generator.encode_targets(["No ascites.", "Splenomegaly, measuring 15 cm."], ["PERITONEUM:", "SPLEEN:"])
+    ids, mask, labels = enc["input_ids"], enc["attention_mask"], enc["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 2
+    prompt = generator._encode("PERITONEUM:")
+    body = generator._encode("No ascites.")
+    row = [generator.bos_id, *prompt, *body, generator.eos_id]
+    assert ids[0, : len(row)].tolist() == row and mask[0].sum() == len(row)
+    # Loss only on the report tokens and EOS: BOS, the prompt and the padding are ignored.
+    assert labels[0, : 1 + len(prompt)].tolist() == [IGNORE_INDEX] * (1 + len(prompt))
+    assert labels[0, 1 + len(prompt) : len(row)].tolist() == [*body, generator.eos_id]
+    assert (labels[0, len(row) :] == IGNORE_INDEX).all() and (ids[0, len(row) :] == generator.pad_id).all()
+    assert generator.decode([*body, generator.eos_id, *body]) == "No ascites."
+    # The VLM's own WordPiece tokenizer: [CLS] begins, [SEP] ends, [PAD] pads.
+    vocab = generator.tokenizer.get_vocab()
+    assert (generator.bos_id, generator.eos_id, generator.pad_id) == (vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"])
+
+
+def test_forward_loss_is_finite_and_starts_near_uniform(pretrained, train_cases):
+    torch.manual_seed(0)
+    generator = ReportGenerator.build(TINY_HEAD, volumevlm.load(pretrained))
+    batch = batch_of(generator, train_cases)
+    # One text row per (case, section present), each pointing at its case.
+    assert batch["case_index"].tolist() == sorted(batch["case_index"].tolist())
+    assert set(batch["case_index"].tolist()) == {0, 1, 2}
+    assert len(batch["case_index"]) == sum(len(generator.training_texts(r)) for r in train_cases["reports"])
+    loss = loss_of(generator, batch)
+    assert torch.isfinite(loss)
+    # A fresh decoder predicts close to uniformly over its vocabulary.
+    assert abs(float(loss.detach()) - math.log(len(generator.tokenizer))) < 1.0
+    loss.backward()
+    assert generator.resampler.queries.grad.abs().sum() > 0
+    assert generator.decoder.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_resampler_gives_a_fixed_budget_of_visual_tokens():
+    resampler = VisualResampler(in_dim=32, out_dim=48, num_queries=5, depth=1, heads=2)
+    for grid in ((4, 4, 4), (6, 5, 3)):
+        n = math.prod(grid) + 4  # grid tokens + 4 registers
+        assert resampler(torch.randn(2, n, 32), grid).shape == (2, 5, 48)
+    assert resampler(torch.randn(1, 7, 32)).shape == (1, 5, 48)  # no grid: no position encoding
+    with pytest.raises(VolumeVLMError):
+        resampler(torch.randn(1, 10, 32), (4, 4, 4))
+    with pytest.raises(VolumeVLMError):
+        resampler(torch.randn(1, 10, 31))
+
+
+def test_generation_writes_every_organ_section_and_is_deterministic(pretrained, train_cases):
+    torch.manual_seed(1)
+    generator = ReportGenerator.build({**TINY_HEAD, "max_new_tokens": 6}, volumevlm.load(pretrained))
+    tokens, grid = train_cases["tokens"], train_cases["grid"]
+    first = generator.generate(tokens, grid=grid)
+    assert len(first) == 3 and all(isinstance(t, str) for t in first)
+    for text in first:
+        lines = text.splitlines()
+        assert lines[0] == "FINDINGS:"
+        assert [line.split(":")[0] for line in lines[1 : 1 + len(SECTIONS)]] == list(SECTIONS)
+        assert "IMPRESSION:" in lines
+        assert set(split_report(text)) == {*SECTIONS, IMPRESSION_HEADER}
+    generator.train()
+    assert generator.generate(tokens, grid=grid) == first  # greedy, dropout off: same input, same text
+    assert generator.training  # generate runs in eval mode and restores the mode it found
+    continued = generator.generate(tokens, prompts=["SPLEEN:"] * 3, grid=grid, max_new_tokens=3)
+    assert len(continued) == 3 and all("SPLEEN" not in t for t in continued)
+    with pytest.raises(VolumeVLMError):
+        generator.generate(tokens, grid=grid, temperature=0.7)
+    with pytest.raises(VolumeVLMError):
+        generator.generate(tokens, prompts=["SPLEEN:"], grid=grid)
+
+
+def test_overfit_reproduces_the_training_reports_findings(overfit, train_cases):
+    losses = overfit["losses"]
+    assert losses[0] > 4.0 and max(losses[-10:]) < 0.25, (losses[0], losses[-10:])
+    wanted = [present(r) for r in train_cases["reports"]]
+    assert sum(len(w) for w in wanted) >= 3  # the cases do have findings to get right
+    got = [present(t) for t in overfit["texts"]]
+    assert got == wanted
+    # The three cases differ, so the texts must too: the visual prefix drives the decoder.
+    assert len(set(overfit["texts"])) == 3
+
+
+def test_save_with_the_model_then_load_generates_the_same_text(overfit, train_cases, tmp_path):
+    model, generator = overfit["model"], overfit["generator"]
+    model.attach_head("report", generator)
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["heads"]["report"]["type"] == "report"
+    assert config["heads"]["report"]["config"]["tokenizer"] == "vlm"
+    loaded = volumevlm.load(folder)
+    assert loaded.has_head("report")
+    head = loaded.head("report")
+    for (name, a), (_, b) in zip(generator.state_dict().items(), head.state_dict().items()):
+        assert torch.equal(a, b), name
+    texts = generate_reports(loaded, train_cases["images"])
+    assert texts == overfit["texts"] == generate_reports(model, train_cases["images"])
+
+
+def _tiny_local_causal_lm(folder: Path, reports) -> Path:
+    """A tiny GPT-2 with its own byte-level BPE tokenizer, saved with save_pretrained (no download)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(reports, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=160, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_local_pretrained_causal_lm_as_the_decoder(pretrained, train_cases, tmp_path):
+    hf_dir = _tiny_local_causal_lm(tmp_path / "tiny-gpt2", train_cases["reports"])
+    model = volumevlm.load(pretrained)
+    head = {**TINY_HEAD, "pretrained": str(hf_dir), "max_new_tokens": 4}
+    for key in ("n_layer", "n_embd", "n_head", "n_positions"):
+        head.pop(key)
+    generator = ReportGenerator.build(head, model)
+    assert generator.tokenizer_source == "own" and generator.hidden_size == 32
+    eos = generator.tokenizer.eos_token_id
+    assert (generator.bos_id, generator.eos_id, generator.pad_id) == (eos, eos, eos)
+    # Its own tokenizer round-trips text with case and punctuation (no WordPiece tidying).
+    assert generator.decode(generator._encode("Splenomegaly, 14.5 cm.")) == "Splenomegaly, 14.5 cm."
+    batch = batch_of(generator, train_cases)
+    loss = loss_of(generator, batch)
+    assert torch.isfinite(loss)
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_of(generator, batch).backward()
+        optimizer.step()
+    assert float(loss_of(generator, batch)) < float(loss)
+    texts = generator.generate(train_cases["tokens"], grid=train_cases["grid"])
+    assert len(texts) == 3 and all(text.startswith("FINDINGS:") for text in texts)
+    model.attach_head("report", generator)
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    assert (folder / "heads" / "report" / "tokenizer" / "tokenizer.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["heads"]["report"]["config"]["tokenizer"] == "own"
+    assert "_name_or_path" not in config["heads"]["report"]["config"]["decoder_config"]  # no path of this machine
+    loaded = volumevlm.load(folder)
+    assert generate_reports(loaded, train_cases["images"]) == texts
+    # The folder is read with local_files_only: a missing one is a one-line error naming it.
+    with pytest.raises(VolumeVLMError) as err:
+        ReportGenerator.build({**head, "pretrained": str(tmp_path / "missing")}, model)
+    assert "missing" in str(err.value) and "\n" not in str(err.value)
+
+
+def _pyproject_lists_peft() -> bool:
+    """Whether pyproject.toml names peft as a (possibly optional) requirement: "peft", "peft>=0.11", ..."""
+    return re.search(r"""["']peft(?![\w-])""", (REPO / "pyproject.toml").read_text()) is not None
+
+
+def test_lora_needs_peft_and_says_so(pretrained, train_cases, tmp_path, monkeypatch):
+    """LoRA runs through peft, which volumevlm does not depend on: without it the config
+    fails in one line saying how to install it. peft is exercised only where pyproject lists it."""
+    hf_dir = _tiny_local_causal_lm(tmp_path / "tiny-gpt2", train_cases["reports"])
+    model = volumevlm.load(pretrained)
+    head = {"pretrained": str(hf_dir), "lora": True, "lora_r": 2, "lora_target_modules": ["c_attn"],
+            "num_visual_tokens": 4, "resampler_depth": 1, "resampler_heads": 2, "max_new_tokens": 4}
+    with pytest.raises(VolumeVLMError) as err:
+        ReportConfig.from_dict({"lora": True})  # LoRA adapts a pretrained decoder only
+    assert "pretrained" in str(err.value)
+    if not _pyproject_lists_peft():
+        monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed (it is not, here)
+        with pytest.raises(VolumeVLMError) as err:
+            ReportGenerator.build(head, model)
+        message = str(err.value)
+        assert "\n" not in message and "pip install peft" in message
+        return
+    assert importlib.util.find_spec("peft") is not None, "pyproject lists peft but it is not installed"
+    generator = ReportGenerator.build(head, model)
+    assert generator.has_unmerged_lora()
+    batch = batch_of(generator, train_cases)
+    optimizer = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_of(generator, batch).backward()
+        optimizer.step()
+    texts = generator.generate(train_cases["tokens"], grid=train_cases["grid"])
+    generator.merge_lora()
+    assert not generator.has_unmerged_lora()
+    assert generator.generate(train_cases["tokens"], grid=train_cases["grid"]) == texts
+    model.attach_head("report", generator)
+    loaded = volumevlm.load(model.save_pretrained(tmp_path / "ckpt"))
+    assert generate_reports(loaded, train_cases["images"]) == texts
+
+
+def test_bad_configs_and_missing_head_fail_in_one_line(pretrained):
+    model = volumevlm.load(pretrained)
+    bad = [
+        lambda: ReportConfig.from_dict({"no_such_key": 1}),
+        lambda: ReportConfig.from_dict({"n_embd": 30, "n_head": 4}),
+        lambda: ReportConfig.from_dict({"num_visual_tokens": 0}),
+        lambda: ReportConfig.from_dict({"section_names": "SPLEEN"}),
+        lambda: model.head("report"),
+        lambda: generate_reports(model, torch.rand(1, 32, 32, 16)),
+    ]
+    for call in bad:
+        with pytest.raises(VolumeVLMError) as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(VolumeVLMError) as err:
+        model.head("report")
+    assert "experiment=report_demo" in str(err.value)
+
+
+def test_wordpiece_text_is_tidied():
+    assert tidy_wordpiece_text("splenomegaly , measuring 14 . 5 cm . no ascites .") == "Splenomegaly, measuring 14.5 cm. No ascites."
+    assert tidy_wordpiece_text("fluid - filled loops ( small )") == "Fluid-filled loops (small)"
+
+
+# ---------------------------------------------------------------------- the training task
+
+
+def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrained, cohort, tmp_path):
+    from volumevlm.train.cli import run_task
+
+    out = tmp_path / "out"
+    cfg = shrunk_config(
+        cohort, out, "experiment=report_demo", f"init_from={pretrained}",
+        "trainer.max_steps=3", "trainer.check_val_every_n_epoch=1", "data.batch_size=4",
+        *(f"report.head.{key}={value}" for key, value in {**TINY_HEAD, "max_new_tokens": 8}.items()),
+    )
+    assert cfg.task == "report"
+    metrics, objects = run_task(cfg)
+    assert objects["trainer"].global_step == 3
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
+    for key in ("val/clinical_f1_micro", "val/bleu4", "val/rouge_l", "val/distinct_ratio"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    model_dir = Path(objects["model_dir"])
+    assert model_dir == (out / "model").resolve()
+    loaded = volumevlm.load(model_dir)
+    assert loaded.has_head("report") and not loaded.has_head("segmentation")
+    assert loaded.head("report").config.max_new_tokens == 8
+    config = json.loads((model_dir / "config.json").read_text())
+    report_provenance = config["provenance"]["heads"]["report"]
+    assert report_provenance["global_step"] == 3 and config["provenance"]["synthetic"] is True
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["task"] == "report" and summary["data"]["val_cases"] >= 1
+    samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == summary["data"]["val_cases"]  # the final validation generates every case
+    assert all(s["reference"].startswith("FINDINGS:") and "TECHNIQUE" not in s["reference"] for s in samples)
+    # The encoder and the other weights of the pretrained checkpoint are unchanged.
+    before = volumevlm.load(pretrained).state_dict()
+    after = loaded.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    texts = generate_reports(loaded, torch.rand(1, 1, 32, 32, 16))
+    assert len(texts) == 1 and texts[0].startswith("FINDINGS:")

@@ -1,0 +1,735 @@
+"""Report generation: a visual-prefix causal language model on top of the frozen image encoder.
+
+::
+
+    encoder tokens [B, N, C] (+ registers)  --VisualResampler-->  [B, K, d] --Linear--> [B, K, H]
+                                                                  (K = num_visual_tokens)
+    [visual prefix K] [BOS] [prompt tokens] [report tokens] [EOS]  --causal LM-->  next-token loss
+                                                                   on the report tokens only
+
+The image encoder is NOT part of this head: it is the VolumeVLM's shared ``encoder``,
+frozen while the report head trains. The head holds
+
+* :class:`VisualResampler`: ``num_visual_tokens`` learned queries cross-attend to the
+  encoder's grid tokens and register tokens (a Perceiver resampler / Q-Former in the
+  spirit of the token-compression papers), so the decoder always sees a fixed budget of
+  visual tokens whatever the volume size; a linear map takes them to the decoder width.
+* the decoder, either
+    - ``pretrained: null`` (default): a small GPT-2-style causal LM built from the config
+      (transformers ``GPT2LMHeadModel``; ``n_layer``, ``n_embd``, ``n_head``,
+      ``n_positions``) over the VolumeVLM's OWN WordPiece tokenizer: vocabulary = that
+      tokenizer's, ``[CLS]`` is the begin-of-sequence token, ``[SEP]`` the end-of-sequence
+      token and ``[PAD]`` the padding token. That tokenizer is uncased, so generated text
+      is lower case; :func:`tidy_wordpiece_text` restores punctuation spacing and sentence
+      capitals. The decoder is rebuilt from :meth:`ReportGenerator.head_config` alone (it
+      stores the GPT-2 config dict); the weights live in the checkpoint's model.safetensors.
+    - ``pretrained: /local/hf/dir``: ``AutoModelForCausalLM.from_pretrained(dir,
+      local_files_only=True)`` with the directory's own tokenizer (saved into the
+      checkpoint's ``heads/report/tokenizer`` by :meth:`ReportGenerator.save_extra`),
+      optionally with LoRA adapters through ``peft`` (not a volumevlm dependency). LoRA
+      adapters are merged (:meth:`ReportGenerator.merge_lora`) before saving, so the saved
+      decoder is a plain model.
+
+With ``sections: true`` (the default, as Merlin does) a report is written organ system by
+organ system: for each section name (the headers of the synthetic reports,
+:data:`volumevlm.text.sections.SECTIONS`, then ``IMPRESSION``) the prompt is the header
+("LIVER AND BILIARY TREE:") and the decoder continues it; the report is the sections
+joined in order. Trained on synthetic reports, generated text is NOT a clinical report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.text.sections import IMPRESSION_HEADER, SECTIONS, split_report
+
+IGNORE_INDEX = -100
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_SECTION_NAMES: tuple[str, ...] = (*SECTIONS, IMPRESSION_HEADER)
+GENERATION_KEYS = ("max_new_tokens", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty")
+
+
+@dataclass
+class ReportConfig:
+    """Hyper-parameters of :class:`ReportGenerator`.
+
+    Visual tokens: ``num_visual_tokens`` (K, the fixed budget of visual tokens the decoder
+    sees), ``resampler_dim`` (width d of the resampler; None = the encoder's width),
+    ``resampler_depth`` / ``resampler_heads`` / ``resampler_dropout``,
+    ``position_frequencies`` (Fourier frequencies per axis of the grid-position encoding
+    added to the encoder tokens; 0 = none).
+
+    Decoder: ``pretrained`` (None = a new GPT-2-style model over the VolumeVLM tokenizer;
+    else a local Hugging Face directory), ``n_layer`` / ``n_embd`` / ``n_head`` /
+    ``n_positions`` (positions must hold K + prompt + report tokens) / ``dropout`` for the
+    new model; ``lora`` (pretrained only; needs ``pip install peft``), ``lora_r``,
+    ``lora_alpha``, ``lora_dropout``, ``lora_target_modules`` (None = peft's default
+    for the architecture).
+
+    Text: ``sections`` (write section by section), ``section_names`` (empty = the
+    synthetic reports' organ systems + IMPRESSION), ``max_target_tokens`` (training
+    targets are truncated to this many tokens: per section, or the whole report).
+
+    Generation defaults: ``max_new_tokens`` (per section when ``sections``),
+    ``num_beams`` (1 = greedy), ``repetition_penalty`` (1.0 = off),
+    ``no_repeat_ngram_size`` (0 = off), ``length_penalty`` (beam search only).
+    """
+
+    num_visual_tokens: int = 32
+    resampler_dim: int | None = None
+    resampler_depth: int = 2
+    resampler_heads: int = 4
+    resampler_dropout: float = 0.1
+    position_frequencies: int = 4
+    pretrained: str | None = None
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 256
+    dropout: float = 0.1
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] | None = None
+    sections: bool = True
+    section_names: tuple[str, ...] = ()
+    max_target_tokens: int = 96
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
+        if self.lora_target_modules is not None:
+            self.lora_target_modules = tuple(str(m) for m in self.lora_target_modules)
+        if self.pretrained is not None:
+            self.pretrained = str(self.pretrained)
+        positive = ("num_visual_tokens", "resampler_depth", "resampler_heads", "n_layer", "n_embd", "n_head",
+                    "n_positions", "max_target_tokens", "max_new_tokens", "num_beams", "lora_r")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VolumeVLMError(f"report config: {name} must be a positive integer, got {value!r}")
+        if self.resampler_dim is not None and (self.resampler_dim < 1 or self.resampler_dim % self.resampler_heads):
+            raise VolumeVLMError(
+                f"report config: resampler_dim {self.resampler_dim} must be positive and divisible by resampler_heads {self.resampler_heads}"
+            )
+        if self.n_embd % self.n_head:
+            raise VolumeVLMError(f"report config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        for name in ("resampler_dropout", "dropout", "lora_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise VolumeVLMError(f"report config: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.position_frequencies < 0 or self.no_repeat_ngram_size < 0 or self.repetition_penalty <= 0:
+            raise VolumeVLMError(
+                "report config: position_frequencies and no_repeat_ngram_size must be >= 0 and repetition_penalty > 0"
+            )
+        if self.lora and self.pretrained is None:
+            raise VolumeVLMError("report config: lora needs a pretrained decoder (set pretrained: /local/hf/dir)")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "ReportConfig":
+        """From a (Hydra/JSON) mapping; unknown keys raise a one-line VolumeVLMError."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise VolumeVLMError(f"report config: unknown keys {unknown}; known: {sorted(known)}")
+        for key in ("section_names", "lora_target_modules"):
+            if isinstance(values.get(key), str):
+                raise VolumeVLMError(f"report config: {key} must be a list of strings, got one string")
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["section_names"] = list(self.section_names)
+        if self.lora_target_modules is not None:
+            out["lora_target_modules"] = list(self.lora_target_modules)
+        return out
+
+    def generation(self) -> dict[str, Any]:
+        """The generation defaults as keyword arguments of :meth:`ReportGenerator.generate`."""
+        return {key: getattr(self, key) for key in GENERATION_KEYS}
+
+
+# ---------------------------------------------------------------------- visual tokens
+
+
+def encoder_features(output) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(tokens [B, N + R, C], grid) from a VolumeEncoder's EncoderOutput: the N = gx*gy*gz
+    grid tokens (x-major) followed by the R register tokens; grid = (gx, gy, gz)."""
+    tokens = torch.cat([output.tokens, output.registers], dim=1) if output.registers.shape[1] else output.tokens
+    return tokens, tuple(int(g) for g in output.grid)
+
+
+def grid_coordinates(grid: Sequence[int], device=None) -> torch.Tensor:
+    """Token centres in [-1, 1] per axis, float32 [gx*gy*gz, 3], x-major (the encoder's token order)."""
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2.0 - 1.0 for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+class _CrossAttentionBlock(nn.Module):
+    """Latents attend to [inputs; latents] (Flamingo's resampler), then an MLP; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm_latents = nn.LayerNorm(dim)
+        self.norm_inputs = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        q = self.norm_latents(latents)
+        kv = torch.cat([self.norm_inputs(inputs), q], dim=1)
+        latents = latents + self.drop(self.attn(q, kv, kv, need_weights=False)[0])
+        return latents + self.drop(self.mlp(self.norm_mlp(latents)))
+
+
+class VisualResampler(nn.Module):
+    """A fixed number of visual tokens from any number of encoder tokens.
+
+    in_dim: encoder width C. out_dim: decoder hidden size H. num_queries: K.
+    dim: resampler width d (None = in_dim). depth / heads / dropout: cross-attention blocks.
+    position_frequencies: Fourier frequencies per axis for the grid-position encoding
+    (0 = none). The encoder's tokens carry position only through its rotary attention, so
+    each grid token gets an explicit encoding of its (x, y, z) centre; register tokens get
+    one learned "register" vector instead.
+
+    forward(tokens float [B, N, C], grid (gx, gy, gz) or None) -> float [B, K, H]; with a
+    grid, the first gx*gy*gz tokens are the x-major grid and the rest are registers.
+    ``visual_tokens`` gives the [B, K, d] resampler output before the map to H.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 32, dim: int | None = None, depth: int = 2,
+                 heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0, position_frequencies: int = 4):
+        super().__init__()
+        dim = int(dim or in_dim)
+        if dim % heads:
+            raise VolumeVLMError(f"visual resampler: width {dim} is not divisible by heads {heads}")
+        self.in_dim, self.out_dim, self.dim, self.num_queries = int(in_dim), int(out_dim), dim, int(num_queries)
+        self.position_frequencies = int(position_frequencies)
+        self.input_proj = nn.Linear(in_dim, dim) if dim != in_dim else nn.Identity()
+        if self.position_frequencies:
+            self.position_proj = nn.Linear(6 * self.position_frequencies, dim)
+            self.register_embedding = nn.Parameter(torch.zeros(dim))
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.blocks = nn.ModuleList(_CrossAttentionBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.output_proj = nn.Linear(dim, out_dim)
+
+    def position_encoding(self, grid: Sequence[int], device) -> torch.Tensor:
+        """[gx*gy*gz, d]: the projected sin/cos features of each grid token's centre."""
+        coords = grid_coordinates(grid, device)  # [N, 3]
+        scales = (2.0 ** torch.arange(self.position_frequencies, device=device, dtype=torch.float32)) * math.pi
+        angles = (coords[:, :, None] * scales).flatten(1)  # [N, 3F]
+        return self.position_proj(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+    def visual_tokens(self, tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """[B, K, d] from tokens [B, N, C]."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.in_dim:
+            raise VolumeVLMError(
+                f"visual resampler: expected encoder tokens [B, N, {self.in_dim}], got {list(tokens.shape)}"
+            )
+        x = self.input_proj(tokens)
+        if grid is not None and self.position_frequencies:
+            n_grid = int(math.prod(grid))
+            if n_grid > x.shape[1]:
+                raise VolumeVLMError(f"visual resampler: grid {tuple(grid)} has {n_grid} tokens but only {x.shape[1]} were given")
+            pos = self.position_encoding(grid, x.device).to(x.dtype)
+            extra = self.register_embedding.to(x.dtype).expand(x.shape[1] - n_grid, -1)
+            x = x + torch.cat([pos, extra], dim=0)[None]
+        latents = self.queries.to(x.dtype).expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            latents = block(latents, x)
+        return self.norm(latents)
+
+    def forward(self, tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        return self.output_proj(self.visual_tokens(tokens, grid))
+
+
+# ---------------------------------------------------------------------- text helpers
+
+
+def tidy_wordpiece_text(text: str) -> str:
+    """Readable text from an uncased WordPiece decode: no space before . , ; : % ),
+    none after (, none around - and /, "4. 2 cm" -> "4.2 cm", sentences capitalised."""
+    text = re.sub(r"\s+([.,;:%)])", r"\1", text)
+    text = re.sub(r"\(\s+", "(", text)
+    text = re.sub(r"\s*([-/])\s*", r"\1", text)
+    # The synthetic reports write decimals with one digit before a unit; the BERT
+    # pre-tokenizer splits them at the point ("4 . 2 cm").
+    text = re.sub(r"(\d)\. (\d) (cm|mm)\b", r"\1.\2 \3", text)
+    text = re.sub(r"(^|[.;]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text.strip())
+    return text
+
+
+def section_pairs(report: str, section_names: Sequence[str]) -> list[tuple[str, str]]:
+    """(section name, text) of a report, in ``section_names`` order, for the sections it has
+    (non-empty text). A report with none of them gives [] (see ReportGenerator.training_texts)."""
+    parts = split_report(report)
+    return [(name, parts[name]) for name in section_names if parts.get(name, "").strip()]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_local_decoder(directory: str):
+    """(decoder, tokenizer) from a local Hugging Face directory; one-line errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(directory).expanduser()
+    if not folder.is_dir():
+        raise InputError(folder, "report decoder directory not found (report.pretrained must be a local Hugging Face folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(folder, f"no usable tokenizer for the report decoder ({_first_line(err)})") from None
+    try:
+        decoder = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(folder, f"no usable causal language model ({_first_line(err)})") from None
+    return decoder, tokenizer
+
+
+def _decoder_from_config(config: Mapping[str, Any]):
+    """A causal LM with random weights from its Hugging Face config dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(config)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise VolumeVLMError("report head config: the decoder config has no model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **values)
+        return AutoModelForCausalLM.from_config(hf_config)
+    except (KeyError, ValueError, TypeError) as err:
+        raise VolumeVLMError(f"report head config: cannot rebuild the {model_type} decoder ({_first_line(err)})") from None
+
+
+def _apply_lora(decoder, config: ReportConfig):
+    try:
+        import peft
+    except ImportError:
+        raise VolumeVLMError("report config: lora needs the peft package, which is not installed (pip install peft)") from None
+    lora = peft.LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(decoder, lora)
+    except ValueError as err:
+        raise VolumeVLMError(f"report config: LoRA cannot be applied to this decoder ({_first_line(err)}); set lora_target_modules") from None
+
+
+# ---------------------------------------------------------------------- the head
+
+
+class ReportGenerator(nn.Module):
+    """The report head: visual resampler + causal LM decoder (see the module docstring).
+
+    config: :class:`ReportConfig`. encoder_dim: width C of the encoder tokens.
+    tokenizer: the decoder's tokenizer (the VolumeVLM's for the default decoder).
+    decoder: a transformers causal LM (``get_input_embeddings``, ``generate``).
+    tokenizer_source: "vlm" (the VolumeVLM's own tokenizer) or "own" (the pretrained
+    decoder's, saved by :meth:`save_extra`).
+
+    Build a new one with :meth:`build`; a checkpoint rebuilds it with
+    :meth:`from_head_config`.
+    """
+
+    head_type: ClassVar[str] = "report"
+
+    def __init__(self, config: ReportConfig, encoder_dim: int, tokenizer, decoder: nn.Module, tokenizer_source: str = "vlm"):
+        super().__init__()
+        self.config = config
+        self.encoder_dim = int(encoder_dim)
+        self.tokenizer = tokenizer
+        self.tokenizer_source = tokenizer_source
+        self.decoder = decoder
+        self.hidden_size = int(decoder.get_input_embeddings().weight.shape[1])
+        self.resampler = VisualResampler(
+            self.encoder_dim,
+            self.hidden_size,
+            num_queries=config.num_visual_tokens,
+            dim=config.resampler_dim,
+            depth=config.resampler_depth,
+            heads=config.resampler_heads,
+            dropout=config.resampler_dropout,
+            position_frequencies=config.position_frequencies,
+        )
+        self.bos_id, self.eos_id, self.pad_id = _special_ids(tokenizer, decoder)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def build(cls, config: ReportConfig | Mapping[str, Any] | None, vlm) -> "ReportGenerator":
+        """A new head (random resampler; a new GPT-2 decoder, or the local pretrained one)
+        for the VolumeVLM ``vlm`` (its encoder width, and its tokenizer for the default decoder)."""
+        config = config if isinstance(config, ReportConfig) else ReportConfig.from_dict(config)
+        encoder_dim = int(vlm.encoder.config.dim)
+        if config.pretrained is None:
+            decoder = cls._new_gpt2(config, vlm.tokenizer)
+            return cls(config, encoder_dim, vlm.tokenizer, decoder, tokenizer_source="vlm")
+        decoder, tokenizer = _load_local_decoder(config.pretrained)
+        if config.lora:
+            decoder = _apply_lora(decoder, config)
+        return cls(config, encoder_dim, tokenizer, decoder, tokenizer_source="own")
+
+    @staticmethod
+    def _new_gpt2(config: ReportConfig, tokenizer):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("bos", "[CLS]"), ("eos", "[SEP]"), ("pad", "[PAD]"))}
+        if any(i is None or i == tokenizer.unk_token_id for i in ids.values()):
+            raise VolumeVLMError("report decoder: the VolumeVLM tokenizer lacks [CLS]/[SEP]/[PAD]")
+        gpt2 = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=config.n_positions,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"],
+            pad_token_id=ids["pad"],
+        )
+        return GPT2LMHeadModel(gpt2)
+
+    def head_config(self) -> dict[str, Any]:
+        """JSON-able description that rebuilds this head (random weights) with :meth:`from_head_config`."""
+        if self.has_unmerged_lora():
+            raise VolumeVLMError("report head: LoRA adapters are not merged; call merge_lora() before saving")
+        decoder_config = self.decoder.config.to_dict()
+        # Paths and versions of the machine that trained it do not describe the architecture.
+        for key in ("_name_or_path", "transformers_version"):
+            decoder_config.pop(key, None)
+        return {
+            "config": self.config.to_dict(),
+            "encoder_dim": self.encoder_dim,
+            "decoder_config": decoder_config,
+            "tokenizer": self.tokenizer_source,
+        }
+
+    @classmethod
+    def from_head_config(cls, config: Mapping[str, Any], folder: str | Path | None, vlm) -> "ReportGenerator":
+        """Rebuild (random weights) from :meth:`head_config`'s dict; folder = the
+        checkpoint's heads/report (holds the tokenizer of a pretrained decoder)."""
+        try:
+            report_config = ReportConfig.from_dict(config["config"])
+            encoder_dim = int(config["encoder_dim"])
+            decoder_config = config["decoder_config"]
+            source = config.get("tokenizer", "vlm")
+        except (KeyError, TypeError) as err:
+            raise VolumeVLMError(f"report head config: incomplete ({type(err).__name__}: {_first_line(err)})") from None
+        # The saved decoder is plain: adapters were merged before saving.
+        report_config.lora = False
+        decoder = _decoder_from_config(decoder_config)
+        if source == "vlm":
+            tokenizer = vlm.tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            where = Path(folder) / TOKENIZER_DIR if folder is not None else None
+            if where is None or not where.is_dir():
+                raise VolumeVLMError(f"{where}: the report head's tokenizer is missing from the checkpoint")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise InputError(where, f"unreadable report tokenizer ({_first_line(err)})") from None
+        return cls(report_config, encoder_dim, tokenizer, decoder, tokenizer_source=source)
+
+    def save_extra(self, folder: str | Path) -> None:
+        """Files beside the weights: the pretrained decoder's tokenizer (nothing for the default decoder)."""
+        if self.tokenizer_source != "vlm":
+            target = Path(folder) / TOKENIZER_DIR
+            target.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(str(target))
+
+    def has_unmerged_lora(self) -> bool:
+        return hasattr(self.decoder, "merge_and_unload") and hasattr(self.decoder, "peft_config")
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the decoder weights (no-op without them): the decoder becomes plain."""
+        if self.has_unmerged_lora():
+            self.decoder = self.decoder.merge_and_unload()
+
+    # ------------------------------------------------------------------ text <-> ids
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_text(self, section: str) -> str:
+        """The prompt of a section: its header with a colon ("LIVER AND BILIARY TREE:")."""
+        return f"{section}:"
+
+    def training_texts(self, report: str) -> list[tuple[str | None, str]]:
+        """(prompt, target) pairs a report trains on: one per section present (prompt =
+        the header) with ``sections``; else, or when the report has none of the sections,
+        (None, whole report)."""
+        if self.config.sections:
+            pairs = section_pairs(report, self.config.section_names)
+            if pairs:
+                return [(self.prompt_text(name), text) for name, text in pairs]
+        return [(None, report.strip())]
+
+    def reference_text(self, report: str) -> str:
+        """The part of a reference report this head is trained to write, laid out as
+        :meth:`generate` lays out its output (for comparing the two): with ``sections``,
+        the report's sections in order (a missing one is left out) under ``FINDINGS:`` and
+        ``IMPRESSION:``; else the whole report. Headers such as EXAMINATION or TECHNIQUE,
+        which the generator never writes, are dropped."""
+        pairs = [(name, text) for name, text in section_pairs(report, self.config.section_names)] if self.config.sections else []
+        if not pairs:
+            return report.strip() + "\n"
+        return self._assemble(dict(pairs))
+
+    def encode_targets(self, targets: Sequence[str], prompts: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """Token tensors of M training sequences ``[BOS] prompt target [EOS]`` (right-padded).
+
+        Returns {"input_ids" long [M, T], "attention_mask" long [M, T], "labels" long [M, T]}:
+        labels are the target and EOS ids, IGNORE_INDEX (-100) on BOS, prompt and padding.
+        Targets are truncated to ``config.max_target_tokens`` tokens.
+        """
+        prompts = list(prompts) if prompts is not None else [None] * len(targets)
+        if len(prompts) != len(targets):
+            raise VolumeVLMError(f"report targets: {len(targets)} targets but {len(prompts)} prompts")
+        rows, labels = [], []
+        for prompt, target in zip(prompts, targets):
+            head = [self.bos_id, *(self._encode(prompt) if prompt else [])]
+            body = [*self._encode(target)[: self.config.max_target_tokens], self.eos_id]
+            rows.append(head + body)
+            labels.append([IGNORE_INDEX] * len(head) + body)
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        for i, (row, label) in enumerate(zip(rows, labels)):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            lab[i, : len(label)] = torch.tensor(label)
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids (stops at EOS; special tokens dropped)."""
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return tidy_wordpiece_text(text) if self.tokenizer_source == "vlm" else text.strip()
+
+    # ------------------------------------------------------------------ training
+
+    def visual_prefix(self, encoder_tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """Visual prefix embeddings [B, K, H] of encoder tokens [B, N, C]."""
+        dtype = self.decoder.get_input_embeddings().weight.dtype
+        return self.resampler(encoder_tokens.to(dtype), grid)
+
+    def prefix_inputs(
+        self,
+        encoder_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        grid: Sequence[int] | None = None,
+        case_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The decoder's inputs with the visual prefix in front.
+
+        encoder_tokens [B, N, C]; input_ids / attention_mask / labels long [M, T]; case_index
+        long [M] (which case each text row belongs to; None = row i is case i, M = B).
+        Returns {"inputs_embeds" [M, K + T, H], "attention_mask" [M, K + T],
+        "labels" [M, K + T] (IGNORE_INDEX on the K prefix positions)}.
+        """
+        prefix = self.visual_prefix(encoder_tokens, grid)
+        if case_index is not None:
+            prefix = prefix[case_index.to(prefix.device)]
+        if prefix.shape[0] != input_ids.shape[0]:
+            raise VolumeVLMError(f"report head: {prefix.shape[0]} visual prefixes for {input_ids.shape[0]} text rows (pass case_index)")
+        k = prefix.shape[1]
+        text = self.decoder.get_input_embeddings()(input_ids)
+        out = {
+            "inputs_embeds": torch.cat([prefix, text], dim=1),
+            "attention_mask": torch.cat([attention_mask.new_ones(attention_mask.shape[0], k), attention_mask], dim=1),
+        }
+        if labels is not None:
+            out["labels"] = torch.cat([labels.new_full((labels.shape[0], k), IGNORE_INDEX), labels], dim=1)
+        return out
+
+    def forward(
+        self,
+        encoder_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        grid: Sequence[int] | None = None,
+        case_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy (scalar) over the labelled report tokens; the
+        visual prefix (and BOS/prompt/padding) carry IGNORE_INDEX labels. Shapes as in
+        :meth:`prefix_inputs`."""
+        inputs = self.prefix_inputs(encoder_tokens, input_ids, attention_mask, labels, grid, case_index)
+        logits = self.decoder(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+        # Position t predicts token t + 1.
+        shifted = inputs["labels"][:, 1:]
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        encoder_tokens: torch.Tensor,
+        prompts: Sequence[str] | None = None,
+        grid: Sequence[int] | None = None,
+        **generation: Any,
+    ) -> list[str]:
+        """Reports of B cases from their encoder tokens [B, N, C] (see :func:`encoder_features`).
+
+        prompts: None -> whole reports (with ``sections``: header by header, joined as
+        ``FINDINGS:`` lines and an ``IMPRESSION:`` block); or B strings, each continued
+        (the continuation only is returned). generation: overrides of the config's
+        defaults (max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
+        length_penalty). Deterministic (no sampling). Returns B strings.
+        """
+        unknown = sorted(set(generation) - set(GENERATION_KEYS))
+        if unknown:
+            raise VolumeVLMError(f"report generation: unknown settings {unknown}; known: {list(GENERATION_KEYS)}")
+        settings = {**self.config.generation(), **generation}
+        was_training = self.training
+        self.eval()
+        try:
+            prefix = self.visual_prefix(encoder_tokens, grid)
+            batch = prefix.shape[0]
+            if prompts is not None:
+                prompts = list(prompts)
+                if len(prompts) != batch:
+                    raise VolumeVLMError(f"report generation: {len(prompts)} prompts for {batch} cases")
+                return self._continue(prefix, prompts, settings)
+            if not self.config.sections:
+                return self._continue(prefix, [None] * batch, settings)
+            found: dict[str, list[str]] = {}
+            for name in self.config.section_names:
+                found[name] = self._continue(prefix, [self.prompt_text(name)] * batch, settings)
+            return [self._assemble({name: texts[i] for name, texts in found.items()}) for i in range(batch)]
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _assemble(parts: Mapping[str, str]) -> str:
+        lines = ["FINDINGS:"]
+        lines += [f"{name}: {text or 'Unremarkable.'}" for name, text in parts.items() if name != IMPRESSION_HEADER]
+        if IMPRESSION_HEADER in parts:
+            lines += ["", "IMPRESSION:", parts[IMPRESSION_HEADER]]
+        return "\n".join(lines) + "\n"
+
+    def _continue(self, prefix: torch.Tensor, prompts: list[str | None], settings: Mapping[str, Any]) -> list[str]:
+        """Continuation of [prefix BOS prompt] per case; cases sharing a prompt run as one
+        batch (equal lengths, so no padding inside the prompt)."""
+        out: list[str] = [""] * len(prompts)
+        groups: dict[str | None, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        embed = self.decoder.get_input_embeddings()
+        for prompt, rows in groups.items():
+            ids = torch.tensor([self.bos_id, *(self._encode(prompt) if prompt else [])], device=prefix.device)
+            text = embed(ids)[None].expand(len(rows), -1, -1)
+            inputs = torch.cat([prefix[rows], text], dim=1)
+            limit = int(self.decoder.config.max_position_embeddings) if hasattr(self.decoder.config, "max_position_embeddings") else None
+            new_tokens = int(settings["max_new_tokens"])
+            if limit is not None and inputs.shape[1] + new_tokens > limit:
+                new_tokens = limit - inputs.shape[1]
+                if new_tokens < 1:
+                    raise VolumeVLMError(
+                        f"report generation: the prompt ({inputs.shape[1]} positions with the visual prefix) fills the decoder's {limit} positions"
+                    )
+            generated = self._hf_generate(inputs, new_tokens, settings)
+            for row, seq in zip(rows, generated.tolist()):
+                out[row] = self.decode(seq)
+        return out
+
+    def _hf_generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, settings: Mapping[str, Any]) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        beams = int(settings["num_beams"])
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=beams,
+            repetition_penalty=float(settings["repetition_penalty"]),
+            no_repeat_ngram_size=int(settings["no_repeat_ngram_size"]),
+            length_penalty=float(settings["length_penalty"]) if beams > 1 else 1.0,
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        with warnings.catch_warnings():
+            # The penalties apply to the generated tokens only (the prompt is embeddings):
+            # that is what we want, and transformers warns about it on every call.
+            warnings.simplefilter("ignore", UserWarning)
+            return self.decoder.generate(inputs_embeds=inputs_embeds, attention_mask=mask, generation_config=config)
+
+
+def _special_ids(tokenizer, decoder) -> tuple[int, int, int]:
+    """(BOS, EOS, PAD) ids: [CLS]/[SEP]/[PAD] for the VolumeVLM WordPiece tokenizer;
+    else the decoder's or tokenizer's own (PAD falls back to EOS, as GPT-2 has none)."""
+    vocab = tokenizer.get_vocab()
+    if all(t in vocab for t in ("[CLS]", "[SEP]", "[PAD]")):
+        return vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"]
+    config = getattr(decoder, "config", None)
+    bos = getattr(config, "bos_token_id", None) if config is not None else None
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    bos = tokenizer.bos_token_id if bos is None else bos
+    eos = tokenizer.eos_token_id if eos is None else eos
+    if eos is None:
+        raise VolumeVLMError("report decoder: its tokenizer has no end-of-sequence token")
+    bos = eos if bos is None else bos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(bos), int(eos), int(pad)
+
+
+# ---------------------------------------------------------------------- convenience
+
+
+@torch.no_grad()
+def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = None, **generation: Any) -> list[str]:
+    """Reports for preprocessed images float [B, 1, X, Y, Z] in [0, 1] (``vlm.preprocess``):
+    the VolumeVLM's encoder (no grad, eval mode) then its report head. Raises the
+    VolumeVLMError of ``vlm.head("report")`` when the checkpoint has no report head."""
+    head = vlm.head("report")
+    if images.ndim != 5 or images.shape[1] != 1:
+        raise VolumeVLMError(f"generate_reports: images must be [B, 1, X, Y, Z], got {list(images.shape)}")
+    was_training = vlm.encoder.training
+    vlm.encoder.eval()
+    try:
+        tokens, grid = encoder_features(vlm.encoder(images.to(vlm.device)))
+    finally:
+        vlm.encoder.train(was_training)
+    return head.generate(tokens, prompts=prompts, grid=grid, **generation)

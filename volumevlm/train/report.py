@@ -1,0 +1,478 @@
+"""Report-generation training: ``train_report(cfg) -> (metrics, objects)``.
+
+Starts from a pretrained checkpoint (``cfg.init_from``), keeps its image encoder frozen
+(eval mode, no gradients) and trains a :class:`~volumevlm.models.report.ReportGenerator`
+(visual resampler + causal LM decoder) on the reports of ``cfg.data.root``'s manifest
+(train split; validation on the val split). Images go through the checkpoint's own
+preprocessing (``model.preprocess``), never a re-typed one.
+
+``report.precompute: true`` (the default) runs the frozen encoder once per case at the
+start and keeps its tokens in memory, so training touches only the head: on a CPU this
+is many times faster than encoding every batch. ``false`` encodes each batch (for
+cohorts whose tokens do not fit in memory).
+
+Everything goes under ``cfg.output_dir``: checkpoints/ (Lightning state, resumed on a
+rerun), csv/ and tensorboard/ logs (train/loss, val/loss and, from the generated
+validation reports (:mod:`volumevlm.eval.report_metrics`), val/clinical_f1 (macro F1
+over the checkpoint's findings), val/clinical_f1_micro, val/bleu4, val/rouge_l,
+val/distinct_ratio), report_samples.jsonl (every validation case: reference and generated report),
+metrics.json, and ``cfg.model_dir``: the SAME VolumeVLM with the report head attached.
+Trained on a synthetic cohort, the generated text is NOT a clinical report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from volumevlm import NOT_FOR_CLINICAL_USE
+from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.io.writers import write_text_atomic
+from volumevlm.train.module import OPTIMIZER_DEFAULTS, lr_factor
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+SAMPLES_NAME = "report_samples.jsonl"
+# cfg.report keys besides "head" (the ReportConfig) and "optimizer".
+REPORT_DEFAULTS: dict[str, Any] = {
+    "head": {},
+    "optimizer": {},
+    "precompute": True,
+    "batch_size": None,  # cases per training batch (each gives one sequence per section); None: data.batch_size
+    "generate_cases": 8,  # validation cases generated at each validation end (0: none)
+    "final_generate_cases": None,  # at the final validation (None: every validation case)
+    "log_samples": 2,  # generated reports printed to the log at each validation end
+}
+
+
+def _settings(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    given = dict(report or {})
+    unknown = sorted(set(given) - set(REPORT_DEFAULTS))
+    if unknown:
+        raise VolumeVLMError(f"report: unknown keys {unknown}; known: {sorted(REPORT_DEFAULTS)}")
+    out = {**REPORT_DEFAULTS, **given}
+    optimizer = dict(out["optimizer"] or {})
+    unknown = sorted(set(optimizer) - set(OPTIMIZER_DEFAULTS))
+    if unknown:
+        raise VolumeVLMError(f"report.optimizer: unknown keys {unknown}; known: {sorted(OPTIMIZER_DEFAULTS)}")
+    out["optimizer"] = {**OPTIMIZER_DEFAULTS, **optimizer}
+    return out
+
+
+# ---------------------------------------------------------------------- data
+
+
+class CaseTokens(Dataset):
+    """Precomputed encoder tokens of cases: item {"tokens" float32 [N + R, C], "grid"
+    (gx, gy, gz), "report" str, "id" str}."""
+
+    def __init__(self, cases: Sequence[Mapping[str, Any]]):
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.cases[index]
+
+
+class CaseImages(Dataset):
+    """Preprocessed images of cases with a report: item {"image" float32 [1, X, Y, Z],
+    "report" str, "id" str} (a view of a PretrainDataset)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        return {"image": item["image"], "report": item["report"], "id": item["id"]}
+
+
+class ReportCollate:
+    """Batches for :class:`ReportModule`: the cases' tokens [B, N, C] (+ grid) or images
+    [B, 1, X, Y, Z], "reports"/"ids" lists, and one text row per (case, section):
+    "input_ids"/"attention_mask"/"labels" long [M, T] and "case_index" long [M]."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        prompts, targets, case_index = [], [], []
+        for i, item in enumerate(items):
+            for prompt, target in self.generator.training_texts(item["report"]):
+                prompts.append(prompt)
+                targets.append(target)
+                case_index.append(i)
+        batch: dict[str, Any] = self.generator.encode_targets(targets, prompts)
+        batch["case_index"] = torch.tensor(case_index, dtype=torch.long)
+        batch["reports"] = [item["report"] for item in items]
+        batch["ids"] = [item["id"] for item in items]
+        if "tokens" in items[0]:
+            grids = {tuple(item["grid"]) for item in items}
+            if len(grids) != 1:
+                raise VolumeVLMError(f"report batch: cases with different token grids {sorted(grids)} (one preprocessing size is needed)")
+            batch["tokens"] = torch.stack([item["tokens"] for item in items])
+            batch["grid"] = grids.pop()
+        else:
+            batch["image"] = torch.stack([item["image"] for item in items])
+        return batch
+
+
+@torch.no_grad()
+def precompute_tokens(encoder, dataset, batch_size: int, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """One no-grad, eval-mode encoder pass over a PretrainDataset's cases (with a report).
+
+    Returns [{"tokens" float32 [N + R, C] on the CPU, "grid", "report", "id"}]."""
+    from volumevlm.data.datasets import collate_cases
+    from volumevlm.models.report import encoder_features
+
+    was_training = encoder.training
+    encoder.eval()
+    cases: list[dict[str, Any]] = []
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_cases)
+        for batch in loader:
+            tokens, grid = encoder_features(encoder(batch["image"].to(device)))
+            tokens = tokens.float().cpu()
+            for i, report in enumerate(batch["report"]):
+                cases.append({"tokens": tokens[i].clone(), "grid": grid, "report": report, "id": batch["id"][i]})
+    finally:
+        encoder.train(was_training)
+    return cases
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def report_scores(generated: Sequence[str], references: Sequence[str], findings: Sequence[str] | None = None) -> dict[str, float]:
+    """Figures of generated vs reference reports
+    (:func:`volumevlm.eval.report_metrics.report_metrics`): clinical_f1 (macro over
+    ``findings``; None = every finding the labeler knows), clinical_f1_micro, bleu4,
+    rouge_l, distinct_ratio, cases. The references should already be in the
+    generator's layout (:meth:`ReportGenerator.reference_text`). {} for no cases."""
+    from volumevlm.eval.report_metrics import report_metrics
+
+    generated, references = list(generated), list(references)
+    if not generated:
+        return {}
+    return dict(report_metrics(generated, references, findings=findings))
+
+
+# ---------------------------------------------------------------------- the module
+
+
+class ReportModule(L.LightningModule):
+    """Trains a ReportGenerator on a frozen encoder.
+
+    generator: the :class:`~volumevlm.models.report.ReportGenerator` (resampler + decoder:
+    the only trained parameters). encoder: the frozen VolumeEncoder when batches carry
+    images (None when they carry precomputed tokens). optimizer: OPTIMIZER_DEFAULTS keys
+    (AdamW, warmup then cosine per optimizer step). generate_cases: validation cases to
+    generate at each validation end (0: none; None: all). log_samples: generated reports
+    written to the log. findings: the findings the clinical F1 scores (None: every
+    finding the labeler knows; train_report passes the checkpoint's).
+    """
+
+    def __init__(self, generator, encoder=None, optimizer: Mapping[str, Any] | None = None,
+                 generate_cases: int | None = 8, log_samples: int = 2, findings: Sequence[str] | None = None):
+        super().__init__()
+        self.generator = generator
+        self.encoder = encoder
+        if encoder is not None:
+            encoder.requires_grad_(False)
+            encoder.eval()
+        self.optimizer_config = {**OPTIMIZER_DEFAULTS, **dict(optimizer or {})}
+        self.generate_cases = generate_cases
+        self.log_samples = int(log_samples)
+        self.findings = None if findings is None else [str(f) for f in findings]
+        self.samples: list[dict[str, str]] = []
+        self.scores: dict[str, float] = {}
+        self._gen_cases: list[tuple[torch.Tensor, tuple, str, str]] = []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()  # frozen: dropout/drop-path stay off while the head trains
+        return self
+
+    # ------------------------------------------------------------------ steps
+
+    def visual(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, tuple | None]:
+        """(encoder tokens [B, N + R, C], grid) of a batch: precomputed, or encoded now without gradients."""
+        if "tokens" in batch:
+            return batch["tokens"], batch["grid"]
+        if self.encoder is None:
+            raise VolumeVLMError("report training: batches carry images but the module has no encoder")
+        from volumevlm.models.report import encoder_features
+
+        with torch.no_grad():
+            return encoder_features(self.encoder(batch["image"]))
+
+    def batch_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        tokens, grid = self.visual(batch)
+        return self.generator(
+            tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"]
+        )
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.batch_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["reports"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._gen_cases = []
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        tokens, grid = self.visual(batch)
+        loss = self.generator(
+            tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"]
+        )
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["reports"]))
+        limit = self.generate_cases
+        if self.trainer.sanity_checking or limit == 0:
+            return
+        for i in range(tokens.shape[0]):
+            if limit is not None and len(self._gen_cases) >= limit:
+                break
+            self._gen_cases.append((tokens[i], grid, batch["reports"][i], batch["ids"][i]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._gen_cases:
+            return
+        cases, self._gen_cases = self._gen_cases, []
+        generated: list[str] = []
+        for start in range(0, len(cases), 32):
+            chunk = cases[start : start + 32]
+            grids = {c[1] for c in chunk}
+            grid = grids.pop() if len(grids) == 1 else None
+            generated += self.generator.generate(torch.stack([c[0] for c in chunk]), grid=grid)
+        # Compared with what the head is trained to write (no EXAMINATION/TECHNIQUE lines).
+        references = [self.generator.reference_text(c[2]) for c in cases]
+        self.samples = [{"id": c[3], "reference": r, "generated": g} for c, r, g in zip(cases, references, generated)]
+        self.scores = report_scores(generated, references, self.findings)
+        for key, value in self.scores.items():
+            if math.isfinite(value):
+                self.log(f"val/{key}", value, prog_bar=key in ("clinical_f1", "distinct_ratio"))
+        for sample in self.samples[: self.log_samples]:
+            log.info("report sample %s (step %d):\n%s", sample["id"], self.global_step, sample["generated"])
+            for logger in self.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_text"):
+                    experiment.add_text(f"val/report/{sample['id']}", sample["generated"].replace("\n", "  \n"), self.global_step)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def _total_steps(self) -> int:
+        if self._trainer is None:
+            return 1
+        total = self.trainer.estimated_stepping_batches
+        return max(1, int(total)) if math.isfinite(total) else 10**12
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        decay, no_decay = [], []
+        for name, param in self.generator.named_parameters():
+            if param.requires_grad:
+                # Biases, norms, the resampler's query/register vectors are not decayed.
+                (no_decay if param.ndim < 2 or name.endswith("queries") else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(cfg["lr"]),
+            betas=tuple(float(b) for b in cfg["betas"]),
+        )
+        total = self._total_steps()
+        warmup = min(int(cfg["warmup_steps"]), max(0, total - 1))
+        min_ratio = float(cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def _scored_findings(findings: Sequence[str]) -> list[str] | None:
+    """The checkpoint's findings the labeler knows (clinical F1 columns); None: all the labeler knows."""
+    from volumevlm.text.labeler import KNOWN_FINDINGS, resolve_findings
+
+    known = set(KNOWN_FINDINGS)
+    keys = []
+    for name in findings:
+        try:
+            key = resolve_findings([name])[0]
+        except VolumeVLMError:
+            continue
+        if key in known:
+            keys.append(key)
+    return keys or None
+
+
+def _rows_with_reports(rows: Sequence[dict], split: str) -> list[dict]:
+    return [row for row in rows if row.get("split") == split and isinstance(row.get("report"), str) and row["report"].strip()]
+
+
+def _init_provenance(folder: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((folder / "config.json").read_text()).get("provenance") or {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the report head per ``cfg`` (``experiment=report_demo``); returns (metrics, objects).
+
+    Needs ``cfg.init_from`` (a checkpoint directory), ``cfg.data.root`` (a manifest folder
+    whose train/val cases have reports), ``cfg.report`` (see :data:`REPORT_DEFAULTS`;
+    ``report.head`` = :class:`~volumevlm.models.report.ReportConfig` fields), ``cfg.trainer``.
+    metrics: train/* and val/* floats (also in ``output_dir/metrics.json``). objects:
+    {"cfg", "model" (the VolumeVLM with its report head), "generator", "module",
+    "trainer", "model_dir", "resumed_from", "samples"}.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from volumevlm.data.datasets import PretrainDataset
+    from volumevlm.data.manifest import read_manifest
+    from volumevlm.models.report import ReportConfig, ReportGenerator
+    from volumevlm.models.vlm import VolumeVLM
+    from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, _instantiate_all, checkpoint_dir, data_provenance
+
+    started = time.perf_counter()
+    init_from = cfg.get("init_from")
+    if not init_from:
+        raise VolumeVLMError("init_from: not set; give a pretrained checkpoint directory, e.g. init_from=demo-output/model")
+    if OmegaConf.is_missing(cfg.data, "root") or not cfg.data.get("root"):
+        raise VolumeVLMError("data.root: not set; give the dataset folder, e.g. data.root=demo-output/cohort")
+    settings = _settings(OmegaConf.to_container(cfg.get("report") or {}, resolve=True))
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    init_dir = Path(str(init_from)).expanduser()
+    model = VolumeVLM.from_pretrained(init_dir)
+    model.requires_grad_(False)
+    head_config = ReportConfig.from_dict(settings["head"])
+    generator = ReportGenerator.build(head_config, model)
+
+    root = Path(str(cfg.data.root)).expanduser()
+    manifest = read_manifest(root / MANIFEST_NAME)
+    train_rows = _rows_with_reports(manifest.rows, "train")
+    if cfg.data.get("train_limit") is not None:
+        train_rows = train_rows[: int(cfg.data.train_limit)]
+    val_rows = _rows_with_reports(manifest.rows, "val")
+    if not train_rows:
+        raise InputError(manifest.path, "no training case (split 'train') has a report")
+    cache_dir = cfg.data.get("cache_dir") if cfg.data.get("cache", True) else None
+    train_data = PretrainDataset(train_rows, model.preprocess, cache_dir=cache_dir)
+    val_data = PretrainDataset(val_rows, model.preprocess, cache_dir=cache_dir) if val_rows else None
+
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=[*_instantiate_all(cfg.get("callbacks")), *callbacks],
+        logger=_instantiate_all(cfg.get("logger")) or False,
+    )
+    batch_size = int(settings["batch_size"] or cfg.data.batch_size)
+    val_batch_size = int(cfg.data.get("val_batch_size") or batch_size)
+    encode_started = time.perf_counter()
+    if settings["precompute"]:
+        device = trainer.strategy.root_device
+        encoder = model.encoder.to(device)
+        train_set = CaseTokens(precompute_tokens(encoder, train_data, val_batch_size, device))
+        val_set = CaseTokens(precompute_tokens(encoder, val_data, val_batch_size, device)) if val_data else None
+        model.encoder.to("cpu")
+        module_encoder, workers = None, 0
+    else:
+        train_set, val_set = CaseImages(train_data), (CaseImages(val_data) if val_data else None)
+        module_encoder, workers = model.encoder, int(cfg.data.get("num_workers") or 0)
+    encode_s = time.perf_counter() - encode_started
+    log.info("report: %d train / %d val cases; encoder pass %.1f s", len(train_set), len(val_set or []), encode_s)
+
+    collate = ReportCollate(generator)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+                              num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
+    val_loader = (DataLoader(val_set, batch_size=val_batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                             persistent_workers=workers > 0) if val_set else None)
+    module = ReportModule(generator, encoder=module_encoder, optimizer=settings["optimizer"],
+                          generate_cases=settings["generate_cases"], log_samples=settings["log_samples"],
+                          findings=_scored_findings(model.findings))
+
+    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
+    last = checkpoint_dir(cfg) / LAST_CHECKPOINT
+    resumed_from = str(last) if (cfg.get("resume", True) and not fast_dev_run and last.is_file()) else None
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
+
+    metrics = _float_metrics({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
+    if not fast_dev_run:
+        trainer.save_checkpoint(last)
+        if cfg.get("final_validation", True) and val_loader is not None:
+            module.generate_cases = settings["final_generate_cases"]
+            results = trainer.validate(module, dataloaders=val_loader, verbose=False)
+            metrics.update(_float_metrics(results[0] if results else {}))
+
+    generator = module.generator.to("cpu").eval()
+    generator.merge_lora()
+    model.attach_head("report", generator)
+    data = data_provenance(root, train_rows)
+    provenance = _init_provenance(init_dir)
+    if data["synthetic"]:
+        provenance.update(synthetic=True, data_note=data["data_note"])
+    provenance["heads"] = {
+        **dict(provenance.get("heads") or {}),
+        "report": {
+            **data,
+            "init_from": str(init_dir.resolve()),
+            "global_step": int(trainer.global_step),
+            "metrics": metrics,
+            "training_config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    }
+    model_dir = None
+    if cfg.get("model_dir") and trainer.is_global_zero:
+        model_dir = model.save_pretrained(Path(str(cfg.model_dir)).expanduser(), provenance=provenance)
+
+    if trainer.is_global_zero:
+        samples = module.samples
+        if samples:
+            write_text_atomic(output_dir / SAMPLES_NAME, "".join(json.dumps(s) + "\n" for s in samples))
+        summary = {
+            "task": "report",
+            "metrics": metrics,
+            "global_step": int(trainer.global_step),
+            "resumed_from": resumed_from,
+            "init_from": str(init_dir.resolve()),
+            "data": {"root": str(root), "train_cases": len(train_set), "val_cases": len(val_set or []),
+                     "preprocess": model.preprocess.to_dict(), "precompute": bool(settings["precompute"])},
+            "encoder_pass_s": round(encode_s, 1),
+            "head_parameters": sum(p.numel() for p in generator.parameters()),
+            "samples": samples[:3],
+            "model_dir": None if model_dir is None else str(model_dir),
+            "device": str(trainer.strategy.root_device),
+            "precision": str(trainer.precision),
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            "versions": model.config_dict()["versions"],
+            "note": f"{data['data_note']}. Generated text is not a clinical report. {NOT_FOR_CLINICAL_USE}",
+        }
+        write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    objects = {
+        "cfg": cfg,
+        "model": model,
+        "generator": generator,
+        "module": module,
+        "trainer": trainer,
+        "model_dir": model_dir,
+        "resumed_from": resumed_from,
+        "samples": module.samples,
+    }
+    return metrics, objects
