@@ -174,3 +174,49 @@ def test_heads():
     assert proj(x).shape == (4, 8) and phen(x).shape == (4, 5)
     assert torch.allclose(proj(2 * x), 2 * proj(x), atol=1e-6)  # linear, no bias
     assert PhenotypeHead(32, 0)(x).shape == (4, 0)  # an empty phecode vocabulary still runs
+
+
+def _token_mean(out) -> torch.Tensor:
+    """The pooled embedding before its norm: mean of tokens and mean of registers, halved."""
+    return 0.5 * (out.tokens.mean(dim=1) + out.registers.mean(dim=1))
+
+
+def test_pooled_norm_none_is_the_plain_mean_of_tokens_and_registers():
+    enc = seeded_encoder(small_config(pooled_norm="none"))
+    out = enc(torch.rand(2, 1, 16, 16, 16))
+    torch.testing.assert_close(out.pooled, _token_mean(out))
+
+
+def test_pooled_batch_norm_standardizes_the_batch_and_tracks_running_statistics():
+    enc = seeded_encoder(small_config(pooled_norm="batch")).train()
+    out = enc(torch.rand(6, 1, 16, 16, 16))
+    raw = _token_mean(out).detach()
+    expected = (raw - raw.mean(0)) / torch.sqrt(raw.var(0, unbiased=False) + enc.pooled_norm.eps)
+    torch.testing.assert_close(out.pooled.detach(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(enc.pooled_norm.running_mean, 0.1 * raw.mean(0), atol=1e-5, rtol=1e-4)
+    # In eval mode the running statistics apply, so one case's embedding does not
+    # depend on what else is in its batch.
+    enc.eval()
+    x = torch.rand(3, 1, 16, 16, 16)
+    torch.testing.assert_close(enc(x[:1]).pooled, enc(x).pooled[:1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_training_batch_of_one_uses_and_updates_the_running_statistics():
+    enc = seeded_encoder(small_config(pooled_norm="batch")).train()
+    norm = enc.pooled_norm
+    norm.running_mean.fill_(0.25)
+    norm.running_var.fill_(4.0)
+    out = enc(torch.rand(1, 1, 16, 16, 16))
+    raw = _token_mean(out).detach()
+    torch.testing.assert_close(out.pooled.detach(), (raw - 0.25) / torch.sqrt(torch.tensor(4.0 + norm.eps)))
+    torch.testing.assert_close(norm.running_mean, 0.25 + 0.1 * (raw[0] - 0.25))
+    assert int(norm.num_batches_tracked) == 1
+    out.pooled.sum().backward()  # gradients still reach the encoder
+    assert enc.patch_embed.weight.grad is not None and enc.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_named_sizes_normalize_the_pooled_embedding_and_bad_values_are_refused():
+    assert all(encoder_config(name).pooled_norm == "batch" for name in available_sizes())
+    assert EncoderConfig.from_dict({"dim": 32, "heads": 2}).pooled_norm == "none"  # configs from before the option
+    with pytest.raises(VolumeVLMError, match="pooled_norm"):
+        small_config(pooled_norm="layer")

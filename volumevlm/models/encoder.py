@@ -13,6 +13,7 @@
            "dense"    every token
          positions enter as 3D rotary embeddings (RoPE) of each token's grid
          coordinate, so a model trained at one grid runs at another
+      -> pooled = mean of tokens and registers, batch-normed (PooledBatchNorm)
       -> EncoderOutput: pooled [B, C], tokens [B, gx*gy*gz, C] (x-major grid order),
          registers [B, R, C], feature_maps (multi-scale [B, C, gx, gy, gz]).
 
@@ -37,6 +38,7 @@ from volumevlm.errors import InputError, VolumeVLMError
 from volumevlm.ops import attention_layout, sparse_attention
 
 PATTERNS = ("local", "dilated", "dense")
+POOLED_NORMS = ("batch", "none")
 
 
 def _triple(value, name: str) -> tuple[int, int, int]:
@@ -58,6 +60,8 @@ class EncoderConfig:
     out_indices: layers (0-based) whose outputs become ``feature_maps``; empty = four
     evenly spaced layers ending at the last (UNETR-style skip connections).
     attention_backend: None (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    pooled_norm: "batch" normalizes the pooled embedding with batch statistics
+    (:class:`PooledBatchNorm`); "none" leaves it as the mean of the tokens.
     """
 
     name: str = "custom"
@@ -80,6 +84,9 @@ class EncoderConfig:
     attention_backend: str | None = None
     rope_base: float = 100.0
     qk_norm: bool = True
+    # "none" is the default so that configs written before this option load unchanged;
+    # the named sizes set "batch".
+    pooled_norm: str = "none"
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "tile"):
@@ -101,6 +108,8 @@ class EncoderConfig:
             raise VolumeVLMError(f"encoder config: out_indices {self.out_indices} outside 0..{self.depth - 1}")
         if self.attention_backend not in (None, "triton", "torch"):
             raise VolumeVLMError(f"encoder config: attention_backend must be null, 'triton' or 'torch', got {self.attention_backend!r}")
+        if self.pooled_norm not in POOLED_NORMS:
+            raise VolumeVLMError(f"encoder config: pooled_norm must be one of {POOLED_NORMS}, got {self.pooled_norm!r}")
         if not 0.0 <= self.drop_path < 1.0:
             raise VolumeVLMError(f"encoder config: drop_path must be in [0, 1), got {self.drop_path}")
 
@@ -149,6 +158,34 @@ class EncoderOutput:
     registers: torch.Tensor
     grid: tuple[int, int, int]
     feature_maps: list[torch.Tensor] = field(default_factory=list)
+
+
+class PooledBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the pooled embedding [B, C].
+
+    Why: every CT shares the same body, air and table, so the mean of the tokens is
+    nearly the same vector for every case and the findings live in small differences
+    around it. Each token is layer-normed, which removes its own intensity scale, and
+    the contrastive loss compares unit vectors, so those differences stay invisible
+    until something subtracts the common part and rescales what is left; batch
+    statistics do exactly that (the role BatchNorm plays in Merlin's ResNet). Without
+    it the tiny encoder stayed at chance on the synthetic findings.
+
+    A training batch of one has no batch statistics: it is normalized with the running
+    statistics, and the running mean still moves toward it, so micro-batches of one
+    (gradient accumulation on a small GPU) keep the statistics current.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and x.shape[0] == 1):
+            return super().forward(x)
+        # Clones: autograd keeps the statistics it normalized with, and they move below.
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        with torch.no_grad():
+            self.running_mean.lerp_(x.detach().float().mean(0).to(self.running_mean.dtype), self.momentum or 0.1)
+            self.num_batches_tracked += 1
+        return out
 
 
 # ---------------------------------------------------------------------- positions
@@ -260,6 +297,7 @@ class VolumeEncoder(nn.Module):
         rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.dim)
+        self.pooled_norm = PooledBatchNorm(config.dim) if config.pooled_norm == "batch" else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -328,6 +366,7 @@ class VolumeEncoder(nn.Module):
         pooled = grid_tokens.mean(dim=1)
         if registers.shape[1]:
             pooled = 0.5 * (pooled + registers.mean(dim=1))
+        pooled = self.pooled_norm(pooled)
         feature_maps = [
             first.from_layout(m)[0].transpose(1, 2).reshape(B, c.dim, *grid) for m in maps
         ]
