@@ -251,3 +251,19 @@ def test_default_backend_choice_follows_what_the_kernels_take():
     assert _kernels_support(cube, 64) and _kernels_support(cube, 16) and _kernels_support(cube, 128)
     assert not _kernels_support(cube, 48) and not _kernels_support(cube, 256) and not _kernels_support(cube, 8)
     assert not _kernels_support(odd, 64)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_inference_skips_the_autograd_function_and_gives_the_same_output(name, gen, monkeypatch):
+    """Without gradients the torch path is called directly (so TorchScript can trace it);
+    the output must equal the autograd path's and the dense reference."""
+    layout = attention_layout(**LAYOUTS[name])
+    q, k, v = _inputs(layout, torch.float32, gen)
+    with_grad = sparse_attention(q, k, v, layout, backend="torch")
+    applied = []
+    monkeypatch.setattr(attention._TorchBlockSparse, "apply", lambda *a: applied.append(1) or None)
+    with torch.no_grad():
+        without_grad = sparse_attention(q, k, v, layout, backend="torch")
+    assert not applied  # the autograd.Function was not used
+    torch.testing.assert_close(without_grad, with_grad.detach(), rtol=0, atol=0)
+    assert _rel(without_grad, dense_reference(q, k, v, layout).detach()) < 1e-5

@@ -186,5 +186,10 @@ def sparse_attention(
     if backend == "torch":
         if _use_dense_sdpa(layout):
             return _dense_sdpa(q, k, v, layout, scale)
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+            # Inference: the same computation without the autograd.Function, which
+            # TorchScript tracing cannot record (MONAI bundle export traces this path).
+            q, k, v = (x.contiguous() for x in torch_path.clean_inputs(layout, q, k, v))
+            return torch_path.forward(q, k, v, layout, scale)[0]
         return _TorchBlockSparse.apply(q, k, v, layout, scale)
     raise InputError("sparse_attention", f"backend must be None or one of {BACKENDS}, got {backend!r}")
