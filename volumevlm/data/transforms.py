@@ -129,18 +129,49 @@ def load_spec(keys: Sequence[str] = ("image",), label_keys: Sequence[str] = ()) 
     return {"_target_": LOAD_TARGET, "keys": list(keys) + list(label_keys), "label_keys": list(label_keys)}
 
 
+def _transform_class(target: str):
+    """The class a spec's ``_target_`` names: a bare name is looked up in ``monai.transforms``."""
+    if "." in target:
+        module_name, _, name = target.rpartition(".")
+        return getattr(importlib.import_module(module_name), name)
+    return getattr(mt, target)
+
+
+def _dtype_library(cls) -> str:
+    """Which library a transform's ``dtype`` name refers to: EnsureTyped makes torch
+    tensors (a torch dtype), the others take numpy dtypes."""
+    return "torch" if cls is mt.EnsureTyped else "numpy"
+
+
 def instantiate(spec: dict):
     """One transform from a spec: a bare name is looked up in ``monai.transforms``."""
     spec = dict(spec)
-    target = spec.pop("_target_")
-    if "." in target:
-        module_name, _, name = target.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), name)
-    else:
-        cls = getattr(mt, target)
+    cls = _transform_class(spec.pop("_target_"))
     if "dtype" in spec and isinstance(spec["dtype"], str):
-        spec["dtype"] = getattr(torch, spec["dtype"]) if cls is mt.EnsureTyped else np.dtype(spec["dtype"])
+        spec["dtype"] = getattr(torch, spec["dtype"]) if _dtype_library(cls) == "torch" else np.dtype(spec["dtype"])
     return cls(**spec)
+
+
+def bundle_spec(spec: dict) -> dict:
+    """One spec as a MONAI bundle config writes it (JSON that ``monai.bundle.ConfigParser``
+    instantiates): the same ``_target_`` and kwargs, with a dtype name turned into the
+    expression (``"$torch.float32"`` / ``"$np.float32"``) that evaluates to the dtype
+    :func:`instantiate` would pass."""
+    out = dict(spec)
+    if isinstance(out.get("dtype"), str):
+        library = "torch" if _dtype_library(_transform_class(out["_target_"])) == "torch" else "np"
+        out["dtype"] = f"${library}.{out['dtype']}"
+    return out
+
+
+def bundle_pipeline_specs(
+    config: PreprocessConfig | dict | None = None, keys: Sequence[str] = ("image",), label_keys: Sequence[str] = ()
+) -> list[dict]:
+    """:func:`pipeline` (loading included) as MONAI bundle-config JSON: the list a bundle's
+    ``preprocessing`` Compose holds, generated from :func:`load_spec` and
+    :func:`transform_specs`, never re-typed."""
+    specs = [load_spec(keys, label_keys)] + transform_specs(config, list(keys), label_keys)
+    return [bundle_spec(s) for s in specs]
 
 
 def build_transforms(
@@ -156,7 +187,8 @@ class LoadVolumed(mt.MapTransform):
     Values may be anything :func:`volumevlm.io.as_volume` accepts (paths, nibabel images,
     (array, affine), tensors, Volumes). Images become float32 HU; ``label_keys`` are read
     with kind="label" (integer values, no HU checks), stored as float32 for resampling.
-    Meta: filename_or_obj (the source), original_affine, spatial_shape, format.
+    Meta: filename_or_obj (the source), original_affine, spatial_shape, format,
+    original_channel_dim ("no_channel").
     """
 
     def __init__(self, keys, label_keys: Sequence[str] = (), allow_missing_keys: bool = False):
@@ -180,6 +212,10 @@ def volume_to_metatensor(volume: Volume) -> MetaTensor:
         "spatial_shape": np.asarray(volume.shape),
         "space": "RAS",
         "format": volume.meta.get("format", ""),
+        # The file had no channel axis (we added the leading 1), as MONAI's LoadImage
+        # records it: MONAI's writers (SaveImaged in the bundle) read this to know the
+        # inverted mask is 3D, not 2D with channels.
+        "original_channel_dim": "no_channel",
     }
     return MetaTensor(array, affine=torch.as_tensor(volume.affine, dtype=torch.float64), meta=meta)
 
