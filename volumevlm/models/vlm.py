@@ -227,6 +227,52 @@ class VolumeVLM(nn.Module):
         """P(finding present) [B, F] for preprocessed images x [B, 1, X, Y, Z]."""
         return self.zero_shot_from_embeddings(self.encode_image(x), findings, prompts)
 
+    # ------------------------------------------------------------------ pipeline verbs
+    # On any input (path, DICOM folder/zip, nibabel image, (array, affine), preprocessed
+    # tensor, or a list of them); volumevlm.inference.pipeline holds the implementations.
+
+    def embed(self, x: Any) -> torch.Tensor:
+        """Unit image embedding float32 [E] of one input ([N, E] for a list)."""
+        from volumevlm.inference import pipeline
+
+        return pipeline.embed(self, x)
+
+    def retrieve(self, x: Any, k: int = 5, index: Any = None, kind: str | None = "report"):
+        """Nearest entries of a retrieval index (`volumevlm index build`) to x, best first."""
+        from volumevlm.inference.index import retrieve
+
+        return retrieve(self, x, k=k, index=index, kind=kind)
+
+    def zero_shot(self, x: Any, findings: Sequence[str] | None = None, prompts: Any = None):
+        """{finding: P(present)} with a prompt set (default: the checkpoint's, else "synthetic")."""
+        from volumevlm.inference import pipeline
+
+        return pipeline.zero_shot(self, x, findings=findings, prompts=prompts)
+
+    def phenotypes(self, x: Any, top_k: int | None = 10):
+        """[(phecode, description, probability)], most likely first."""
+        from volumevlm.inference import pipeline
+
+        return pipeline.phenotypes(self, x, top_k=top_k)
+
+    def similarity_map(self, x: Any, finding: str, prompts: Any = None, upsample: str = "linear", out=None):
+        """Patch-level cosine map of ``finding`` as a float nibabel image in x's own geometry."""
+        from volumevlm.inference import pipeline
+
+        return pipeline.similarity_map(self, x, finding, prompts=prompts, upsample=upsample, out=out)
+
+    def segment(self, x: Any, out=None):
+        """Label image (names in its header) in x's own geometry; needs the segmentation head."""
+        from volumevlm.inference import pipeline
+
+        return pipeline.segment(self, x, out=out)
+
+    def generate_report(self, x: Any, **generation: Any):
+        """Report text by organ system; needs the report head."""
+        from volumevlm.inference import pipeline
+
+        return pipeline.generate_report(self, x, **generation)
+
     # ------------------------------------------------------------------ checkpoint directory
 
     def config_dict(self, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,596 @@
+"""The inference verbs on any CT input: embed, zero-shot, phenotypes, similarity maps,
+segmentation and report generation.
+
+The :class:`~volumevlm.models.vlm.VolumeVLM` methods of the same names delegate here::
+
+    model = volumevlm.load("demo-output/model")
+    model.embed("case.nii.gz")                       # float [E], unit length
+    model.zero_shot("case.nii.gz")                   # {finding: P(present)}
+    model.phenotypes("case.nii.gz", top_k=5)         # [(phecode, description, probability)]
+    model.similarity_map("case.nii.gz", "splenomegaly", out="sim.nii.gz")  # nibabel float image
+    model.segment("series/", out="mask.nii.gz")      # nibabel label image, input geometry
+    model.generate_report("case.nii.gz")             # text, organ system by organ system
+
+What ``x`` may be:
+
+* a path: NIfTI, a DICOM series folder or ``.zip``, NRRD / MHA (read by THE reader,
+  :mod:`volumevlm.io.readers`), a ``nibabel`` image, or ``(array [X, Y, Z], affine 4x4)``,
+  all in Hounsfield units. These go through THE preprocessing saved with the checkpoint
+  (``model.preprocess``), and maps come back in the input's own voxel grid through its
+  inverse (:func:`volumevlm.data.transforms.invert_to_input`).
+* a torch tensor that is ALREADY preprocessed: ``[1, X, Y, Z]`` (one volume) or
+  ``[B, 1, X, Y, Z]`` (B volumes), values in [0, 1] (what :func:`volumevlm.preprocess`
+  returns). Its geometry is its own grid: a MONAI MetaTensor's ``.affine`` when it has
+  one, else the model's target spacing in RAS with the origin at 0. A raw HU tensor
+  is refused (pass ``(array, affine)`` for that).
+* a list of any of these: the result is a list, one entry per input (a batched
+  ``[B, 1, X, Y, Z]`` tensor too). :func:`embed` stacks its results into ``[N, E]``.
+
+Bad input raises a one-line :class:`~volumevlm.errors.VolumeVLMError` naming the file;
+a verb that needs a head the checkpoint lacks raises ``model.head(name)``'s one-line
+error, which says how to train that head. Models trained on the synthetic cohort give
+outputs about synthetic phantoms: nothing here is a clinical result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from volumevlm.errors import InputError, VolumeVLMError
+
+DEFAULT_PROMPT_SET = "synthetic"
+# config.json key under which a checkpoint may carry its own zero-shot prompt set
+# (a bundled set's name, a YAML path, or the set itself as PromptSet.to_dict() data).
+PROMPT_SET_KEY = "prompt_set"
+UPSAMPLE_MODES = ("linear", "nearest")
+# A preprocessed tensor holds [0, 1]; this much float slack is tolerated.
+_RANGE_SLACK = 1e-3
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Item:
+    """One input, ready for the model.
+
+    image: float32 [1, X, Y, Z] preprocessed (a MetaTensor whose ``.affine`` is its grid
+        when it came from a raw input); None when only read (``preprocess_image=False``).
+    volume: the input as read (its geometry is where maps go back to); None when the
+        input was an already preprocessed tensor.
+    grid_affine: voxel -> RAS mm of ``image``'s grid (float64 4x4).
+    source: what to name in messages.
+    """
+
+    image: torch.Tensor | None
+    volume: Any
+    grid_affine: np.ndarray
+    source: str
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _looks_like_array_affine(x: Any) -> bool:
+    """(array, affine): a 2-tuple whose first entry is an array/tensor and whose second is 4x4."""
+    if not (isinstance(x, tuple) and len(x) == 2):
+        return False
+    first, second = x
+    if not (isinstance(first, np.ndarray) or _is_tensor(first)):
+        return False
+    try:
+        return np.asarray(second.detach().cpu() if _is_tensor(second) else second, dtype=np.float64).shape == (4, 4)
+    except (TypeError, ValueError):
+        return False
+
+
+def split_inputs(x: Any) -> tuple[list[Any], bool]:
+    """(inputs, many): the single inputs in ``x`` and whether the caller gets a list back.
+
+    A list (or a tuple that is not ``(array, affine)``) holds several inputs; a
+    ``[B, 1, X, Y, Z]`` tensor holds B preprocessed volumes."""
+    if isinstance(x, (list, tuple)) and not _looks_like_array_affine(x):
+        if len(x) == 0:
+            raise VolumeVLMError("inputs: an empty list (give at least one volume)")
+        out: list[Any] = []
+        for entry in x:
+            if _is_tensor(entry) and entry.dim() == 5:
+                out.extend(entry[i] for i in range(entry.shape[0]))
+            else:
+                out.append(entry)
+        return out, True
+    if _is_tensor(x) and x.dim() == 5:
+        if x.shape[0] == 0:
+            raise InputError(f"<{type(x).__name__}>", "an empty batch (B = 0)")
+        return [x[i] for i in range(x.shape[0])], True
+    return [x], False
+
+
+def _grid_affine_of_tensor(x: torch.Tensor, model) -> np.ndarray:
+    affine = getattr(x, "affine", None)
+    if affine is not None:
+        a = np.asarray(affine.detach().cpu().numpy() if _is_tensor(affine) else affine, dtype=np.float64)
+        if a.ndim == 3:  # a batched MetaTensor's affine is [B, 4, 4]
+            a = a[0]
+        if a.shape == (4, 4) and np.isfinite(a).all() and abs(np.linalg.det(a[:3, :3])) > 1e-12:
+            return a
+    # A plain tensor carries no geometry: it is taken to be on the model's grid (RAS,
+    # target spacing); only the output's affine depends on this, never the values.
+    return np.diag([*model.preprocess.target_spacing, 1.0]).astype(np.float64)
+
+
+def _preprocessed_tensor(x: torch.Tensor, model) -> Item:
+    source = f"<{type(x).__name__} {list(x.shape)}>"
+    if x.dim() != 4 or x.shape[0] != 1 or min(x.shape[1:]) < 1:
+        raise InputError(
+            source,
+            "a tensor must be an already preprocessed volume [1, X, Y, Z] or batch [B, 1, X, Y, Z]; "
+            "pass (array, affine) or a file for a raw HU volume",
+        )
+    if not x.is_floating_point():
+        raise InputError(source, f"a preprocessed volume is floating point in [0, 1], got {x.dtype}")
+    plain = x.detach().as_tensor() if hasattr(x, "as_tensor") else x.detach()
+    plain = plain.float()
+    if not bool(torch.isfinite(plain).all()):
+        raise InputError(source, "holds NaN or infinite values")
+    lo, hi = float(plain.min()), float(plain.max())
+    if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
+        raise InputError(
+            source,
+            f"values span {lo:.4g}..{hi:.4g}, not a preprocessed [0, 1] volume (HU?); "
+            "pass (array, affine) or a file for a raw HU volume, or volumevlm.preprocess(x)",
+        )
+    return Item(image=plain.cpu(), volume=None, grid_affine=_grid_affine_of_tensor(x, model), source=source)
+
+
+def _source_of(x: Any) -> str:
+    if isinstance(x, (str, os.PathLike)):
+        return str(x)
+    get_filename = getattr(x, "get_filename", None)
+    name = get_filename() if callable(get_filename) else None
+    return name or f"<{type(x).__name__}>"
+
+
+def prepare(x: Any, model, preprocess_image: bool = True) -> Item:
+    """One single input (see the module docstring) as an :class:`Item`; with
+    ``preprocess_image=False`` a raw input is only read (``image`` is None)."""
+    from volumevlm.data.transforms import preprocess
+    from volumevlm.io import Volume, as_volume
+
+    if _is_tensor(x):
+        return _preprocessed_tensor(x, model)
+    volume = x if isinstance(x, Volume) else as_volume(x)  # raises InputError naming the file
+    if not preprocess_image:
+        return Item(image=None, volume=volume, grid_affine=np.asarray(volume.affine, dtype=np.float64), source=volume.source)
+    try:
+        image = preprocess(volume, model.preprocess)
+    except VolumeVLMError:
+        raise
+    except Exception as err:  # MONAI / numpy failures on odd data: still one line naming the file
+        raise InputError(volume.source, f"preprocessing failed ({_first_line(err)})") from None
+    grid_affine = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64)
+    return Item(image=image, volume=volume, grid_affine=grid_affine, source=volume.source)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] if text else type(err).__name__
+
+
+def iter_items(x: Any, model, preprocess_image: bool = True) -> tuple[Iterator[Item], bool]:
+    """(lazy Items of ``x``, many): inputs are read one at a time, so a list of many
+    volumes never sits in memory at once."""
+    inputs, many = split_inputs(x)
+    return (prepare(entry, model, preprocess_image) for entry in inputs), many
+
+
+@contextmanager
+def inference_mode(module: torch.nn.Module):
+    """Eval mode and no autograd for the duration; the module's mode is restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
+def _batch(item: Item, model) -> torch.Tensor:
+    image = item.image.as_tensor() if hasattr(item.image, "as_tensor") else item.image
+    return image[None].to(device=model.device, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------- embed
+
+
+def embed(model, x: Any) -> torch.Tensor:
+    """Unit image embeddings: float32 [E] for one input, [N, E] for a list (CPU)."""
+    items, many = iter_items(x, model)
+    rows = []
+    with inference_mode(model):
+        for item in items:
+            rows.append(model.encode_image(_batch(item, model))[0].float().cpu())
+    return torch.stack(rows) if many else rows[0]
+
+
+# ---------------------------------------------------------------------- prompts / zero-shot
+
+
+def _snake(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", str(text).strip().lower()).strip("_")
+
+
+def default_prompt_set(model):
+    """The checkpoint's own prompt set (config.json ``prompt_set``, or a ``prompt_set``
+    attribute set on the model) when it has one, else the bundled ``synthetic`` set."""
+    from volumevlm.text.prompts import PromptSet, load_prompt_set
+
+    attached = getattr(model, "prompt_set", None)
+    if attached is not None:
+        return resolve_prompt_set(attached, model)
+    source = getattr(model, "source", None)
+    if source is not None:
+        path = Path(source) / "config.json"
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8")).get(PROMPT_SET_KEY)
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if isinstance(saved, Mapping):
+            return PromptSet.from_dict(saved, source=f"{path}:{PROMPT_SET_KEY}")
+        if isinstance(saved, str) and saved.strip():
+            return load_prompt_set(saved)
+    return load_prompt_set(DEFAULT_PROMPT_SET)
+
+
+def resolve_prompt_set(prompts: Any, model):
+    """A PromptSet from: None (:func:`default_prompt_set`), a PromptSet, a bundled name or
+    YAML path, PromptSet data (a mapping), or a (present, absent) pair of templates holding
+    ``{finding}`` (applied to the model's findings, like ``zero_shot_scores``)."""
+    from volumevlm.models.vlm import finding_text
+    from volumevlm.text.prompts import PromptSet, load_prompt_set
+
+    if prompts is None:
+        return default_prompt_set(model)
+    if isinstance(prompts, PromptSet):
+        return prompts
+    if isinstance(prompts, (str, os.PathLike)):
+        return load_prompt_set(prompts)
+    if isinstance(prompts, Mapping):
+        return PromptSet.from_dict(prompts, source="<prompts>")
+    if isinstance(prompts, Sequence) and len(prompts) == 2 and all(isinstance(p, str) for p in prompts):
+        return PromptSet(
+            name="templates",
+            description="a (present, absent) template pair given at call time",
+            templates={"positive": [prompts[0]], "negative": [prompts[1]]},
+            findings={key: {"name": finding_text(key)} for key in model.findings},
+            source="<prompts>",
+        )
+    raise VolumeVLMError(
+        f"prompts: expected a prompt-set name, a YAML path, a PromptSet or a (present, absent) template pair, got {type(prompts).__name__}"
+    )
+
+
+def with_findings(prompt_set, findings: Sequence[str] | None) -> tuple[Any, list[str], list[str]]:
+    """(prompt set, keys to score, names to report them under).
+
+    findings None: every finding of the set. A requested finding that is not a key of the
+    set is scored with the set's generic templates only, its name spelled from the request
+    ("pleural effusion" or "pleural_effusion" -> "pleural effusion"): zero-shot is
+    open-vocabulary, the prompt set only adds phrasings."""
+    from volumevlm.text.prompts import PromptSet
+
+    if findings is None:
+        return prompt_set, prompt_set.keys, prompt_set.keys
+    if isinstance(findings, str):
+        findings = [findings]
+    requested = [str(f) for f in findings]
+    if not requested:
+        raise VolumeVLMError("findings: an empty list (give None for every finding of the prompt set)")
+    data = prompt_set.to_dict()
+    keys = []
+    for name in requested:
+        key = name if name in prompt_set.findings else _snake(name)
+        if not key or not key[0].isalpha():
+            raise VolumeVLMError(f"findings: {name!r} is not a usable finding name")
+        if key not in data["findings"]:
+            data["findings"][key] = {"name": name.replace("_", " ").strip()}
+        keys.append(key)
+    if len(data["findings"]) != len(prompt_set.findings):
+        prompt_set = PromptSet.from_dict(data, source=f"{prompt_set.source} + requested findings")
+    return prompt_set, keys, requested
+
+
+def _text_encoder(model):
+    def encode(texts: list[str]) -> torch.Tensor:
+        return model.encode_text(texts).float()
+
+    return encode
+
+
+def zero_shot_from_embeddings(model, image_emb: torch.Tensor, prompts: Any = None,
+                              findings: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(P(present) float32 [B, F], names) of unit image embeddings [B, E] with a prompt set
+    (template-averaged, pairwise softmax: :func:`volumevlm.text.prompts.zero_shot_probabilities`)."""
+    from volumevlm.text.prompts import zero_shot_probabilities
+
+    prompt_set, keys, names = with_findings(resolve_prompt_set(prompts, model), findings)
+    with inference_mode(model):
+        probs = zero_shot_probabilities(image_emb.to(model.device), _text_encoder(model), prompt_set, keys,
+                                        logit_scale=model.scale())
+    return probs.float().cpu(), names
+
+
+def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any = None):
+    """{finding: P(present)} per input (a list of dicts for a list)."""
+    prompt_set = resolve_prompt_set(prompts, model)  # a bad prompt set fails before any image is read
+    emb = embed(model, x)
+    many = emb.dim() == 2
+    probs, names = zero_shot_from_embeddings(model, emb if many else emb[None], prompt_set, findings)
+    results = [{name: float(p) for name, p in zip(names, row.tolist())} for row in probs]
+    return results if many else results[0]
+
+
+# ---------------------------------------------------------------------- phenotypes
+
+
+def phenotypes(model, x: Any, top_k: int | None = 10):
+    """[(phecode, description, P)] sorted by probability, the ``top_k`` most likely
+    (None: every code of the vocabulary); a list of such lists for a list."""
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise VolumeVLMError(f"top_k: must be a positive integer or None, got {top_k!r}")
+    vocab = model.phecode_vocab
+    codes = list(vocab.codes)
+    items, many = iter_items(x, model)
+    results = []
+    with inference_mode(model):
+        for item in items:
+            probs = torch.sigmoid(model.phenotype_logits(_batch(item, model))[0].float()).cpu()
+            order = torch.argsort(probs, descending=True, stable=True).tolist()
+            if top_k is not None:
+                order = order[: int(top_k)]
+            results.append([(codes[i], _description(vocab, codes[i]), float(probs[i])) for i in order])
+    return results if many else results[0]
+
+
+def _description(vocab, code: str) -> str:
+    try:
+        return vocab.description(code)
+    except VolumeVLMError:
+        return ""
+
+
+# ---------------------------------------------------------------------- similarity maps
+
+
+def text_direction(model, finding: str, prompts: Any = None) -> torch.Tensor:
+    """The finding's unit direction in the shared space, float32 [E]: normalise(p - n)
+    where p (n) is the re-normalised mean of its positive (negative) prompt embeddings
+    (the centroids :func:`~volumevlm.text.prompts.zero_shot_probabilities` compares)."""
+    if not isinstance(finding, str) or not finding.strip():
+        raise VolumeVLMError(f"finding: need a finding name, got {finding!r}")
+    prompt_set, keys, _ = with_findings(resolve_prompt_set(prompts, model), [finding])
+    positives, negatives = prompt_set.texts(keys[0])
+    with inference_mode(model):
+        emb = F.normalize(model.encode_text(positives + negatives).float(), dim=-1)
+    pos = F.normalize(emb[: len(positives)].mean(dim=0), dim=-1)
+    neg = F.normalize(emb[len(positives):].mean(dim=0), dim=-1)
+    direction = pos - neg
+    if float(direction.norm()) < 1e-12:
+        raise VolumeVLMError(f"finding {finding!r}: its positive and negative prompts embed identically (no direction)")
+    return F.normalize(direction, dim=-1).cpu()
+
+
+def token_similarity(model, image: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(cosine float32 [gx, gy, gz], grid): each grid token of the encoder, projected into
+    the shared space with the image projection, against ``direction`` [E].
+
+    image: preprocessed [1, 1, X, Y, Z] on the model's device."""
+    with inference_mode(model):
+        out = model.encoder(image)
+        tokens = model.image_projection(out.tokens)[0].float()  # [N, E], x-major grid order
+    cosine = F.normalize(tokens, dim=-1) @ direction.to(tokens.device).float()
+    grid = tuple(int(g) for g in out.grid)
+    return cosine.reshape(grid).cpu(), grid  # type: ignore[return-value]
+
+
+def upsample_tokens(values: torch.Tensor, patch_size: Sequence[int], spatial: Sequence[int], mode: str = "linear") -> torch.Tensor:
+    """A token-grid map [gx, gy, gz] on the voxel grid [X, Y, Z] it was computed from.
+
+    Token (i, j, k) covers voxels [i*px, (i+1)*px) x ... (the encoder pads the volume up to
+    a multiple of the patch size); "nearest" repeats each token's value over its patch,
+    "linear" interpolates trilinearly between patch centres (values beyond the outer
+    centres are held). The padding is cropped off."""
+    if mode not in UPSAMPLE_MODES:
+        raise VolumeVLMError(f"upsample: must be one of {list(UPSAMPLE_MODES)}, got {mode!r}")
+    padded = [g * p for g, p in zip(values.shape, patch_size)]
+    grid = values[None, None].float()
+    if mode == "nearest":
+        full = grid.repeat_interleave(int(patch_size[0]), 2).repeat_interleave(int(patch_size[1]), 3)
+        full = full.repeat_interleave(int(patch_size[2]), 4)
+    else:
+        full = F.interpolate(grid, size=padded, mode="trilinear", align_corners=False)
+    return full[0, 0, : spatial[0], : spatial[1], : spatial[2]].contiguous()
+
+
+def _float_image(values: np.ndarray, affine: np.ndarray, descrip: str):
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(values, dtype=np.float32), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header["descrip"] = descrip.encode()[:79]
+    return image
+
+
+def similarity_map(model, x: Any, finding: str, prompts: Any = None, upsample: str = "linear",
+                   out: str | os.PathLike | Sequence[str | os.PathLike] | None = None):
+    """Where the image looks like ``finding``: a float32 nibabel image of cosines in
+    [-1, 1] in the input's own geometry (shape, stored orientation and affine as the
+    input; 0 outside the preprocessed field of view), one per input for a list.
+
+    Each grid token of the encoder is projected into the shared space (the image
+    projection, applied per token: the pooled embedding is the projection of the mean
+    token) and compared by cosine with the finding's text direction
+    (:func:`text_direction`); the token map is brought to the preprocessed voxel grid
+    (:func:`upsample_tokens`) and then to the input's grid through THE preprocessing's
+    inverse. A patch-level map from a contrastive model: coarse, and on a model trained
+    on synthetic phantoms, a picture of synthetic data only.
+
+    out: a .nii / .nii.gz path (a list of paths for a list of inputs) to also write each
+    map to, atomically (:func:`save_map`).
+    """
+    from volumevlm.data.transforms import invert_to_input
+
+    direction = text_direction(model, finding, prompts)
+    items, many = iter_items(x, model)
+    outs = _out_paths(out, many)
+    results = []
+    descrip = f"volumevlm similarity to '{finding}' (cosine); not for clinical use"
+    patch = model.encoder_config.patch_size
+    for index, item in enumerate(items):
+        batch = _batch(item, model)
+        cosine, _ = token_similarity(model, batch, direction)
+        voxels = upsample_tokens(cosine, patch, batch.shape[2:], upsample).numpy()
+        if item.volume is None:
+            image = _float_image(voxels, item.grid_affine, descrip)
+        else:
+            inverted = invert_to_input(voxels, item.grid_affine, item.volume, mode="linear")
+            image = _float_image(np.asarray(inverted.dataobj), item.volume.affine, descrip)
+        if outs is not None:
+            save_map(image, _nth(outs, index, item))
+        results.append(image)
+    return results if many else results[0]
+
+
+def save_map(image, path: str | os.PathLike) -> Path:
+    """Write a nibabel image (a similarity map or a mask) to ``path`` (.nii or .nii.gz)
+    atomically: a temporary file beside it, renamed into place."""
+    from volumevlm.models.segmentation import save_segmentation
+
+    return save_segmentation(image, path)
+
+
+def _out_paths(out, many: bool):
+    if out is None:
+        return None
+    if isinstance(out, (str, os.PathLike)):
+        return [Path(out)] if not many else Path(out)
+    paths = [Path(p) for p in out]
+    if not many:
+        raise VolumeVLMError("out: one input takes one output path, got a list")
+    return paths
+
+
+def _nth(outs, index: int, item: Item) -> Path:
+    """The output path of input ``index``: from a list, or a folder for many inputs."""
+    if isinstance(outs, list):
+        if index >= len(outs):
+            raise VolumeVLMError(f"out: {len(outs)} output paths for more inputs")
+        return outs[index]
+    # A single path for several inputs is a folder; each file is named after its input.
+    stem = Path(item.source).name if item.volume is not None else f"volume_{index:04d}"
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or f"volume_{index:04d}"
+    return Path(outs) / f"{index:04d}_{stem}.nii.gz"
+
+
+# ---------------------------------------------------------------------- segmentation
+
+
+def segment(model, x: Any, out: str | os.PathLike | Sequence[str | os.PathLike] | None = None):
+    """Label map(s) in the input's own geometry: a nibabel image of uint8 label indices
+    whose header carries the label names (read them back with
+    :func:`volumevlm.models.segmentation.read_label_names`). Needs the checkpoint's
+    segmentation head. out: also write each mask there atomically."""
+    import nibabel as nib
+
+    from volumevlm.models.segmentation import (
+        LABELS_EXTENSION_KEY,
+        NIFTI_DESCRIP,
+        save_segmentation,
+        segment_to_input,
+        sliding_window_segment,
+    )
+
+    net = model.head("segmentation")
+    # Raw inputs are only read here: segment_to_input runs THE preprocessing itself.
+    items, many = iter_items(x, model, preprocess_image=False)
+    outs = _out_paths(out, many)
+    results = []
+    for index, item in enumerate(items):
+        if item.volume is not None:
+            image, _ = segment_to_input(net, item.volume, model.preprocess)
+        else:
+            # Already on the model's grid: the mask stays there (the tensor's own geometry).
+            with inference_mode(net):
+                labels = sliding_window_segment(net, item.image.to(next(net.parameters()).device))[0].cpu().numpy()
+            dtype = np.uint8 if net.config.num_classes <= 256 else np.int16
+            image = nib.Nifti1Image(labels.astype(dtype), item.grid_affine)
+            image.set_qform(item.grid_affine, code=1)
+            image.set_sform(item.grid_affine, code=1)
+            image.set_data_dtype(dtype)
+            header = image.header
+            header["descrip"] = NIFTI_DESCRIP.encode()[:79]
+            header.set_intent("label")
+            names = {str(k): v for k, v in sorted(net.config.label_names.items())}
+            header.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps({LABELS_EXTENSION_KEY: names}).encode()))
+        if outs is not None:
+            save_segmentation(image, _nth(outs, index, item))
+        results.append(image)
+    return results if many else results[0]
+
+
+# ---------------------------------------------------------------------- reports
+
+
+def generate_report(model, x: Any, **generation: Any):
+    """The report text of each input, organ system by organ system (``FINDINGS:`` lines
+    per section, then ``IMPRESSION:``), from the checkpoint's report head. generation:
+    overrides of the head's decoding settings (max_new_tokens, num_beams, ...)."""
+    from volumevlm.models.report import generate_reports
+
+    model.head("report")
+    items, many = iter_items(x, model)
+    results = []
+    with inference_mode(model):
+        for item in items:
+            results.append(generate_reports(model, _batch(item, model), **generation)[0])
+    return results if many else results[0]
+
+
+__all__ = [
+    "Item",
+    "default_prompt_set",
+    "embed",
+    "generate_report",
+    "iter_items",
+    "phenotypes",
+    "prepare",
+    "resolve_prompt_set",
+    "save_map",
+    "segment",
+    "similarity_map",
+    "split_inputs",
+    "text_direction",
+    "token_similarity",
+    "upsample_tokens",
+    "with_findings",
+    "zero_shot",
+    "zero_shot_from_embeddings",
+]
