@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adapt": ("volumevlm.data.adapters", "turn a Merlin / CT-RATE / TotalSegmentator folder into a manifest"),
     "train": ("volumevlm.train.cli", "pretrain with Hydra overrides, e.g. experiment=demo data.root=DIR output_dir=OUT"),
     "demo": ("volumevlm.demo", "run the end-to-end demo on the embedded synthetic cohort"),
+    "export-bundle": ("volumevlm.export.cli", "write a MONAI bundle (segmentation head or image encoder) from a checkpoint"),
+    "index": ("volumevlm.inference.index", "build a retrieval index of reports / images, or query one"),
+    "predict": ("volumevlm.inference.batch", "batch inference over a manifest (Lightning, multi-GPU, resumable)"),
 }
 
 
