@@ -478,9 +478,9 @@ def similarity_map(model, x: Any, finding: str, prompts: Any = None, upsample: s
 def save_map(image, path: str | os.PathLike) -> Path:
     """Write a nibabel image (a similarity map or a mask) to ``path`` (.nii or .nii.gz)
     atomically: a temporary file beside it, renamed into place."""
-    from volumevlm.models.segmentation import save_segmentation
+    from volumevlm.io.writers import save_image_atomic
 
-    return save_segmentation(image, path)
+    return save_image_atomic(image, path)
 
 
 def _out_paths(out, many: bool):

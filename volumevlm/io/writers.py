@@ -92,7 +92,7 @@ def write_nifti(
     The file appears atomically; ``.nii.gz`` is gzip-compressed.
     """
     path = Path(path)
-    suffix = _nifti_suffix(path)
+    _nifti_suffix(path)  # an unsupported suffix fails here, before any work
     affine = _check_affine(affine, path)
     array = np.asarray(array)
     if array.ndim not in (3, 4):
@@ -128,11 +128,19 @@ def write_nifti(
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
 
+    return save_image_atomic(img, path)
+
+
+def save_image_atomic(image, path: str | os.PathLike) -> Path:
+    """Write a nibabel image exactly as it is to ``path`` (.nii or .nii.gz): a temporary
+    file beside it, then renamed into place, so a reader never sees half a file."""
+    path = Path(path)
+    suffix = _nifti_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
     os.close(fd)
     try:
-        img.to_filename(tmp)
+        image.to_filename(tmp)
         os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:

@@ -358,25 +358,9 @@ def save_segmentation(image, path) -> Path:
     name}}``; :func:`read_label_names` reads them back). Written to a temporary name
     beside ``path`` first and renamed into place, so a reader never sees half a file.
     """
-    import os
-    import tempfile
+    from volumevlm.io.writers import save_image_atomic
 
-    from volumevlm.io.writers import _nifti_suffix, _umask_mode
-
-    path = Path(path)
-    suffix = _nifti_suffix(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
-    os.close(fd)
-    try:
-        image.to_filename(tmp)
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_image_atomic(image, path)
 
 
 def read_label_names(image_or_path) -> dict[int, str]:
