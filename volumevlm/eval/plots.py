@@ -46,12 +46,27 @@ def _png_path(path: str | os.PathLike, what: str) -> Path:
     return out
 
 
+def _lowest_drawn_y(fig: Figure) -> float:
+    """The lowest point of any axes' artists (tick labels included), in figure coordinates."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    lowest = 0.0
+    for ax in fig.axes:
+        box = ax.get_tightbbox(renderer)
+        if box is not None:
+            lowest = min(lowest, fig.transFigure.inverted().transform((0.0, box.y0))[1])
+    return float(lowest)
+
+
 def _save(fig: Figure, path: Path, synthetic: bool) -> Path:
     """Write fig to path atomically and return the path."""
     if synthetic:
-        # Just below the figure's bottom edge: bbox_inches="tight" grows the canvas to
-        # include it, so the note never overlaps axes labels.
-        fig.text(0.5, -0.01, SYNTHETIC_NOTE, ha="center", va="top", fontsize=8, color="0.35", style="italic")
+        # Below everything drawn (rotated tick labels reach under the figure's bottom
+        # edge); bbox_inches="tight" then grows the canvas to include the note.
+        fig.text(0.5, _lowest_drawn_y(fig) - 0.01, SYNTHETIC_NOTE, ha="center", va="top", fontsize=8,
+                 color="0.35", style="italic")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
