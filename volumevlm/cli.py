@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("volumevlm.io.inspect", "print JSON facts and problems of a CT file or DICOM series"),
     "adapt": ("volumevlm.data.adapters", "turn a Merlin / CT-RATE / TotalSegmentator folder into a manifest"),
     "train": ("volumevlm.train.cli", "pretrain with Hydra overrides, e.g. experiment=demo data.root=DIR output_dir=OUT"),
+    "evaluate": ("volumevlm.eval.evaluate", "run every evaluation protocol of a checkpoint on a cohort split -> OUT/metrics.json + plots"),
     "demo": ("volumevlm.demo", "run the end-to-end demo on the embedded synthetic cohort"),
     "export-bundle": ("volumevlm.export.cli", "write a MONAI bundle (segmentation head or image encoder) from a checkpoint"),
     "index": ("volumevlm.inference.index", "build a retrieval index of reports / images, or query one"),

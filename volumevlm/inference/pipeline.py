@@ -155,14 +155,6 @@ def _preprocessed_tensor(x: torch.Tensor, model) -> Item:
     return Item(image=plain.cpu(), volume=None, grid_affine=_grid_affine_of_tensor(x, model), source=source)
 
 
-def _source_of(x: Any) -> str:
-    if isinstance(x, (str, os.PathLike)):
-        return str(x)
-    get_filename = getattr(x, "get_filename", None)
-    name = get_filename() if callable(get_filename) else None
-    return name or f"<{type(x).__name__}>"
-
-
 def prepare(x: Any, model, preprocess_image: bool = True) -> Item:
     """One single input (see the module docstring) as an :class:`Item`; with
     ``preprocess_image=False`` a raw input is only read (``image`` is None)."""

@@ -1,0 +1,227 @@
+"""``volumevlm evaluate`` (volumevlm.eval.evaluate): every section, key and plot, figures
+checked against references computed here by hand, and the "skipped" sections of a
+checkpoint without heads.
+
+One module-scoped set-up: a 36-case synthetic cohort (NOT clinical data, 32x32x16), a
+fast_dev_run pretraining on it, then the real ``task=segment`` (2 steps, final
+validation on) and ``task=report`` (2 steps) runs writing their heads into ONE
+checkpoint, plus a second segmentation run at half the labels for the label-efficiency
+curve. The weights are barely trained: the checks are about the protocols, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import volumevlm
+from pretrain_helpers import shrunk_config
+from volumevlm.cli import main as cli_main
+from volumevlm.data.manifest import read_manifest
+from volumevlm.data.transforms import preprocess
+from volumevlm.eval.evaluate import METRICS_NAME, evaluate
+from volumevlm.eval.metrics import dice_per_label, macro_auroc, per_finding_auroc, pool_recall, recall_at_k
+from volumevlm.eval.report_metrics import report_metrics
+from volumevlm.io import read_volume
+from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
+
+COHORT_CASES = 36  # more than the smallest Merlin pool (32) when every split is evaluated
+SPLIT = "train,val,test"
+TINY_REPORT_HEAD = {
+    "num_visual_tokens": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dropout": 0.0,
+    "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 96, "dropout": 0.0,
+    "max_target_tokens": 16, "max_new_tokens": 4,
+}
+REQUIRED = [
+    ("zero_shot", "macro_auroc"), ("zero_shot", "per_finding"), ("phenotypes", "macro_auroc"),
+    ("retrieval", "r1_pool32"), ("retrieval", "r5_pool32"), ("segmentation", "mean_dice"),
+    ("segmentation", "per_label"), ("report", "clinical_f1"), ("report", "bleu4"), ("report", "rouge_l"),
+    ("report", "distinct_ratio"),
+]
+PLOTS = ("roc_curves.png", "retrieval_recall.png", "dice_boxplot.png", "segmentation_overlay.png", "label_efficiency.png")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from volumevlm.data.synthetic import generate_cohort
+    from volumevlm.train.cli import run_task
+    from volumevlm.train.train import train
+
+    root = tmp_path_factory.mktemp("evaluate")
+    cohort = root / "cohort"
+    generate_cohort(cohort, n=COHORT_CASES, seed=1, shape=(32, 32, 16), workers=1, progress=False)
+    _, objects = train(shrunk_config(cohort, root / "pre", "experiment=demo", "debug=fdr"))
+    plain = Path(objects["model_dir"])
+    full = root / "full"
+    seg_common = ["task=segment", "experiment=segment_demo", "segmentation.feature_size=4",
+                  "segmentation.crop_size=[16,16,16]", "segmentation.hd95=false"]
+    run_task(shrunk_config(cohort, root / "seg", *seg_common, f"init_from={plain}", f"model_dir={full}",
+                           "segmentation.max_steps=2"))
+    run_task(shrunk_config(cohort, root / "seg_half", *seg_common, f"init_from={plain}",
+                           f"model_dir={root / 'seg_half_model'}", "segmentation.max_steps=1",
+                           "segmentation.label_fraction=0.5"))
+    run_task(shrunk_config(cohort, root / "rep", "experiment=report_demo", f"init_from={full}", f"model_dir={full}",
+                           "trainer.max_steps=2", "data.batch_size=4", "report.final_generate_cases=0",
+                           *(f"report.head.{k}={v}" for k, v in TINY_REPORT_HEAD.items())))
+    return {"root": root, "cohort": cohort, "plain": plain, "full": full,
+            "seg_runs": [root / "seg", root / "seg_half"]}
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs):
+    out = runs["root"] / "eval"
+    metrics = evaluate(runs["full"], runs["cohort"], out, split=SPLIT, batch_size=8,
+                       label_efficiency=runs["seg_runs"], progress=False)
+    return metrics, out
+
+
+@pytest.fixture(scope="module")
+def by_hand(runs):
+    """Embeddings, zero-shot scores and masks of every case, computed case by case here."""
+    model = volumevlm.load(runs["full"])
+    rows = [row for row in read_manifest(runs["cohort"] / "manifest.jsonl").rows]
+    with torch.no_grad():
+        images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in rows])
+        image_emb = model.encode_image(images)
+        text_emb = model.encode_text([row["report"] for row in rows])
+        logits = model.phenotype_logits(images)
+    return {"model": model, "rows": rows, "image_emb": image_emb, "text_emb": text_emb, "logits": logits}
+
+
+def test_metrics_json_has_every_key_and_plot(evaluated, runs):
+    metrics, out = evaluated
+    on_disk = json.loads((out / METRICS_NAME).read_text())
+    assert on_disk == metrics
+    for section, key in REQUIRED:
+        assert key in metrics[section], (section, key)
+        assert metrics[section][key] is not None, (section, key)
+    for key in ("device", "versions", "date", "command", "checkpoint", "split", "n_cases"):
+        assert metrics[key], key
+    assert metrics["n_cases"] == COHORT_CASES and metrics["split"] == SPLIT
+    assert metrics["synthetic"] == "synthetic data: not clinical" and "not clinical" in metrics["note"]
+    assert metrics["checkpoint"] == str(runs["full"].resolve())
+    assert metrics["heads"] == ["report", "segmentation"]
+    assert "torch" in metrics["versions"] and metrics["device"]["type"] == "cpu"
+    for name in PLOTS:
+        assert (out / name).is_file() and (out / name).read_bytes()[:4] == b"\x89PNG", name
+    samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == COHORT_CASES and all(s["generated"].startswith("FINDINGS:") for s in samples)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_zero_shot_phenotype_and_retrieval_figures_match_a_hand_computation(evaluated, by_hand):
+    metrics, _ = evaluated
+    model, rows = by_hand["model"], by_hand["rows"]
+    prompt_set = load_prompt_set("synthetic")
+    keys = [k for k in prompt_set.keys if any(k in (row.get("findings") or {}) for row in rows)]
+    targets = np.array([[row["findings"].get(k, -1) for k in keys] for row in rows], dtype=float)
+    with torch.no_grad():
+        scores = zero_shot_probabilities(by_hand["image_emb"], model.encode_text, prompt_set, keys,
+                                         logit_scale=model.scale()).numpy()
+    macro, used = macro_auroc(scores, targets)
+    assert metrics["zero_shot"]["macro_auroc"] == pytest.approx(macro, abs=1e-6)
+    assert metrics["zero_shot"]["findings_scored"] == used
+    expected = per_finding_auroc(scores, targets, keys)
+    for key, value in expected.items():
+        assert metrics["zero_shot"]["per_finding"][key] == (pytest.approx(value, abs=1e-6) if value is not None else None)
+
+    vocab = model.phecode_vocab
+    coded = [i for i, row in enumerate(rows) if row.get("phecodes") or row.get("icd10")]
+    assert 0 < len(coded)
+    codes = np.array([vocab.encode(rows[i].get("phecodes") or []) for i in coded])
+    macro, used = macro_auroc(torch.sigmoid(by_hand["logits"][coded]).numpy(), codes)
+    assert metrics["phenotypes"]["macro_auroc"] == pytest.approx(macro, abs=1e-6)
+    assert metrics["phenotypes"]["codes_scored"] == used
+
+    image, text = by_hand["image_emb"].numpy(), by_hand["text_emb"].numpy()
+    pools = pool_recall(image, text, (32, 64, 128), (1, 5, 10), n_pools=100, seed=0)
+    retrieval = metrics["retrieval"]
+    assert retrieval["r1_pool32"] == pytest.approx(pools["r1_pool32"], abs=1e-6)
+    assert retrieval["r5_pool32"] == pytest.approx(pools["r5_pool32"], abs=1e-6)
+    assert retrieval["r1_pool64"] is None  # 36 cases cannot fill a pool of 64
+    t2i = pool_recall(image, text, (32,), (1, 5), n_pools=100, seed=0, direction="t2i")
+    assert retrieval["report_to_image"]["r5_pool32"] == pytest.approx(t2i["r5_pool32"], abs=1e-6)
+    full = recall_at_k(image @ text.T, (1, 5, 10))
+    assert retrieval["full_set"]["image_to_report"] == pytest.approx(full, abs=1e-6)
+    assert retrieval["chance"]["r1_pool32"] == pytest.approx(1 / 32)
+
+
+def test_segmentation_dice_is_measured_in_each_cases_own_geometry(evaluated, by_hand):
+    metrics, _ = evaluated
+    model = by_hand["model"]
+    names = {k: v for k, v in model.head("segmentation").label_names.items() if k}
+    per_case: dict[str, list[float]] = {name: [] for name in names.values()}
+    for row in by_hand["rows"]:
+        mask = model.segment(row["image"])
+        truth = read_volume(row["label"], kind="label")
+        assert mask.shape == truth.shape
+        for name, value in dice_per_label(np.asarray(mask.dataobj), truth.array, names).items():
+            if value is not None:
+                per_case[name].append(value)
+    seg = metrics["segmentation"]
+    assert set(seg["per_label"]) == {n for n, v in per_case.items() if v}
+    for name, entry in seg["per_label"].items():
+        assert entry["dice"] == pytest.approx(float(np.mean(per_case[name])), abs=1e-9), name
+        assert entry["hd95_mm"] is None or entry["hd95_mm"] >= 0
+    assert seg["mean_dice"] == pytest.approx(np.mean([e["dice"] for e in seg["per_label"].values()]), abs=1e-9)
+    assert seg["cases"] == COHORT_CASES
+
+
+def test_report_and_label_efficiency_sections(evaluated, runs):
+    metrics, out = evaluated
+    samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
+    from volumevlm.train.report import _scored_findings
+
+    model = volumevlm.load(runs["full"])
+    expected = report_metrics([s["generated"] for s in samples], [s["reference"] for s in samples],
+                              findings=_scored_findings(model.findings))
+    for key in ("clinical_f1", "bleu4", "rouge_l", "distinct_ratio"):
+        value = expected[key]
+        assert metrics["report"][key] == (None if math.isnan(value) else pytest.approx(value, abs=1e-9)), key
+    efficiency = metrics["label_efficiency"]
+    assert efficiency["label_fraction"] == [0.5, 1.0]
+    dice = [json.loads((run / "metrics.json").read_text())["metrics"]["val/mean_dice"] for run in reversed(runs["seg_runs"])]
+    assert efficiency["mean_dice"] == pytest.approx(dice)
+
+
+def test_a_checkpoint_without_heads_reports_skipped_sections_on_the_command_line(runs, capsys):
+    out = runs["root"] / "eval_plain"
+    code = cli_main(["evaluate", "--checkpoint", str(runs["plain"]), "--data", str(runs["cohort"]), "--out", str(out),
+                     "--split", "val,test", "--batch-size", "4", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "chance" in printed and "zero-shot AUROC" in printed and "skipped" in printed
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert metrics["segmentation"] == {"skipped": f"no segmentation head in {runs['plain']}"}
+    assert metrics["report"] == {"skipped": f"no report head in {runs['plain']}"}
+    assert "skipped" in metrics["label_efficiency"]
+    assert metrics["zero_shot"]["macro_auroc"] is not None or metrics["zero_shot"]["findings_scored"] == 0
+    assert metrics["retrieval"]["r1_pool32"] is None  # fewer than 32 held-out cases
+    assert metrics["command"].startswith("volumevlm evaluate")
+    assert not (out / "dice_boxplot.png").exists() and (out / "retrieval_recall.png").is_file()
+
+
+def test_bad_arguments_fail_in_one_line(runs, capsys, tmp_path):
+    common = ["--data", str(runs["cohort"]), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "missing"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "missing") in err
+    assert cli_main(["evaluate", "--checkpoint", str(runs["plain"]), *common, "--split", "holdout"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holdout" in err
+    assert cli_main(["evaluate", "--checkpoint", str(runs["plain"]), *common, "--label-efficiency", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "metrics.json" in err

@@ -1,0 +1,647 @@
+"""``volumevlm evaluate``: every evaluation protocol a checkpoint supports, on one split
+of a cohort.
+
+::
+
+    volumevlm evaluate --checkpoint CKPT --data DIR --out OUT [--split test] [--prompts NAME]
+                       [--batch-size N] [--cache-dir DIR] [--label-efficiency RUN ...]
+
+``DIR`` holds a ``manifest.jsonl`` (what ``volumevlm synth`` or ``volumevlm adapt``
+writes); ``--split`` names one split or several joined by commas (``val,test``).
+Images go through the checkpoint's own preprocessing. Sections of ``OUT/metrics.json``:
+
+zero_shot
+    P(present) of each finding from the prompt set (``--prompts``; default: the
+    checkpoint's, else ``synthetic``; template-averaged, pairwise softmax) against the
+    manifest's finding labels: ``macro_auroc`` over findings with both classes in the
+    split, ``per_finding`` AUROC (None: one class only). Plot: ``roc_curves.png``.
+phenotypes
+    sigmoid of the phenotype logits against the cases' phecodes: ``macro_auroc`` over the
+    checkpoint's codes with positives and negatives in the split, ``per_code``.
+retrieval
+    image and report embeddings of the cases with a report (section-mean report
+    embeddings when the text tower was trained on sections). Merlin's protocol: recall@1/5/10
+    in 100 random pools of 32, 64 and 128 cases (seed 0; None when the split has fewer
+    cases), image -> report as the headline keys (``r1_pool32`` ...), both directions under
+    ``image_to_report`` / ``report_to_image``, and recall@k over the whole split
+    (``full_set``). Plots: ``retrieval_recall.png`` (image -> report, the whole split drawn
+    as the largest pool) and ``retrieval_recall_t2i.png``.
+segmentation (needs the segmentation head)
+    each labelled case segmented and brought back to its own geometry, compared with its
+    label map there: ``per_label`` Dice and HD95 (mm, the input's voxel spacing),
+    ``mean_dice`` and ``mean_hd95_mm`` over labels. Plots: ``dice_boxplot.png``,
+    ``segmentation_overlay.png`` (the first case).
+report (needs the report head)
+    generated reports against the references (the sections the head writes):
+    ``clinical_f1`` (macro over the checkpoint's findings the labeler knows), ``bleu4``,
+    ``rouge_l``, ``distinct_ratio``; every case's pair in ``OUT/report_samples.jsonl``.
+label_efficiency (``--label-efficiency``)
+    segmentation runs (``volumevlm train experiment=segment_demo
+    segmentation.label_fraction=F output_dir=RUN``) given by their output folders: the
+    mean Dice each reports (its ``test/mean_dice``, else ``val/mean_dice``) against its
+    label fraction. Plot: ``label_efficiency.png``.
+
+A section the checkpoint or the data cannot support is still there, as
+``{"skipped": "why"}``. ``metrics.json`` also names the device, versions, date,
+command, checkpoint, data, split and case count; on a synthetic cohort it says
+"synthetic data: not clinical": such figures are smoke tests, not clinical accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from volumevlm.errors import InputError, VolumeVLMError
+
+MANIFEST_NAME = "manifest.jsonl"
+METRICS_NAME = "metrics.json"
+SAMPLES_NAME = "report_samples.jsonl"
+SYNTHETIC_NOTE = "synthetic data: not clinical"
+POOL_SIZES = (32, 64, 128)
+K_VALUES = (1, 5, 10)
+N_POOLS = 100
+POOL_SEED = 0
+PLOTS = {
+    "zero_shot": "roc_curves.png",
+    "retrieval": "retrieval_recall.png",
+    "retrieval_t2i": "retrieval_recall_t2i.png",
+    "dice": "dice_boxplot.png",
+    "overlay": "segmentation_overlay.png",
+    "label_efficiency": "label_efficiency.png",
+}
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and inf become None, numpy/torch scalars become Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(kept)) if kept else None
+
+
+def device_description(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {"type": device.type, "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        info["name"] = _cpu_name()
+        info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    import monai
+    import transformers
+
+    import volumevlm
+
+    return {
+        "volumevlm": volumevlm.__version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def read_split(data: Path, split: str) -> list[dict[str, Any]]:
+    """The manifest rows of ``split`` (one name, or several joined by commas), in manifest order."""
+    from volumevlm.data.manifest import read_manifest
+
+    manifest = read_manifest(Path(data) / MANIFEST_NAME)
+    names = [s.strip() for s in str(split).split(",") if s.strip()]
+    if not names:
+        raise VolumeVLMError(f"--split: no split named in {split!r}")
+    for name in names:
+        manifest.split(name)  # an unknown split name is a one-line error naming the manifest
+    rows = [row for row in manifest.rows if row.get("split") in names]
+    if not rows:
+        raise InputError(manifest.path, f"no cases in split {split!r}")
+    return rows
+
+
+def is_synthetic(data: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """True when the cohort says it is synthetic (every row, or its cohort.json)."""
+    if rows and all(bool(row.get("synthetic")) for row in rows):
+        return True
+    info = Path(data) / "cohort.json"
+    try:
+        return bool(json.loads(info.read_text()).get("synthetic")) if info.is_file() else False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False,
+    )
+
+
+# ---------------------------------------------------------------------- encoding pass
+
+
+def report_embeddings(model, reports: Sequence[str]) -> torch.Tensor:
+    """Unit report embeddings [B, E] as pretraining validated them: the whole report, or
+    (a text tower trained on sections) the re-normalised mean of its section embeddings."""
+    from volumevlm.train.module import report_sections
+
+    if not getattr(model.text_config, "sections", False):
+        return model.encode_text(list(reports)).float()
+    rows = [F.normalize(model.encode_text(report_sections(r)).float().mean(dim=0), dim=-1) for r in reports]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cache_dir=None, progress=None,
+                 generate: bool = False) -> dict[str, Any]:
+    """One pass of the image encoder over the cases (THE preprocessing, the checkpoint's config).
+
+    Returns {"image_emb" [N, E], "phenotype_logits" [N, V], "text_emb" [N, E] (zero rows
+    without a report), "has_report" bool [N], "generated" list[str] (report head, when
+    ``generate``), "ids"}. The encoder runs once per batch: embedding, phenotype logits and
+    the report head's visual tokens all come from that one output."""
+    from torch.utils.data import DataLoader
+
+    from volumevlm.data.datasets import PretrainDataset, collate_cases
+    from volumevlm.models.report import encoder_features
+
+    dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0, collate_fn=collate_cases)
+    head = model.head("report") if generate else None
+    task = progress.add_task("encoding" + (" + reports" if generate else ""), total=len(dataset)) if progress else None
+    image_emb, logits, text_emb, has_report, generated, ids = [], [], [], [], [], []
+    for batch in loader:
+        images = batch["image"].to(model.device, dtype=torch.float32)
+        out = model.encoder(images)
+        image_emb.append(F.normalize(model.image_projection(out.pooled), dim=-1).float().cpu())
+        logits.append(model.phenotype_head(out.pooled).float().cpu())
+        reports = batch["report"]
+        mask = [r is not None for r in reports]
+        rows_text = torch.zeros(len(reports), model.embed_dim)
+        if any(mask):
+            rows_text[torch.tensor(mask)] = report_embeddings(model, [r for r in reports if r is not None]).cpu()
+        text_emb.append(rows_text)
+        has_report.extend(mask)
+        ids.extend(batch["id"])
+        if head is not None:
+            tokens, grid = encoder_features(out)
+            generated.extend(head.generate(tokens, grid=grid))
+        if progress is not None:
+            progress.advance(task, len(reports))
+    return {
+        "image_emb": torch.cat(image_emb),
+        "phenotype_logits": torch.cat(logits),
+        "text_emb": torch.cat(text_emb),
+        "has_report": torch.tensor(has_report, dtype=torch.bool),
+        "generated": generated,
+        "ids": ids,
+    }
+
+
+# ---------------------------------------------------------------------- protocols
+
+
+def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool) -> tuple[dict[str, Any], str | None]:
+    from volumevlm.eval.metrics import macro_auroc, per_finding_auroc
+    from volumevlm.eval.plots import plot_roc_curves
+    from volumevlm.inference.pipeline import resolve_prompt_set, zero_shot_from_embeddings
+
+    prompt_set = resolve_prompt_set(prompts, model)
+    labelled = {str(k) for row in rows for k in (row.get("findings") or {})}
+    keys = [k for k in prompt_set.keys if k in labelled]
+    if not keys:
+        return {"skipped": f"no finding labels of prompt set {prompt_set.name!r} in the split's manifest rows"}, None
+    targets = np.array([[float((row.get("findings") or {}).get(k, -1)) for k in keys] for row in rows])
+    scores, _ = zero_shot_from_embeddings(model, encoded["image_emb"], prompt_set, keys)
+    scores = scores.numpy().astype(np.float64)
+    per_finding = per_finding_auroc(scores, targets, keys)
+    macro, used = macro_auroc(scores, targets)
+    section = {
+        "macro_auroc": macro,
+        "per_finding": per_finding,
+        "findings_scored": used,
+        "findings": len(keys),
+        "prompt_set": prompt_set.name,
+        "prevalence": {k: _mean(v for v in targets[:, j] if v >= 0) for j, k in enumerate(keys)},
+        "chance": 0.5,
+    }
+    plot = None
+    if used:
+        plot = str(plot_roc_curves(scores, targets, keys, out / PLOTS["zero_shot"],
+                                   title=f"Zero-shot ROC ({prompt_set.name} prompts)", synthetic=synthetic))
+    return section, plot
+
+
+def phenotype_section(model, encoded, rows) -> dict[str, Any]:
+    from volumevlm.eval.metrics import macro_auroc, per_finding_auroc
+
+    vocab = model.phecode_vocab
+    codes = list(vocab.codes)
+    if not codes:
+        return {"skipped": "the checkpoint has no phecode vocabulary"}
+    with_codes = [i for i, row in enumerate(rows) if row.get("phecodes") or row.get("icd10")]
+    if not with_codes:
+        return {"skipped": "no case of the split carries codes"}
+    targets = np.array([vocab.encode(rows[i].get("phecodes") or []) for i in with_codes])
+    scores = torch.sigmoid(encoded["phenotype_logits"][with_codes]).numpy().astype(np.float64)
+    macro, used = macro_auroc(scores, targets)
+    if not used:
+        return {"skipped": "no phecode of the checkpoint has both positives and negatives in the split",
+                "macro_auroc": None, "codes_scored": 0}
+    return {
+        "macro_auroc": macro,
+        "codes_scored": used,
+        "codes": len(codes),
+        "cases": len(with_codes),
+        "per_code": per_finding_auroc(scores, targets, codes),
+        "descriptions": {c: vocab.description(c) for c in codes},
+        "chance": 0.5,
+    }
+
+
+def retrieval_section(encoded, out: Path, synthetic: bool) -> tuple[dict[str, Any], list[str]]:
+    from volumevlm.eval.metrics import pool_recall, recall_at_k
+    from volumevlm.eval.plots import plot_retrieval_recall
+
+    mask = encoded["has_report"]
+    n = int(mask.sum())
+    if n < 2:
+        return {"skipped": f"{n} case(s) of the split have a report; retrieval needs at least 2"}, []
+    image = encoded["image_emb"][mask].numpy().astype(np.float64)
+    text = encoded["text_emb"][mask].numpy().astype(np.float64)
+    i2t = pool_recall(image, text, POOL_SIZES, K_VALUES, n_pools=N_POOLS, seed=POOL_SEED, direction="i2t")
+    t2i = pool_recall(image, text, POOL_SIZES, K_VALUES, n_pools=N_POOLS, seed=POOL_SEED, direction="t2i")
+    full_i2t = recall_at_k(image @ text.T, K_VALUES)
+    full_t2i = recall_at_k(text @ image.T, K_VALUES)
+    section: dict[str, Any] = {
+        "direction": "image -> report (headline keys); both under image_to_report / report_to_image",
+        **i2t,
+        "image_to_report": dict(i2t),
+        "report_to_image": dict(t2i),
+        "full_set": {"image_to_report": full_i2t, "report_to_image": full_t2i, "candidates": n},
+        "pairs": n,
+        "n_pools": N_POOLS,
+        "pool_seed": POOL_SEED,
+        "chance": {**{f"r{k}_pool{p}": min(k, p) / p for p in POOL_SIZES for k in K_VALUES},
+                   **{f"r{k}_full": min(k, n) / n for k in K_VALUES}},
+    }
+    if any(v is None for v in i2t.values()):
+        section["note"] = f"pools larger than the {n} cases of the split are None"
+    plots = []
+    for name, pools, full, label in (("retrieval", i2t, full_i2t, "image -> report"),
+                                     ("retrieval_t2i", t2i, full_t2i, "report -> image")):
+        # The whole split is one more pool: the largest one.
+        results = {**{k: v for k, v in pools.items() if not k.endswith(f"_pool{n}")},
+                   **{f"{key}_pool{n}": value for key, value in full.items()}}
+        plots.append(str(plot_retrieval_recall(results, out / PLOTS[name], title=f"Retrieval recall@k, {label}",
+                                               synthetic=synthetic)))
+    return section, plots
+
+
+def segmentation_section(model, rows, out: Path, synthetic: bool, progress=None) -> tuple[dict[str, Any], list[str]]:
+    """Per-case masks in each case's own geometry against its label map there."""
+    import nibabel as nib
+
+    from volumevlm.data.datasets import load_case_volume
+    from volumevlm.eval.metrics import dice_per_label, hd95_per_label
+    from volumevlm.eval.plots import plot_dice_boxplot, plot_segmentation_overlay
+    from volumevlm.io import check_same_geometry
+    from volumevlm.models.segmentation import segment_to_input
+
+    net = model.head("segmentation")
+    labelled = [row for row in rows if row.get("label")]
+    if not labelled:
+        return {"skipped": "no case of the split has a label map"}, []
+    names = {k: v for k, v in sorted(net.config.label_names.items()) if k != 0}
+    task = progress.add_task("segmentation", total=len(labelled)) if progress else None
+    dice_cases: dict[str, list[float | None]] = {name: [] for name in names.values()}
+    hd_cases: dict[str, list[float | None]] = {name: [] for name in names.values()}
+    plots: list[str] = []
+    for index, row in enumerate(labelled):
+        volume = load_case_volume(row, "image")
+        truth = load_case_volume(row, "label")
+        check_same_geometry(volume, truth)
+        mask, _ = segment_to_input(net, volume, model.preprocess)
+        pred = np.asarray(mask.dataobj)
+        dice = dice_per_label(pred, truth.array, names)
+        hd95 = hd95_per_label(pred, truth.array, names, volume.spacing)
+        for name in names.values():
+            dice_cases[name].append(dice[name])
+            hd_cases[name].append(hd95[name])
+        if index == 0:
+            # Drawn in RAS+ (what the overlay's axis conventions assume), whatever the file's order.
+            image_ras = nib.as_closest_canonical(volume.to_nifti())
+            mask_ras = nib.as_closest_canonical(nib.Nifti1Image(pred, volume.affine))
+            plots.append(str(plot_segmentation_overlay(
+                image_ras.get_fdata(dtype=np.float32), np.asarray(mask_ras.dataobj), out / PLOTS["overlay"], names,
+                title=f"Segmentation overlay, case {row.get('id')} (prediction)", synthetic=synthetic,
+                spacing_mm=image_ras.header.get_zooms()[:3],
+            )))
+        if progress is not None:
+            progress.advance(task, 1)
+    per_label: dict[str, Any] = {}
+    for name in names.values():
+        dices = [d for d in dice_cases[name] if d is not None]
+        distances = [h for h in hd_cases[name] if h is not None]
+        finite = [h for h in distances if math.isfinite(h)]
+        if not dices:
+            continue  # absent from every case, predicted nowhere
+        per_label[name] = {
+            "dice": float(np.mean(dices)),
+            "dice_std": float(np.std(dices)),
+            "hd95_mm": _mean(finite),
+            "cases": len(dices),
+            # Present in only one of prediction and truth: no surface to measure to.
+            "hd95_undefined_cases": len(distances) - len(finite),
+        }
+    section = {
+        "mean_dice": _mean(v["dice"] for v in per_label.values()),
+        "mean_hd95_mm": _mean(v["hd95_mm"] for v in per_label.values()),
+        "per_label": per_label,
+        "cases": len(labelled),
+        "labels_scored": len(per_label),
+        "geometry": "each case's own voxel grid (masks brought back through the inverse preprocessing)",
+    }
+    plots.insert(0, str(plot_dice_boxplot({n: dice_cases[n] for n in per_label}, out / PLOTS["dice"],
+                                          title=f"Dice per label ({len(labelled)} cases)", synthetic=synthetic)))
+    return section, plots
+
+
+def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
+    from volumevlm.eval.report_metrics import report_metrics
+    from volumevlm.io.writers import write_text_atomic
+    from volumevlm.train.report import _scored_findings
+
+    head = model.head("report")
+    keep = [i for i, flag in enumerate(encoded["has_report"].tolist()) if flag]
+    if not keep:
+        return {"skipped": "no case of the split has a reference report"}
+    generated = [encoded["generated"][i] for i in keep]
+    references = [head.reference_text(rows[i]["report"]) for i in keep]
+    figures = report_metrics(generated, references, findings=_scored_findings(model.findings))
+    lines = [json.dumps({"id": str(rows[i].get("id", i)), "reference": ref, "generated": gen})
+             for i, ref, gen in zip(keep, references, generated)]
+    write_text_atomic(out / SAMPLES_NAME, "\n".join(lines) + "\n")
+    return {**figures, "cases": len(keep), "samples": SAMPLES_NAME}
+
+
+def label_efficiency_section(runs: Sequence[str | Path], out: Path, synthetic: bool) -> tuple[dict[str, Any], str | None]:
+    """Mean Dice against label fraction from segmentation runs' metrics.json files."""
+    from volumevlm.eval.plots import plot_label_efficiency
+
+    if not runs:
+        return {"skipped": "no segmentation runs given (--label-efficiency RUN_DIR ...)"}, None
+    points = []
+    for run in runs:
+        path = Path(run)
+        path = path / METRICS_NAME if path.is_dir() else path
+        try:
+            summary = json.loads(path.read_text())
+            fraction = float(summary["data"]["label_fraction"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(path, f"not a segmentation run's metrics.json ({type(err).__name__}: {err})") from None
+        metrics = summary.get("metrics") or {}
+        key = "test/mean_dice" if metrics.get("test/mean_dice") is not None else "val/mean_dice"
+        if metrics.get(key) is None:
+            raise InputError(path, "holds no test/mean_dice or val/mean_dice (was the run's final validation skipped?)")
+        points.append((fraction, float(metrics[key]), key, str(path)))
+    points.sort()
+    section = {
+        "label_fraction": [p[0] for p in points],
+        "mean_dice": [p[1] for p in points],
+        "metric": sorted({p[2] for p in points}),
+        "runs": [p[3] for p in points],
+    }
+    plot = str(plot_label_efficiency([p[0] for p in points], [p[1] for p in points], out / PLOTS["label_efficiency"],
+                                     synthetic=synthetic))
+    return section, plot
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    split: str = "test",
+    prompts: Any = None,
+    batch_size: int = 8,
+    cache_dir: str | Path | None = None,
+    label_efficiency: Sequence[str | Path] = (),
+    device: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run every protocol (see the module docstring); write ``out/metrics.json`` and the
+    plots; return the metrics dict (as written)."""
+    import volumevlm
+    from volumevlm.io.writers import write_text_atomic
+
+    started = time.perf_counter()
+    if int(batch_size) < 1:
+        raise VolumeVLMError(f"--batch-size: must be at least 1, got {batch_size}")
+    data, out = Path(data).expanduser(), Path(out).expanduser()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = volumevlm.load(checkpoint, device=device)
+    rows = read_split(data, split)
+    synthetic = is_synthetic(data, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    plots: list[str] = []
+    metrics: dict[str, Any] = {}
+
+    with _progress(progress) as bar:
+        t0 = time.perf_counter()
+        encoded = encode_cases(model, rows, batch_size, cache_dir=cache_dir, progress=bar,
+                               generate=model.has_head("report"))
+        timings["encode_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        metrics["zero_shot"], plot = zero_shot_section(model, encoded, rows, prompts, out, synthetic)
+        plots += [plot] if plot else []
+        metrics["phenotypes"] = phenotype_section(model, encoded, rows)
+        metrics["retrieval"], more = retrieval_section(encoded, out, synthetic)
+        plots += more
+        timings["zero_shot_phenotypes_retrieval_s"] = time.perf_counter() - t0
+
+        if model.has_head("segmentation"):
+            t0 = time.perf_counter()
+            metrics["segmentation"], more = segmentation_section(model, rows, out, synthetic, progress=bar)
+            plots += more
+            timings["segmentation_s"] = time.perf_counter() - t0
+        else:
+            metrics["segmentation"] = {"skipped": f"no segmentation head in {checkpoint}"}
+    if model.has_head("report"):
+        metrics["report"] = report_section(model, encoded, rows, out)
+    else:
+        metrics["report"] = {"skipped": f"no report head in {checkpoint}"}
+    metrics["label_efficiency"], plot = label_efficiency_section(label_efficiency, out, synthetic)
+    plots += [plot] if plot else []
+
+    split_counts: dict[str, int] = {}
+    for row in rows:
+        split_counts[str(row.get("split"))] = split_counts.get(str(row.get("split")), 0) + 1
+    result = {
+        **metrics,
+        "checkpoint": str(Path(checkpoint).expanduser().resolve()),
+        "data": str(data.resolve()),
+        "split": split,
+        "split_counts": split_counts,
+        "n_cases": len(rows),
+        "heads": sorted(name for name in ("segmentation", "report") if model.has_head(name)),
+        "device": device_description(model.device),
+        "versions": versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or _default_command(checkpoint, data, out, split, prompts, batch_size),
+        "plots": sorted(Path(p).name for p in plots),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "note": (f"{SYNTHETIC_NOTE}. " if synthetic else "") + volumevlm.NOT_FOR_CLINICAL_USE,
+    }
+    if synthetic:
+        result["synthetic"] = SYNTHETIC_NOTE
+    result = _clean(result)
+    write_text_atomic(out / METRICS_NAME, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return result
+
+
+def _default_command(checkpoint, data, out, split, prompts, batch_size) -> str:
+    parts = ["volumevlm", "evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
+             "--split", str(split), "--batch-size", str(batch_size)]
+    if isinstance(prompts, str):
+        parts += ["--prompts", prompts]
+    return shlex.join(parts)
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """The headline figures as aligned lines with chance levels where they exist."""
+    rows: list[tuple[str, str, str]] = []
+    zs, ph, rt = metrics.get("zero_shot", {}), metrics.get("phenotypes", {}), metrics.get("retrieval", {})
+    seg, rep = metrics.get("segmentation", {}), metrics.get("report", {})
+    if "skipped" not in zs:
+        rows.append((f"zero-shot AUROC (macro, {zs.get('findings_scored')} findings)", _fmt(zs.get("macro_auroc")), "0.500"))
+    if "skipped" not in ph:
+        rows.append((f"phenotype AUROC (macro, {ph.get('codes_scored')} codes)", _fmt(ph.get("macro_auroc")), "0.500"))
+    if "skipped" not in rt:
+        for direction, label in (("image_to_report", "image->report"), ("report_to_image", "report->image")):
+            values = rt.get(direction, {})
+            for pool in POOL_SIZES[:1]:
+                rows.append((f"{label} R@1 / R@5 (pool {pool})",
+                             f"{_fmt(values.get(f'r1_pool{pool}'))} / {_fmt(values.get(f'r5_pool{pool}'))}",
+                             f"{1 / pool:.3f} / {5 / pool:.3f}"))
+            full = rt.get("full_set", {}).get(direction, {})
+            n = rt.get("pairs") or 1
+            rows.append((f"{label} R@1 / R@5 (all {n})", f"{_fmt(full.get('r1'))} / {_fmt(full.get('r5'))}",
+                         f"{min(1, n) / n:.3f} / {min(5, n) / n:.3f}"))
+    if "skipped" not in seg:
+        rows.append((f"segmentation mean Dice ({seg.get('labels_scored')} labels)", _fmt(seg.get("mean_dice")), "-"))
+        hd = seg.get("mean_hd95_mm")
+        rows.append(("segmentation mean HD95 (mm)", "n/a" if hd is None else f"{hd:.1f}", "-"))
+    if "skipped" not in rep:
+        rows.append(("report clinical F1 (macro)", _fmt(rep.get("clinical_f1")), "-"))
+        rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
+        rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
+    for name in ("zero_shot", "phenotypes", "retrieval", "segmentation", "report"):
+        section = metrics.get(name, {})
+        if "skipped" in section:
+            rows.append((f"{name}", "skipped", section["skipped"]))
+    width = max([len(r[0]) for r in rows] + [6])
+    value_width = max([len(r[1]) for r in rows if r[1] != "skipped"] + [5])
+    lines = [f"{'metric':<{width}}  {'value':>{value_width}}  chance"]
+    for name, value, chance in rows:
+        if value == "skipped":
+            lines.append(f"{name:<{width}}  {'skipped':>{value_width}}  ({chance})")
+        else:
+            lines.append(f"{name:<{width}}  {value:>{value_width}}  {chance}")
+    header = f"{metrics.get('n_cases')} cases of split {metrics.get('split')!r}"
+    if metrics.get("synthetic"):
+        header += f" ({SYNTHETIC_NOTE})"
+    return header + "\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (volumevlm.load opens it)")
+    parser.add_argument("--data", required=True, type=Path, help="cohort folder holding manifest.jsonl")
+    parser.add_argument("--out", required=True, type=Path, help="output folder: metrics.json and plots")
+    parser.add_argument("--split", default="test", help="split to evaluate, or several joined by commas (default: test)")
+    parser.add_argument("--prompts", default=None,
+                        help="zero-shot prompt set: a bundled name (synthetic, merlin30, ctrate18) or a YAML path "
+                             "(default: the checkpoint's, else synthetic)")
+    parser.add_argument("--batch-size", type=int, default=8, help="cases per encoder batch (default 8)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="persistent cache of preprocessed volumes (e.g. a training run's OUT/cache)")
+    parser.add_argument("--label-efficiency", nargs="+", default=[], metavar="RUN",
+                        help="segmentation runs' output folders (or metrics.json files), one per label fraction, "
+                             "for label_efficiency.png")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = "volumevlm " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else None
+    metrics = evaluate(
+        args.checkpoint, args.data, args.out, split=args.split, prompts=args.prompts, batch_size=args.batch_size,
+        cache_dir=args.cache_dir, label_efficiency=args.label_efficiency, device=args.device,
+        progress=not args.no_progress, command=command,
+    )
+    print(format_table(metrics))
+    print(f"metrics: {Path(args.out) / METRICS_NAME}; plots: {', '.join(metrics['plots']) or 'none'}")
+    return 0
