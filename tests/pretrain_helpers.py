@@ -1,7 +1,9 @@
-"""Shared pieces of the pretraining tests (test_train, test_checkpoint, test_ddp).
+"""Shared pieces of the pretraining and inference tests.
 
-A tiny synthetic cohort (NOT clinical data) and the overrides that shrink any
-composed training config to a size that runs in seconds on a 2-core CPU.
+A tiny synthetic cohort (NOT clinical data), the overrides that shrink any composed
+training config to a size that runs in seconds on a 2-core CPU, and a tiny checkpoint
+with both downstream heads (untrained weights: for inputs, geometry and errors, not
+quality).
 """
 
 from __future__ import annotations
@@ -54,3 +56,34 @@ def shrunk_config(cohort: Path, output_dir: Path, *overrides: str):
     from volumevlm.train.cli import compose_config
 
     return compose_config([f"data.root={cohort}", f"output_dir={output_dir}", *SHRINK, *overrides])
+
+
+TINY_REPORT_HEAD = {
+    "num_visual_tokens": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dropout": 0.0,
+    "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 96, "dropout": 0.0,
+    "max_target_tokens": 16, "max_new_tokens": 4,
+}
+
+
+def make_checkpoints(root: Path) -> dict[str, Path]:
+    """{"plain": a fast_dev_run pretraining checkpoint on the tiny cohort, "full": the
+    same model with a segmentation and a report head saved with it, "root", "cohort"}."""
+    import torch
+
+    import volumevlm
+    from volumevlm.models.report import ReportGenerator
+    from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
+    from volumevlm.train.train import train
+
+    cohort = make_cohort(root / "cohort")
+    _, objects = train(shrunk_config(cohort, root / "pre", "experiment=demo", "debug=fdr"))
+    plain = Path(objects["model_dir"])
+    model = volumevlm.load(plain)
+    torch.manual_seed(0)
+    seg = SegmentationNet.from_encoder(
+        model.encoder, SegmentationConfig(feature_size=4, roi_size=model.preprocess.spatial_size)
+    )
+    model.attach_head("segmentation", seg.eval())
+    model.attach_head("report", ReportGenerator.build(TINY_REPORT_HEAD, model).eval())
+    full = model.save_pretrained(root / "full")
+    return {"plain": plain, "full": full, "root": root, "cohort": cohort}

@@ -22,21 +22,16 @@ import torch
 import torch.nn.functional as F
 
 import volumevlm
-from pretrain_helpers import make_cohort, shrunk_config
+from pretrain_helpers import make_checkpoints
 from volumevlm.data.transforms import preprocess
 from volumevlm.errors import InputError, VolumeVLMError
 from volumevlm.io import read_volume
 from volumevlm.io.writers import write_dicom_series, write_nifti
-from volumevlm.models.report import ReportGenerator, generate_reports
-from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet, read_label_names, sliding_window_segment
+from volumevlm.models.report import generate_reports
+from volumevlm.models.segmentation import read_label_names, sliding_window_segment
 from volumevlm.models.vlm import DEFAULT_PROMPTS
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
 
-TINY_REPORT_HEAD = {
-    "num_visual_tokens": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dropout": 0.0,
-    "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 96, "dropout": 0.0,
-    "max_target_tokens": 16, "max_new_tokens": 4,
-}
 # name: (spacing per stored axis mm, shape per stored axis, stored axis codes)
 GEOMETRIES = {
     "RAS": ((10.0, 12.0, 16.0), (30, 26, 16), "RAS"),
@@ -56,21 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{"plain": checkpoint without heads, "full": the same with both heads, "root": tmp}."""
-    from volumevlm.train.train import train
-
-    root = tmp_path_factory.mktemp("pipeline")
-    cohort = make_cohort(root / "cohort")
-    _, objects = train(shrunk_config(cohort, root / "pre", "experiment=demo", "debug=fdr"))
-    plain = Path(objects["model_dir"])
-    model = volumevlm.load(plain)
-    torch.manual_seed(0)
-    seg = SegmentationNet.from_encoder(
-        model.encoder, SegmentationConfig(feature_size=4, roi_size=model.preprocess.spatial_size)
-    )
-    model.attach_head("segmentation", seg.eval())
-    model.attach_head("report", ReportGenerator.build(TINY_REPORT_HEAD, model).eval())
-    full = model.save_pretrained(root / "full")
-    return {"plain": plain, "full": full, "root": root, "cohort": cohort}
+    return make_checkpoints(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="module")
