@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,13 +250,7 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -
             lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
         except (TypeError, ValueError) as err:
             raise ManifestError(f"{out}: row {index} (id {record.get('id')!r}) is not JSON-serialisable ({err})") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from volumevlm.io.writers import write_text_atomic
+
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
     return out

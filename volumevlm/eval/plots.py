@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,20 +66,12 @@ def _save(fig: Figure, path: Path, synthetic: bool) -> Path:
         # edge); bbox_inches="tight" then grows the canvas to include the note.
         fig.text(0.5, _lowest_drawn_y(fig) - 0.01, SYNTHETIC_NOTE, ha="center", va="top", fontsize=8,
                  color="0.35", style="italic")
+    from volumevlm.io.writers import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise VolumeVLMError(f"{path.parent}: cannot create the output folder ({err.strerror or err})") from None
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
     except OSError as err:
         raise VolumeVLMError(f"{path}: cannot write the figure ({err.strerror or err})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _colours(n: int) -> list:

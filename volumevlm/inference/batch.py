@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,15 +191,9 @@ def mask_name(case_id: str) -> str:
 def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": PREDICT_FORMAT})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from volumevlm.io.writers import write_atomic
+
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": PREDICT_FORMAT}))
 
 
 class ShardWriter(BasePredictionWriter):

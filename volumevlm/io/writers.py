@@ -1,4 +1,4 @@
-"""Writers: NIfTI files and DICOM CT series, always written atomically.
+"""Writers: NIfTI files, DICOM CT series and the atomic file writer every output uses.
 
 A reader of a half-written output must never see it: every file goes to a temporary
 name in the destination directory first and is moved into place with ``os.replace``;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -131,23 +132,29 @@ def write_nifti(
     return save_image_atomic(img, path)
 
 
-def save_image_atomic(image, path: str | os.PathLike) -> Path:
-    """Write a nibabel image exactly as it is to ``path`` (.nii or .nii.gz): a temporary
-    file beside it, then renamed into place, so a reader never sees half a file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temporary file beside ``path`` (its
+    name ends in ``suffix`` for writers that pick a format by name), which then gets an
+    ordinary file's permissions and is renamed onto ``path``, so a reader sees the old
+    file or the new one, never half of one. The temporary file never outlives a failure."""
     path = Path(path)
-    suffix = _nifti_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
     os.close(fd)
     try:
-        image.to_filename(tmp)
-        os.chmod(tmp, _umask_mode(0o666))
+        write(tmp)
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; an open() would give 0666 & ~umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def save_image_atomic(image, path: str | os.PathLike) -> Path:
+    """Write a nibabel image exactly as it is to ``path`` (.nii or .nii.gz), atomically."""
+    return write_atomic(path, image.to_filename, suffix=_nifti_suffix(Path(path)))
 
 
 def _ds(value: float) -> str:
@@ -293,17 +300,5 @@ def _replace_folder(new: Path, folder: Path) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 text to ``path`` atomically (temp file in the same folder, then
-    ``os.replace``): readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write UTF-8 text to ``path`` atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
