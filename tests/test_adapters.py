@@ -97,8 +97,10 @@ def test_read_table_csv_semicolons_and_xlsx(tmp_path):
         ("", []),
         ("nan", []),
         (["R16.0", "R16.0"], ["R16.0"]),
+        ("[571.5, 250.0]", ["571.5", "250"]),
+        ([8.0, 250.25, "K76.0"], ["8", "250.25", "K76.0"]),
     ],
-    ids=["semicolons", "list-literal", "mixed-separators", "empty", "nan", "list-dedup"],
+    ids=["semicolons", "list-literal", "mixed-separators", "empty", "nan", "list-dedup", "numbers-literal", "numbers-list"],
 )
 def test_parse_codes(cell, codes):
     assert parse_codes(cell) == codes

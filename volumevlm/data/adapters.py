@@ -138,6 +138,12 @@ def _find_column(header: Iterable[str], candidates: Sequence[str]) -> str | None
     return None
 
 
+def _excel_number(text: str) -> str:
+    """A code that arrived as a number, as a spreadsheet shows it: 250.0 -> "250",
+    571.5 -> "571.5" (the float's shortest repr, without a ".0" tail)."""
+    return text[:-2] if text.endswith(".0") else text
+
+
 def parse_codes(value: Any) -> list[str]:
     """Codes from a table cell: a list, a list literal "['K76.0', 'N28.1']" or a string
     separated by ; , | or whitespace. Empty / NaN cells give []."""

@@ -73,7 +73,6 @@ millisecond (thousands of reports per second on one core).
 
 from __future__ import annotations
 
-import bisect
 import re
 from collections.abc import Iterable, Sequence
 
@@ -342,7 +341,7 @@ _RULES: dict[str, tuple[list[str], list[str]]] = {
     "anasarca": ([r"anasarca", r"(?:generalized|diffuse) (?:subcutaneous )?(?:soft tissue )?(?:edema|oedema)"], []),
     "thrombosis": (
         [r"thrombos[ie]s", r"thrombus", r"thrombi(?![\w-])", r"thrombosed", r"occlusive clot"],
-        [rf"(?<![\w-])(?:veins?|vasculature|vessels|arteries|artery|portal vein|hepatic veins)(?: are| is| remain| remains) "
+        [r"(?<![\w-])(?:veins?|vasculature|vessels|arteries|artery|portal vein|hepatic veins)(?: are| is| remain| remains) "
          r"(?:widely |all )?patent"],
     ),
     "coronary_calcification": (
