@@ -14,7 +14,9 @@ import sys
 
 from volumevlm.errors import VolumeVLMError
 
-# name -> (module implementing add_arguments(parser) and run(args) -> int, help)
+# name -> (where add_arguments(parser) and run(args) -> int live, help). "module" names a
+# module holding both; "module:attr" an attribute of it that has both (several verbs
+# sharing one module).
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("volumevlm.data.synthetic.cli", "write a synthetic CT cohort (not clinical data)"),
     "inspect": ("volumevlm.io.inspect", "print JSON facts and problems of a CT file or DICOM series"),
@@ -25,7 +27,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-bundle": ("volumevlm.export.cli", "write a MONAI bundle (segmentation head or image encoder) from a checkpoint"),
     "index": ("volumevlm.inference.index", "build a retrieval index of reports / images, or query one"),
     "predict": ("volumevlm.inference.batch", "batch inference over a manifest (Lightning, multi-GPU, resumable)"),
+    "embed": ("volumevlm.inference.commands:embed", "image embeddings of CT volumes -> .safetensors / .npy / .npz / .json"),
+    "zero-shot": ("volumevlm.inference.commands:zero_shot", "zero-shot finding probabilities of CT volumes"),
+    "phenotypes": ("volumevlm.inference.commands:phenotypes", "most likely phecodes of CT volumes"),
+    "segment": ("volumevlm.inference.commands:segment", "label masks of CT volumes (+ --statistics: mL and mean HU per structure)"),
+    "retrieve": ("volumevlm.inference.commands:retrieve", "nearest reports / images of a retrieval index to CT volumes"),
+    "report": ("volumevlm.inference.commands:report", "generated report text of CT volumes, organ system by organ system"),
+    "serve": ("volumevlm.serve.cli", "HTTP service for the inference verbs"),
 }
+
+
+def load_command(name: str):
+    """The object with add_arguments / run behind command ``name`` (imported now)."""
+    module_name, _, attr = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = load_command(name)
+    except ImportError as err:
+        # A verb whose optional dependency is missing: one line, the other verbs still work.
+        print(f"error: volumevlm {name} is unavailable ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
     sub = argparse.ArgumentParser(prog=f"volumevlm {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
