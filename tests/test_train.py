@@ -74,6 +74,33 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
+def test_configure_adamw_groups_decay_and_learning_rates_by_name():
+    from volumevlm.train.module import configure_adamw
+
+    net = torch.nn.ModuleDict({"encoder": torch.nn.Linear(3, 4), "decoder": torch.nn.Linear(4, 2)})
+    net.register_parameter("queries", torch.nn.Parameter(torch.zeros(2, 4)))
+    cfg = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.99], "warmup_steps": 10, "min_lr_ratio": 0.1}
+    setup = configure_adamw(net.named_parameters(), cfg, 100, exempt_from_decay=lambda n: n == "queries",
+                            lr_scale=lambda n: 0.5 if n.startswith("encoder.") else 1.0)
+    groups = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in setup["optimizer"].param_groups}
+    # LambdaLR has already scaled each group's lr by the step-0 warmup factor 0.1.
+    assert groups == pytest.approx({(5e-5, 0.1): 12, (5e-5, 0.0): 4, (1e-4, 0.1): 8, (1e-4, 0.0): 2 + 8})
+    assert setup["optimizer"].defaults["betas"] == (0.9, 0.99)
+    with pytest.raises(VolumeVLMError, match="no trainable parameters"):
+        configure_adamw([("w", torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False))], cfg, 100)
+
+
+def test_a_disabled_progress_bar_drops_the_progress_bar_callback():
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from volumevlm.train.train import build_trainer
+
+    cfg = compose_config(["trainer=cpu", "trainer.enable_progress_bar=false", "output_dir=/nonexistent-unused"])
+    assert "rich_progress_bar" in cfg.callbacks  # still configured: build_trainer must drop it
+    trainer = build_trainer(cfg)
+    assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+
+
 def test_metrics_against_hand_computed_values():
     keys = torch.eye(4)
     # case 1's query scores key 2 (1.0) above its own key (0.5): rank 2; the others rank 1

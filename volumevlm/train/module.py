@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 
+from volumevlm.errors import VolumeVLMError
 from volumevlm.train.metrics import macro_auroc, retrieval_recall
 
 OBJECTIVE_DEFAULTS: dict[str, Any] = {
@@ -63,6 +64,48 @@ def build_encoder_config(encoder: Mapping[str, Any]):
     name = spec.pop("name", "tiny")
     overrides = {key: (tuple(value) if isinstance(value, list) else value) for key, value in spec.items() if value is not None}
     return encoder_config(name, **overrides)
+
+
+def total_optimizer_steps(module: L.LightningModule) -> int:
+    """Optimizer steps of the module's run (1 before it is attached to a trainer);
+    unbounded runs (no max_steps, no max_epochs) keep the peak rate after warmup."""
+    if module._trainer is None:
+        return 1
+    total = module.trainer.estimated_stepping_batches
+    return max(1, int(total)) if math.isfinite(total) else 10**12
+
+
+def configure_adamw(
+    named_parameters,
+    cfg: Mapping[str, Any],
+    total_steps: int,
+    *,
+    exempt_from_decay: Callable[[str], bool] = lambda name: False,
+    lr_scale: Callable[[str], float] = lambda name: 1.0,
+) -> dict[str, Any]:
+    """Every task's optimisation: AdamW (cfg lr, betas, weight_decay) over the trainable
+    parameters, weight decay only on matrices (biases, norms and vectors, and the names
+    ``exempt_from_decay`` picks, are not decayed), per-name learning-rate scales, and
+    :func:`lr_factor` (warmup, cosine to cfg min_lr_ratio) stepped per optimizer step.
+    Returns Lightning's configure_optimizers dict."""
+    lr, weight_decay = float(cfg["lr"]), float(cfg["weight_decay"])
+    groups: dict[tuple[float, bool], list] = {}
+    for name, param in named_parameters:
+        if param.requires_grad:
+            decays = param.ndim >= 2 and not exempt_from_decay(name)
+            groups.setdefault((float(lr_scale(name)), decays), []).append(param)
+    if not groups:
+        raise VolumeVLMError("optimizer: no trainable parameters")
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "lr": lr * scale, "weight_decay": weight_decay if decays else 0.0}
+         for (scale, decays), params in groups.items()],
+        lr=lr,
+        betas=tuple(float(b) for b in cfg["betas"]),
+    )
+    warmup = min(int(cfg["warmup_steps"]), max(0, total_steps - 1))
+    min_ratio = float(cfg["min_lr_ratio"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, min_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -157,18 +200,11 @@ class PretrainModule(L.LightningModule):
         clip_w = float(self.objective_config["clip_weight"])
         phen_w = float(self.objective_config["phenotype_weight"])
         if self.objective_config["schedule"] == "staged":
-            total = self._total_steps()
+            total = total_optimizer_steps(self)
             if step < int(self.objective_config["stage_fraction"] * total):
                 return 0.0, phen_w
             return clip_w, 0.0
         return clip_w, phen_w
-
-    def _total_steps(self) -> int:
-        if self._trainer is None:
-            return 1
-        total = self.trainer.estimated_stepping_batches
-        # Unbounded runs (no max_steps, no max_epochs) keep the peak rate after warmup.
-        return max(1, int(total)) if math.isfinite(total) else 10**12
 
     # ------------------------------------------------------------------ batches
 
@@ -319,22 +355,6 @@ class PretrainModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self):
-        cfg = self.optimizer_config
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            # Biases, norms, embeddings-as-vectors and the temperature are not decayed.
-            (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(cfg["lr"]),
-            betas=tuple(float(b) for b in cfg["betas"]),
-        )
-        total = self._total_steps()
-        warmup = min(int(cfg["warmup_steps"]), max(0, total - 1))
-        min_ratio = float(cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total, min_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        # The temperature is a scalar already; named here so a reshaped one stays undecayed.
+        return configure_adamw(self.named_parameters(), self.optimizer_config, total_optimizer_steps(self),
+                               exempt_from_decay=lambda name: name.endswith("logit_scale"))

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from volumevlm import NOT_FOR_CLINICAL_USE
 from volumevlm.errors import InputError, VolumeVLMError
 from volumevlm.io.writers import write_text_atomic
-from volumevlm.train.module import OPTIMIZER_DEFAULTS, lr_factor
+from volumevlm.train.module import OPTIMIZER_DEFAULTS, configure_adamw, total_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -275,29 +275,10 @@ class ReportModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
-    def _total_steps(self) -> int:
-        if self._trainer is None:
-            return 1
-        total = self.trainer.estimated_stepping_batches
-        return max(1, int(total)) if math.isfinite(total) else 10**12
-
     def configure_optimizers(self):
-        cfg = self.optimizer_config
-        decay, no_decay = [], []
-        for name, param in self.generator.named_parameters():
-            if param.requires_grad:
-                # Biases, norms, the resampler's query/register vectors are not decayed.
-                (no_decay if param.ndim < 2 or name.endswith("queries") else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(cfg["lr"]),
-            betas=tuple(float(b) for b in cfg["betas"]),
-        )
-        total = self._total_steps()
-        warmup = min(int(cfg["warmup_steps"]), max(0, total - 1))
-        min_ratio = float(cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        # The resampler's learned query vectors are not decayed.
+        return configure_adamw(self.generator.named_parameters(), self.optimizer_config, total_optimizer_steps(self),
+                               exempt_from_decay=lambda name: name.endswith("queries"))
 
 
 # ---------------------------------------------------------------------- the run
@@ -340,14 +321,13 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     {"cfg", "model" (the VolumeVLM with its report head), "generator", "module",
     "trainer", "model_dir", "resumed_from", "samples"}.
     """
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from volumevlm.data.datasets import PretrainDataset
     from volumevlm.data.manifest import read_manifest
     from volumevlm.models.report import ReportConfig, ReportGenerator
     from volumevlm.models.vlm import VolumeVLM
-    from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, _instantiate_all, checkpoint_dir, data_provenance
+    from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, build_trainer, checkpoint_dir, data_provenance
 
     started = time.perf_counter()
     init_from = cfg.get("init_from")
@@ -378,11 +358,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     train_data = PretrainDataset(train_rows, model.preprocess, cache_dir=cache_dir)
     val_data = PretrainDataset(val_rows, model.preprocess, cache_dir=cache_dir) if val_rows else None
 
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), *callbacks],
-        logger=_instantiate_all(cfg.get("logger")) or False,
-    )
+    trainer = build_trainer(cfg, callbacks)
     batch_size = int(settings["batch_size"] or cfg.data.batch_size)
     val_batch_size = int(cfg.data.get("val_batch_size") or batch_size)
     encode_started = time.perf_counter()

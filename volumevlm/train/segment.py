@@ -306,37 +306,13 @@ class SegmentationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
-    def _total_steps(self) -> int:
-        if self._trainer is None:
-            return 1
-        total = self.trainer.estimated_stepping_batches
-        return max(1, int(total)) if math.isfinite(total) else 10**12
-
     def configure_optimizers(self):
-        cfg = self.optimizer_config
-        lr, ratio = float(cfg["lr"]), float(cfg["encoder_lr_ratio"])
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, param in self.net.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_encoder = name.startswith("encoder.")
-            decays = param.ndim >= 2  # biases and norm scales are not decayed
-            groups.setdefault((is_encoder, decays), []).append(param)
-        if not groups:
-            raise VolumeVLMError("segmentation: no trainable parameters")
-        param_groups = [
-            {"params": params, "lr": lr * (ratio if is_encoder else 1.0),
-             "weight_decay": float(cfg["weight_decay"]) if decays else 0.0}
-            for (is_encoder, decays), params in groups.items()
-        ]
-        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(float(b) for b in cfg["betas"]))
-        from volumevlm.train.module import lr_factor
+        from volumevlm.train.module import configure_adamw, total_optimizer_steps
 
-        total = self._total_steps()
-        warmup = min(int(cfg["warmup_steps"]), max(0, total - 1))
-        min_ratio = float(cfg["min_lr_ratio"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        # The pretrained encoder moves more slowly than the new decoder.
+        encoder_ratio = float(self.optimizer_config["encoder_lr_ratio"])
+        return configure_adamw(self.net.named_parameters(), self.optimizer_config, total_optimizer_steps(self),
+                               lr_scale=lambda name: encoder_ratio if name.startswith("encoder.") else 1.0)
 
 
 # ---------------------------------------------------------------------- data
@@ -497,14 +473,13 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
     head attached), "net", "datamodule", "module", "trainer", "model_dir",
     "resumed_from"}.
     """
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from volumevlm import NOT_FOR_CLINICAL_USE
     from volumevlm.io.writers import write_text_atomic
     from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
     from volumevlm.models.vlm import VolumeVLM
-    from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, _instantiate_all, checkpoint_dir, data_provenance
+    from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, build_trainer, checkpoint_dir, data_provenance
 
     started = time.perf_counter()
     settings = segmentation_settings(cfg)
@@ -555,12 +530,7 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
     trainer_overrides = {}
     if settings["max_steps"] is not None:
         trainer_overrides["max_steps"] = int(settings["max_steps"])
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), *callbacks],
-        logger=_instantiate_all(cfg.get("logger")) or False,
-        **trainer_overrides,
-    )
+    trainer = build_trainer(cfg, callbacks, **trainer_overrides)
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
     last = checkpoint_dir(cfg) / LAST_CHECKPOINT
     resumed_from = str(last) if (cfg.get("resume", True) and not fast_dev_run and last.is_file()) else None

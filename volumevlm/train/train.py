@@ -45,6 +45,18 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(member) for member in group.values() if member and "_target_" in member]
 
 
+def build_trainer(cfg: DictConfig, callbacks: Sequence[L.Callback] = (), **overrides: Any) -> L.Trainer:
+    """The Lightning Trainer of cfg.trainer with cfg.callbacks + ``callbacks`` and cfg.logger
+    (every task builds its trainer here). ``trainer.enable_progress_bar=false`` also drops
+    the progress-bar callbacks, which Lightning would otherwise refuse with a traceback."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    built = [*_instantiate_all(cfg.get("callbacks")), *callbacks]
+    if cfg.trainer.get("enable_progress_bar") is False:
+        built = [c for c in built if not isinstance(c, ProgressBar)]
+    return instantiate(cfg.trainer, callbacks=built, logger=_instantiate_all(cfg.get("logger")) or False, **overrides)
+
+
 def data_provenance(root: Path, rows: Sequence[dict]) -> dict[str, Any]:
     """What the model was trained on, for config.json: the root and whether the data is synthetic."""
     synthetic = bool(rows) and all(bool(row.get("synthetic")) for row in rows)
@@ -96,11 +108,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[s
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule, module = build(cfg)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), *callbacks],
-        logger=_instantiate_all(cfg.get("logger")) or False,
-    )
+    trainer = build_trainer(cfg, callbacks)
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
     last = checkpoint_dir(cfg) / LAST_CHECKPOINT
     resumed_from = str(last) if (cfg.get("resume", True) and not fast_dev_run and last.is_file()) else None
