@@ -220,3 +220,39 @@ def test_named_sizes_normalize_the_pooled_embedding_and_bad_values_are_refused()
     assert EncoderConfig.from_dict({"dim": 32, "heads": 2}).pooled_norm == "none"  # configs from before the option
     with pytest.raises(VolumeVLMError, match="pooled_norm"):
         small_config(pooled_norm="layer")
+
+
+def test_hu_windows_rewindow_the_preprocessed_input_by_hand():
+    from volumevlm.models.encoder import HUWindows
+
+    hu = torch.tensor([-1000.0, -500.0, -160.0, 0.0, 40.0, 240.0, 600.0, 1000.0])
+    x = ((hu + 1000.0) / 2000.0).view(1, 1, -1, 1, 1)  # the preprocessing's [-1000, 1000] -> [0, 1]
+    out = HUWindows(((-1000.0, 1000.0), (-160.0, 240.0), (150.0, 1000.0)), (-1000.0, 1000.0))(x)
+    expected = torch.stack([
+        (hu + 1000.0) / 2000.0,
+        ((hu + 160.0) / 400.0).clamp(0, 1),
+        ((hu - 150.0) / 850.0).clamp(0, 1),
+    ]).view(1, 3, -1, 1, 1)
+    assert out.shape == (1, 3, 8, 1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_input_windows_feed_one_embedding_channel_each_and_survive_a_round_trip():
+    config = encoder_config("tiny", input_windows=[[-1000, 1000], [-160, 240]], image_size=(32, 32, 12))
+    encoder = VolumeEncoder(config)
+    assert encoder.patch_embed.in_channels == 2 and config.in_channels == 1
+    out = encoder(torch.rand(2, 1, 32, 32, 12))
+    assert out.pooled.shape == (2, encoder.embed_dim)
+    assert EncoderConfig.from_dict(config.to_dict()) == config
+    # The patch embedding sees exactly the windowed channels.
+    seen = {}
+    encoder.patch_embed.register_forward_hook(lambda module, args, output: seen.update(x=args[0]))
+    x = torch.rand(1, 1, 32, 32, 12)
+    encoder(x)
+    torch.testing.assert_close(seen["x"][:, 1], ((x[:, 0] * 2000 - 1000 + 160) / 400).clamp(0, 1), atol=1e-5, rtol=0)
+    with pytest.raises(VolumeVLMError, match="low < high"):
+        encoder_config("tiny", input_windows=[[240, -160]])
+    with pytest.raises(VolumeVLMError, match="in_channels"):
+        encoder_config("tiny", input_windows=[[-160, 240]], in_channels=2)
+    with pytest.raises(VolumeVLMError, match="HU pairs"):
+        encoder_config("tiny", input_windows=[[-160]])

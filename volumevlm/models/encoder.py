@@ -4,6 +4,8 @@
 
     x [B, 1, X, Y, Z]  (preprocessed CT in [0, 1]; any size, zero-padded up to a
                         multiple of the patch size)
+      -> optional HU windows (``input_windows``): the input re-windowed into one
+         channel per (low, high) HU window, as a radiologist switches windows
       -> Conv3d patch embedding                       -> grid tokens [B, gx*gy*gz, C]
       -> + register tokens, put into the layout's tile order ONCE
       -> depth x Block(norm -> attention -> norm -> MLP), tokens stay in tile order;
@@ -62,6 +64,10 @@ class EncoderConfig:
     attention_backend: None (Triton on CUDA, torch elsewhere), "triton" or "torch".
     pooled_norm: "batch" normalizes the pooled embedding with batch statistics
     (:class:`PooledBatchNorm`); "none" leaves it as the mean of the tokens.
+    input_windows: (low, high) HU windows, each becoming one input channel of the
+    patch embedding (:class:`HUWindows`); empty = the single preprocessed channel.
+    input_range: the HU range the preprocessing maps to [0, 1] (its ``hu_window``),
+    so the encoder can recover HU from its input.
     """
 
     name: str = "custom"
@@ -87,8 +93,24 @@ class EncoderConfig:
     # "none" is the default so that configs written before this option load unchanged;
     # the named sizes set "batch".
     pooled_norm: str = "none"
+    input_windows: tuple[tuple[float, float], ...] = ()
+    input_range: tuple[float, float] = (-1000.0, 1000.0)
 
     def __post_init__(self):
+        try:
+            windows = tuple((float(low), float(high)) for low, high in self.input_windows)
+            low, high = (float(v) for v in self.input_range)
+        except (TypeError, ValueError):
+            raise VolumeVLMError(
+                f"encoder config: input_windows must be (low, high) HU pairs and input_range one pair, "
+                f"got {self.input_windows!r} and {self.input_range!r}"
+            ) from None
+        object.__setattr__(self, "input_windows", windows)
+        object.__setattr__(self, "input_range", (low, high))
+        if low >= high or any(a >= b for a, b in windows):
+            raise VolumeVLMError(f"encoder config: every HU window needs low < high, got {windows} and input_range {self.input_range}")
+        if windows and self.in_channels != 1:
+            raise VolumeVLMError(f"encoder config: input_windows re-window a 1-channel CT; in_channels is {self.in_channels}")
         for name in ("image_size", "patch_size", "tile"):
             object.__setattr__(self, name, _triple(getattr(self, name), name))
         for name in ("pattern_cycle", "layer_patterns", "out_indices"):
@@ -135,8 +157,14 @@ class EncoderConfig:
         spatial = self.image_size if spatial is None else spatial
         return tuple(math.ceil(s / p) for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
 
+    @property
+    def embed_channels(self) -> int:
+        """Channels the patch embedding sees: one per HU window, else ``in_channels``."""
+        return len(self.input_windows) or self.in_channels
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["input_windows"] = [list(w) for w in self.input_windows]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -285,6 +313,31 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------- encoder
 
 
+class HUWindows(nn.Module):
+    """[B, 1, ...] CT in [0, 1] (``input_range`` HU mapped linearly) -> [B, W, ...], one
+    channel per HU window, each mapped to [0, 1] and clipped.
+
+    Why: a single wide window leaves soft-tissue contrast (steatosis, ascites, lesions)
+    in a few percent of the input range, and small models trained from scratch did not
+    learn it; the same voxels seen through abdominal, lung and bone windows did (see
+    the README's pretraining notes). Windows outside ``input_range`` see clipped values.
+    """
+
+    def __init__(self, windows: tuple[tuple[float, float], ...], input_range: tuple[float, float]):
+        super().__init__()
+        low, high = input_range
+        span = high - low
+        # Window (a, b) in input units is ((a - low) / span, (b - low) / span): the channel
+        # is (x - a') / (b' - a') = x * scale + shift.
+        starts = torch.tensor([(a - low) / span for a, _ in windows], dtype=torch.float32)
+        widths = torch.tensor([(b - a) / span for a, b in windows], dtype=torch.float32)
+        self.register_buffer("scale", (1.0 / widths).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("shift", (-starts / widths).view(1, -1, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale.to(x.dtype) + self.shift.to(x.dtype)).clamp(0.0, 1.0)
+
+
 class VolumeEncoder(nn.Module):
     """3D ViT with block-sparse attention (see the module docstring). ``embed_dim`` = C."""
 
@@ -292,7 +345,8 @@ class VolumeEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_dim = config.dim
-        self.patch_embed = nn.Conv3d(config.in_channels, config.dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.windows = HUWindows(config.input_windows, config.input_range) if config.input_windows else nn.Identity()
+        self.patch_embed = nn.Conv3d(config.embed_channels, config.dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.registers = nn.Parameter(torch.zeros(1, config.num_registers, config.dim))
         rates = torch.linspace(0.0, config.drop_path, config.depth).tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
@@ -337,7 +391,7 @@ class VolumeEncoder(nn.Module):
             pad[2 * (2 - axis) + 1] = (-x.shape[2 + axis]) % c.patch_size[axis]
         if any(pad):
             x = F.pad(x, pad)
-        feats = self.patch_embed(x)  # [B, C, gx, gy, gz]
+        feats = self.patch_embed(self.windows(x))  # [B, C, gx, gy, gz]
         grid = tuple(feats.shape[2:])
         B = feats.shape[0]
         layouts = self.layouts(grid)

@@ -130,6 +130,11 @@ class VolumeVLM(nn.Module):
         self.phecode_vocab = phecode_vocab
         self.embed_dim = int(embed_dim)
         self.preprocess = preprocess if preprocess is not None else PreprocessConfig()
+        if encoder_config.input_windows and tuple(encoder_config.input_range) != tuple(self.preprocess.hu_window):
+            raise VolumeVLMError(
+                f"model config: the encoder's input_range {list(encoder_config.input_range)} HU must equal the "
+                f"preprocessing hu_window {list(self.preprocess.hu_window)} for its HU windows to mean what they say"
+            )
         self.findings = [str(name) for name in findings]
         self.init_temperature = float(init_temperature)
 
