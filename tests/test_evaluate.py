@@ -20,23 +20,20 @@ import pytest
 import torch
 
 import volumevlm
-from pretrain_helpers import shrunk_config
+from pretrain_helpers import TINY_REPORT_HEAD, shrunk_config
 from volumevlm.cli import main as cli_main
 from volumevlm.data.manifest import read_manifest
+from volumevlm.data.synthetic.codes import FINDING_CODES
 from volumevlm.data.transforms import preprocess
 from volumevlm.eval.evaluate import METRICS_NAME, evaluate
 from volumevlm.eval.metrics import dice_per_label, macro_auroc, per_finding_auroc, pool_recall, recall_at_k
 from volumevlm.eval.report_metrics import report_metrics
 from volumevlm.io import read_volume
+from volumevlm.text.phecodes import icd10_to_phecodes
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
 
 COHORT_CASES = 36  # more than the smallest Merlin pool (32) when every split is evaluated
 SPLIT = "train,val,test"
-TINY_REPORT_HEAD = {
-    "num_visual_tokens": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_dropout": 0.0,
-    "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 96, "dropout": 0.0,
-    "max_target_tokens": 16, "max_new_tokens": 4,
-}
 REQUIRED = [
     ("zero_shot", "macro_auroc"), ("zero_shot", "per_finding"), ("phenotypes", "macro_auroc"),
     ("retrieval", "r1_pool32"), ("retrieval", "r5_pool32"), ("segmentation", "mean_dice"),
@@ -145,6 +142,14 @@ def test_zero_shot_phenotype_and_retrieval_figures_match_a_hand_computation(eval
     macro, used = macro_auroc(torch.sigmoid(by_hand["logits"][coded]).numpy(), codes)
     assert metrics["phenotypes"]["macro_auroc"] == pytest.approx(macro, abs=1e-6)
     assert metrics["phenotypes"]["codes_scored"] == used
+    # The image-visible subset: the phecodes of the synthetic findings' ICD-10 codes, by hand.
+    visible = set(icd10_to_phecodes([c for choices, _ in FINDING_CODES.values() for c in choices]))
+    columns = [j for j, code in enumerate(vocab.codes) if code in visible]
+    assert columns and len(columns) < len(vocab.codes)  # hypertension & co. are left out
+    assert metrics["phenotypes"]["image_visible_codes"] == [vocab.codes[j] for j in columns]
+    macro, used = macro_auroc(torch.sigmoid(by_hand["logits"][coded][:, columns]).numpy(), codes[:, columns])
+    assert metrics["phenotypes"]["macro_auroc_image_visible"] == pytest.approx(macro, abs=1e-6)
+    assert metrics["phenotypes"]["image_visible_codes_scored"] == used > 0
 
     image, text = by_hand["image_emb"].numpy(), by_hand["text_emb"].numpy()
     pools = pool_recall(image, text, (32, 64, 128), (1, 5, 10), n_pools=100, seed=0)

@@ -17,7 +17,10 @@ zero_shot
     split, ``per_finding`` AUROC (None: one class only). Plot: ``roc_curves.png``.
 phenotypes
     sigmoid of the phenotype logits against the cases' phecodes: ``macro_auroc`` over the
-    checkpoint's codes with positives and negatives in the split, ``per_code``.
+    checkpoint's codes with positives and negatives in the split, ``per_code``; and
+    ``macro_auroc_image_visible`` over the codes an image can show (``--visible-phecodes``;
+    for the synthetic cohort by default the phecodes of its imaging findings, since
+    hypertension or diabetes codes are invisible to any image model).
 retrieval
     image and report embeddings of the cases with a report (section-mean report
     embeddings when the text tower was trained on sections). Merlin's protocol: recall@1/5/10
@@ -279,7 +282,7 @@ def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool)
     return section, plot
 
 
-def phenotype_section(model, encoded, rows) -> dict[str, Any]:
+def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None = None) -> dict[str, Any]:
     from volumevlm.eval.metrics import macro_auroc, per_finding_auroc
 
     vocab = model.phecode_vocab
@@ -295,7 +298,7 @@ def phenotype_section(model, encoded, rows) -> dict[str, Any]:
     if not used:
         return {"skipped": "no phecode of the checkpoint has both positives and negatives in the split",
                 "macro_auroc": None, "codes_scored": 0}
-    return {
+    section = {
         "macro_auroc": macro,
         "codes_scored": used,
         "codes": len(codes),
@@ -304,6 +307,31 @@ def phenotype_section(model, encoded, rows) -> dict[str, Any]:
         "descriptions": {c: vocab.description(c) for c in codes},
         "chance": 0.5,
     }
+    if visible_codes is not None:
+        columns = [j for j, code in enumerate(codes) if code in set(visible_codes)]
+        visible, visible_used = macro_auroc(scores[:, columns], targets[:, columns]) if columns else (math.nan, 0)
+        section["macro_auroc_image_visible"] = None if not visible_used else visible
+        section["image_visible_codes_scored"] = visible_used
+        section["image_visible_codes"] = [codes[j] for j in columns]
+    return section
+
+
+def visible_phecodes(option: str | None, synthetic: bool) -> list[str] | None:
+    """The image-visible phecodes: a comma-separated list or a file of one code per line
+    (``--visible-phecodes``); by default the synthetic cohort's, else None (not scored)."""
+    if option:
+        path = Path(option).expanduser()
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if os.sep in option or option.endswith((".txt", ".csv")):
+            raise VolumeVLMError(f"--visible-phecodes: {option}: no such file")
+        return [code.strip() for code in option.split(",") if code.strip()]
+    if synthetic:
+        from volumevlm.data.synthetic.codes import image_visible_phecodes
+
+        return image_visible_phecodes()
+    return None
 
 
 def retrieval_section(encoded, out: Path, synthetic: bool) -> tuple[dict[str, Any], list[str]]:
@@ -479,6 +507,7 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
     command: str | None = None,
+    visible_codes: str | None = None,
 ) -> dict[str, Any]:
     """Run every protocol (see the module docstring); write ``out/metrics.json`` and the
     plots; return the metrics dict (as written)."""
@@ -507,7 +536,7 @@ def evaluate(
         t0 = time.perf_counter()
         metrics["zero_shot"], plot = zero_shot_section(model, encoded, rows, prompts, out, synthetic)
         plots += [plot] if plot else []
-        metrics["phenotypes"] = phenotype_section(model, encoded, rows)
+        metrics["phenotypes"] = phenotype_section(model, encoded, rows, visible_phecodes(visible_codes, synthetic))
         metrics["retrieval"], more = retrieval_section(encoded, out, synthetic)
         plots += more
         timings["zero_shot_phenotypes_retrieval_s"] = time.perf_counter() - t0
@@ -577,6 +606,9 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         rows.append((f"zero-shot AUROC (macro, {zs.get('findings_scored')} findings)", _fmt(zs.get("macro_auroc")), "0.500"))
     if "skipped" not in ph:
         rows.append((f"phenotype AUROC (macro, {ph.get('codes_scored')} codes)", _fmt(ph.get("macro_auroc")), "0.500"))
+        if ph.get("image_visible_codes_scored"):
+            rows.append((f"phenotype AUROC (macro, {ph['image_visible_codes_scored']} image-visible codes)",
+                         _fmt(ph.get("macro_auroc_image_visible")), "0.500"))
     if "skipped" not in rt:
         for direction, label in (("image_to_report", "image->report"), ("report_to_image", "report->image")):
             values = rt.get(direction, {})
@@ -631,6 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-efficiency", nargs="+", default=[], metavar="RUN",
                         help="segmentation runs' output folders (or metrics.json files), one per label fraction, "
                              "for label_efficiency.png")
+    parser.add_argument("--visible-phecodes", default=None, metavar="CODES|FILE",
+                        help="phecodes an image can show, comma-separated or a file with one per line, scored as "
+                             "phenotypes.macro_auroc_image_visible (default: the synthetic cohort's own)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -640,7 +675,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(
         args.checkpoint, args.data, args.out, split=args.split, prompts=args.prompts, batch_size=args.batch_size,
         cache_dir=args.cache_dir, label_efficiency=args.label_efficiency, device=args.device,
-        progress=not args.no_progress, command=command,
+        progress=not args.no_progress, command=command, visible_codes=args.visible_phecodes,
     )
     print(format_table(metrics))
     print(f"metrics: {Path(args.out) / METRICS_NAME}; plots: {', '.join(metrics['plots']) or 'none'}")

@@ -51,6 +51,14 @@ def emittable_codes() -> list[str]:
     return sorted({c for choices, _ in FINDING_CODES.values() for c in choices} | set(OTHER_CODES))
 
 
+def image_visible_phecodes() -> list[str]:
+    """The phecodes an image can show in the synthetic cohort: those of the findings'
+    ICD-10 codes (the latent conditions' codes are invisible by construction)."""
+    from volumevlm.text.phecodes import icd10_to_phecodes
+
+    return sorted(set(icd10_to_phecodes([c for choices, _ in FINDING_CODES.values() for c in choices])))
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
