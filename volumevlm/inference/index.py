@@ -375,8 +375,12 @@ class RetrievalIndex:
                     stored = f.get_tensor("embeddings")
             except Exception as err:
                 raise VolumeVLMError(f"{file}: corrupt retrieval index ({_first_line(err)})") from None
-            # Renormalised after upcasting, so float16 storage still gives true cosines.
-            yield start, F.normalize(stored.to(device=device, dtype=torch.float32), dim=1)
+            # Renormalised after upcasting, so float16 storage still gives true cosines; in
+            # place, with the stored copy dropped first, so a chunk is held once, not thrice.
+            vectors = stored.to(device=device, dtype=torch.float32)
+            del stored
+            vectors.div_(vectors.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            yield start, vectors
             start += chunk["rows"]
 
     def search(self, queries: torch.Tensor, k: int = 5, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
