@@ -48,7 +48,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -64,6 +63,10 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.inference.index import DEFAULT_CHUNK_SIZE, DTYPES, INDEX_NAME, IndexWriter, RetrievalIndex
+
+# provenance.py lives beside this script (also when a test imports the script by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import cpu_name, package_versions  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCRIPT = Path(__file__).resolve()
@@ -467,28 +470,6 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     Console(width=max(Console().width, 160)).print(table)
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("volumevlm", "torch", "safetensors", "numpy", "rich"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _usable_cores() -> int | None:
     try:
         return len(os.sched_getaffinity(0))
@@ -611,13 +592,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     threads = next((r["build"]["torch_threads"] for r in rows if r.get("build")), None)
-    device = f"cpu ({_cpu_name()}, {os.cpu_count()} logical cores, {_usable_cores()} usable, torch threads {threads})"
+    device = f"cpu ({cpu_name()}, {os.cpu_count()} logical cores, {_usable_cores()} usable, torch threads {threads})"
     print_table(rows, f"Retrieval index, dim {args.dim}, {args.dtype}, chunk {args.chunk_size:,}, "
                       f"{args.queries} queries x top {args.k} ({device})")
     payload = {
         "benchmark": "retrieval index build / query / exactness at scale (benchmarks/index.py)",
         "device": device,
-        "versions": _versions(),
+        "versions": package_versions("volumevlm", "torch", "safetensors", "numpy", "rich"),
         "date": started.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["benchmarks/index.py", *argv]),
         "settings": {"sizes": sizes, "dim": args.dim, "dtype": args.dtype, "chunk_size": args.chunk_size,

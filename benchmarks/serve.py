@@ -29,7 +29,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import re
 import secrets
 import shlex
@@ -39,6 +38,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# provenance.py lives beside this script (also when a test imports the script by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import cpu_name, package_versions  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENDPOINTS = {
@@ -197,28 +200,6 @@ def print_table(rows: list[dict], title: str) -> None:
 # ---------------------------------------------------------------------- main
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("volumevlm", "torch", "monai", "fastapi", "uvicorn", "httpx", "python-multipart"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _device_label(device: str) -> str:
     if device.startswith("cpu"):
         return "cpu"
@@ -304,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         last = health(url, headers)
         device = info["model"]["device"]
         label = _device_label(device)
-        title = f"volumevlm serve, {args.clients} clients x {args.duration:g} s ({'CPU: ' + _cpu_name() if label == 'cpu' else device})"
+        title = f"volumevlm serve, {args.clients} clients x {args.duration:g} s ({'CPU: ' + cpu_name() if label == 'cpu' else device})"
         print_table(rows, title)
         payload_json = {
             "benchmark": "HTTP service load test (benchmarks/serve.py)",
-            "device": device if label != "cpu" else f"cpu ({_cpu_name()}, {os.cpu_count()} cores shared by server and clients)",
-            "versions": _versions(),
+            "device": device if label != "cpu" else f"cpu ({cpu_name()}, {os.cpu_count()} cores shared by server and clients)",
+            "versions": package_versions("volumevlm", "torch", "monai", "fastapi", "uvicorn", "httpx", "python-multipart"),
             "date": started.isoformat(timespec="seconds"),
             "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["serve.py", *argv]),
             "server": {"url": url if args.url else "local (python -m volumevlm.serve.cli)", "max_batch": args.max_batch,

@@ -62,3 +62,16 @@ def ct_phantom():
         return hu, labels, affine
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): on a shared 2-core machine a second
+    OpenMP thread only spin-waits and synchronises, which costs more than the work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,9 +7,7 @@ import csv
 import hashlib
 import json
 import os
-import zipfile
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import nibabel as nib
 import numpy as np

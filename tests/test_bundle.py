@@ -52,12 +52,7 @@ ORIENTATIONS = {"as_ras": "RAS", "sub/as_lps": "LPS", "as_psl": "PSL"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +28,7 @@ import pytest
 import torch
 
 import volumevlm
+from ct_files import zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.cli import COMMANDS, main
 from volumevlm.errors import GeometryError, InputError, VolumeVLMError
@@ -48,13 +48,7 @@ VERBS = ("embed", "zero-shot", "phenotypes", "segment", "retrieve", "report")
 NOTE = volumevlm.NOT_FOR_CLINICAL_USE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +90,7 @@ def inputs(checkpoints):
     hu = phantom_hu(affine, shape)
     nifti = write_nifti(folder / "ct.nii.gz", hu, affine)
     series = write_dicom_series(folder / "series", hu, affine, patient_id="PHANTOM")
-    archive = folder / "archive.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in sorted(series.iterdir()):
-            zf.write(f, f.name)
+    archive = zip_series(series, folder / "archive.zip")
     other_shape = (28, 24, 18)
     other_affine = lps_affine((11.0, 13.0, 15.0), other_shape)
     other = write_nifti(folder / "other.nii.gz", phantom_hu(other_affine, other_shape, (-60.0, 20.0, -30.0)), other_affine)

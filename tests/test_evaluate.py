@@ -43,12 +43,7 @@ REQUIRED = [
 PLOTS = ("roc_curves.png", "retrieval_recall.png", "dice_boxplot.png", "segmentation_overlay.png", "label_efficiency.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 import volumevlm
+from ct_files import write_itk, zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.data.transforms import preprocess
 from volumevlm.errors import InputError, VolumeVLMError
@@ -40,12 +39,7 @@ GEOMETRIES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +75,6 @@ def phantom(affine: np.ndarray, shape) -> np.ndarray:
     return hu
 
 
-def write_itk(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:
-    """NRRD / MHA through SimpleITK (LPS world, [Z, Y, X] arrays)."""
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    image = sitk.GetImageFromArray(np.transpose(hu, (2, 1, 0)).astype(np.float32))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).reshape(-1)])
-    sitk.WriteImage(image, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def inputs(checkpoints):
     """One phantom stored as every supported input kind (same voxels, same world)."""
@@ -103,10 +85,7 @@ def inputs(checkpoints):
     hu = phantom(affine, shape)
     nifti = write_nifti(folder / "ct.nii.gz", hu, affine)
     dicom = write_dicom_series(folder / "series", hu, affine, patient_id="PHANTOM")
-    archive = folder / "series.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in sorted(dicom.iterdir()):
-            zf.write(f, f.name)
+    archive = zip_series(dicom, folder / "series.zip")
     return {
         "nifti path": nifti,
         "nibabel image": nib.load(str(nifti)),

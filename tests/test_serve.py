@@ -27,11 +27,10 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
-import torch
 import uvicorn
 
 import volumevlm
+from ct_files import write_itk, zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.inference.index import build_index
 from volumevlm.inference.statistics import structure_statistics
@@ -48,12 +47,7 @@ MAX_VOXELS = 20_000
 MAX_UPLOAD_MB = 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- data
@@ -76,24 +70,6 @@ def phantom(shape=(30, 26, 16), spacing=(10.0, 12.0, 16.0)) -> tuple[np.ndarray,
     hu[((xyz / (120.0, 90.0, 100.0)) ** 2).sum(-1) <= 1.0] = 40.0
     hu[(((xyz - (50.0, -30.0, 40.0)) / 25.0) ** 2).sum(-1) <= 1.0] = 700.0
     return hu, affine
-
-
-def write_itk(path: Path, hu: np.ndarray, affine: np.ndarray) -> Path:
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    image = sitk.GetImageFromArray(np.transpose(hu, (2, 1, 0)).astype(np.float32))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(v) for v in lps[:3, 3]])
-    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).reshape(-1)])
-    sitk.WriteImage(image, str(path))
-    return path
-
-
-def zip_series(folder: Path, archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in sorted(folder.iterdir()):
-            zf.write(f, f.name)
-    return archive
 
 
 @pytest.fixture(scope="module")
