@@ -63,10 +63,8 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.inference.index import DEFAULT_CHUNK_SIZE, DTYPES, INDEX_NAME, IndexWriter, RetrievalIndex
+from volumevlm.provenance import cpu_name, package_versions
 
-# provenance.py lives beside this script (also when a test imports the script by path).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import cpu_name, package_versions  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCRIPT = Path(__file__).resolve()

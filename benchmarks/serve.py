@@ -39,9 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# provenance.py lives beside this script (also when a test imports the script by path).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import cpu_name, package_versions  # noqa: E402
+from volumevlm.provenance import cpu_name, package_versions
+
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENDPOINTS = {

@@ -57,7 +57,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -70,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.provenance import cpu_name, package_versions
 
 MANIFEST_NAME = "manifest.jsonl"
 METRICS_NAME = "metrics.json"
@@ -118,36 +118,9 @@ def device_description(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
     else:
-        info["name"] = _cpu_name()
+        info["name"] = cpu_name()
         info["cpu_count"] = os.cpu_count()
     return info
-
-
-def _cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str]:
-    import monai
-    import transformers
-
-    import volumevlm
-
-    return {
-        "volumevlm": volumevlm.__version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def read_split(data: Path, split: str) -> list[dict[str, Any]]:
@@ -567,7 +540,7 @@ def evaluate(
         "n_cases": len(rows),
         "heads": sorted(name for name in ("segmentation", "report") if model.has_head(name)),
         "device": device_description(model.device),
-        "versions": versions(),
+        "versions": package_versions("volumevlm", "torch", "monai", "transformers", "numpy"),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command or _default_command(checkpoint, data, out, split, prompts, batch_size),
         "plots": sorted(Path(p).name for p in plots),

@@ -338,32 +338,6 @@ def check_bundle(directory: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _versions() -> dict[str, str]:
-    import monai
-    import nibabel
-    import numpy
-
-    import volumevlm
-
-    return {
-        "volumevlm": volumevlm.__version__,
-        "monai": monai.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "nibabel": nibabel.__version__,
-        "pytorch-ignite": _package_version("pytorch-ignite"),
-    }
-
-
-def _package_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _license_id() -> str:
     """volumevlm's licence as its package metadata declares it (pyproject.toml)."""
     from importlib import metadata
@@ -432,7 +406,11 @@ def metadata_dict(model, task: str, checkpoint: Path, torchscript_note: str) -> 
     """configs/metadata.json for ``task`` (see the module docstring)."""
     import volumevlm
 
-    versions = _versions()
+    from volumevlm.provenance import package_versions
+
+    # All are volumevlm's dependencies; "not installed" only for a broken environment.
+    versions = {name: version or "not installed" for name, version in
+                package_versions("volumevlm", "monai", "torch", "numpy", "nibabel", "pytorch-ignite").items()}
     provenance = _provenance(model, task)
     synthetic = bool(provenance.get("synthetic"))
     data_note = provenance.get("data_note") or "training data not recorded in the checkpoint"

@@ -60,6 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumevlm import NOT_FOR_CLINICAL_USE, __version__
 from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.provenance import package_versions
 from volumevlm.serve.errors import ServiceError
 from volumevlm.serve.uploads import ACCEPTED, UPLOAD_FIELD, receive_upload
 from volumevlm.serve.worker import BatchWorker, QueueFull
@@ -199,22 +200,6 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return str(device)
-
-
-def _versions() -> dict[str, str | None]:
-    import platform
-    from importlib import metadata
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    out = {"volumevlm": __version__, "python": platform.python_version()}
-    for dist in ("torch", "monai", "transformers", "nibabel", "SimpleITK", "fastapi", "uvicorn"):
-        out[dist.lower()] = version(dist)
-    return out
 
 
 def _memory() -> dict[str, float | None]:
@@ -500,7 +485,8 @@ def create_app(
         index = service.index
         return _json({
             "model": service.model_facts(),
-            "versions": _versions(),
+            "versions": package_versions("volumevlm", "torch", "monai", "transformers", "nibabel", "SimpleITK",
+                                         "fastapi", "uvicorn"),
             "label_names": None if segmentation is None else {str(k): v for k, v in sorted(segmentation.label_names.items())},
             "findings": list(service.prompt_set.keys),
             "prompt_set": service.prompt_set.name,

@@ -1,8 +1,5 @@
-"""What every benchmark result records about where it ran: package versions and the CPU.
-
-Benchmarks are run as scripts (``python benchmarks/x.py``), so this folder is on their
-import path and they import this module as ``from provenance import ...``.
-"""
+"""Where a result was made: package versions and the CPU, recorded by evaluation
+reports, exported bundles, the HTTP service and the benchmarks (one definition)."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from pathlib import Path
 
 
 def package_versions(*distributions: str) -> dict[str, str | None]:
-    """{"python": ..., distribution: installed version or None} for the given names."""
+    """{"python": ..., distribution: installed version, or None when it is not installed}."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in distributions:
         try:
@@ -23,10 +20,10 @@ def package_versions(*distributions: str) -> dict[str, str | None]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU model (Linux /proc/cpuinfo), else what the platform module knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
