@@ -30,3 +30,10 @@ class GeometryError(InputError):
 
 class ManifestError(VolumeVLMError):
     """A manifest is malformed or points at missing files (with --strict)."""
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """A foreign exception (a library's, several lines long) as one bounded line for a
+    :class:`VolumeVLMError` message; its type name when it has no message."""
+    text = " ".join(str(err).split())
+    return text[:limit] if text else type(err).__name__

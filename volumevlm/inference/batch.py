@@ -43,7 +43,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from volumevlm.errors import VolumeVLMError
+from volumevlm.errors import VolumeVLMError, one_line
 
 PREDICT_FORMAT = "volumevlm-predictions"
 PREDICT_VERSION = 1
@@ -52,11 +52,6 @@ MASKS_DIR = "masks"
 OUTPUTS: tuple[str, ...] = ("embeddings", "zero_shot", "masks")
 DEFAULT_OUTPUTS: tuple[str, ...] = ("embeddings", "zero_shot")
 _SHARD = re.compile(r"^shard-r(\d+)-(\d+)\.(json|safetensors)$")
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------- reading cases
@@ -94,7 +89,7 @@ class CaseDataset(torch.utils.data.Dataset):
         except VolumeVLMError as err:
             item["error"] = str(err)
         except Exception as err:  # MONAI / numpy failures on odd data: recorded, one line
-            item["error"] = f"{row['image']}: preprocessing failed ({type(err).__name__}: {_first_line(err)})"
+            item["error"] = f"{row['image']}: preprocessing failed ({type(err).__name__}: {one_line(err)})"
         else:
             if self.keep_volume:
                 item["volume"] = volume
@@ -270,7 +265,7 @@ def _shard_records(out: Path) -> list[tuple[Path, dict[str, Any]]]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise VolumeVLMError(f"{path}: corrupt prediction shard ({_first_line(err)}); delete it to recompute its cases") from None
+            raise VolumeVLMError(f"{path}: corrupt prediction shard ({one_line(err)}); delete it to recompute its cases") from None
         if not isinstance(record, dict) or record.get("format") != PREDICT_FORMAT or not isinstance(record.get("cases"), list) \
                 or not isinstance(record.get("failed"), list):
             raise VolumeVLMError(f"{path}: not a volumevlm prediction shard; delete it to recompute its cases")
@@ -318,7 +313,7 @@ def read_predictions(out_dir: str | os.PathLike) -> dict[str, Any]:
                 tensors = load_file(str(tensor_path))
             except Exception as err:  # missing or corrupt: safetensors raises its own types
                 raise VolumeVLMError(
-                    f"{tensor_path}: unreadable prediction shard ({_first_line(err)}); delete {path.name} to recompute"
+                    f"{tensor_path}: unreadable prediction shard ({one_line(err)}); delete {path.name} to recompute"
                 ) from None
             for key in record["tensors"]:
                 if key not in tensors or tensors[key].shape[0] != len(record["cases"]):
@@ -342,7 +337,7 @@ def _read_run(out: Path) -> dict[str, Any] | None:
     try:
         run = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise VolumeVLMError(f"{path}: corrupt ({_first_line(err)})") from None
+        raise VolumeVLMError(f"{path}: corrupt ({one_line(err)})") from None
     if not isinstance(run, dict) or run.get("format") != PREDICT_FORMAT:
         raise VolumeVLMError(f"{path}: not written by volumevlm predict")
     return run

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.errors import InputError, VolumeVLMError, one_line
 
 INDEX_FORMAT = "volumevlm-retrieval-index"
 INDEX_VERSION = 1
@@ -64,11 +64,6 @@ HIT_KEYS: tuple[str, ...] = ("rank", "score", "index")
 # temperature do not change them, so attaching a head keeps an index valid).
 EMBEDDING_MODULES: tuple[str, ...] = ("encoder", "image_projection", "text", "text_projection")
 BUILD_HINT = "volumevlm index build --checkpoint CKPT --reports REPORTS --out DIR"
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------- model fingerprint
@@ -272,7 +267,7 @@ class RetrievalIndex:
         try:
             header = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise VolumeVLMError(f"{path}: corrupt retrieval index ({_first_line(err)})") from None
+            raise VolumeVLMError(f"{path}: corrupt retrieval index ({one_line(err)})") from None
         _check_header(header, path)
         count, dim = header["count"], header["embed_dim"]
 
@@ -284,7 +279,7 @@ class RetrievalIndex:
             with safe_open(str(lookup), framework="pt") as f:
                 offsets, kinds = f.get_tensor("offsets"), f.get_tensor("kinds")
         except Exception as err:  # missing file, bad header, missing tensor: safetensors has its own types
-            raise corrupt(lookup, _first_line(err)) from None
+            raise corrupt(lookup, one_line(err)) from None
         if tuple(offsets.shape) != (count + 1,) or tuple(kinds.shape) != (count,) or kinds.dtype != torch.uint8:
             raise corrupt(lookup, f"offsets {tuple(offsets.shape)} / kinds {tuple(kinds.shape)} for {count} entries")
         counts = {kind: int((kinds == i).sum()) for i, kind in enumerate(KINDS)}
@@ -302,7 +297,7 @@ class RetrievalIndex:
                     stored = f.get_slice("embeddings")
                     shape, dtype = list(stored.get_shape()), stored.get_dtype()
             except Exception as err:
-                raise corrupt(file, _first_line(err)) from None
+                raise corrupt(file, one_line(err)) from None
             if shape != [chunk["rows"], dim] or dtype != {"float16": "F16", "float32": "F32"}[header["dtype"]]:
                 raise corrupt(file, f"{dtype} {shape}, index.json says {header['dtype']} [{chunk['rows']}, {dim}]")
             rows += chunk["rows"]
@@ -346,7 +341,7 @@ class RetrievalIndex:
                 f.seek(start)
                 entry = json.loads(f.read(end - start).decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise VolumeVLMError(f"{path}: corrupt retrieval index (entry {i}: {_first_line(err)})") from None
+            raise VolumeVLMError(f"{path}: corrupt retrieval index (entry {i}: {one_line(err)})") from None
         if not isinstance(entry, dict) or entry.get("kind") != KINDS[int(self.kinds[i])]:
             raise VolumeVLMError(f"{path}: corrupt retrieval index (entry {i} does not match its kind)")
         return entry
@@ -374,7 +369,7 @@ class RetrievalIndex:
                 with safe_open(str(file), framework="pt") as f:
                     stored = f.get_tensor("embeddings")
             except Exception as err:
-                raise VolumeVLMError(f"{file}: corrupt retrieval index ({_first_line(err)})") from None
+                raise VolumeVLMError(f"{file}: corrupt retrieval index ({one_line(err)})") from None
             # Renormalised after upcasting, so float16 storage still gives true cosines; in
             # place, with the stored copy dropped first, so a chunk is held once, not thrice.
             vectors = stored.to(device=device, dtype=torch.float32)
@@ -528,7 +523,7 @@ def read_reports(paths: str | os.PathLike | Sequence[str | os.PathLike], section
         try:
             text = file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as err:
-            raise InputError(file, f"cannot read reports ({_first_line(err)})") from None
+            raise InputError(file, f"cannot read reports ({one_line(err)})") from None
         if suffix == ".txt":
             if text.strip():
                 reports.append((file.stem, text.strip()))
@@ -549,7 +544,7 @@ def read_reports(paths: str | os.PathLike | Sequence[str | os.PathLike], section
             try:
                 rows = list(csv.DictReader(text.splitlines(keepends=True)))
             except csv.Error as err:
-                raise InputError(file, f"malformed CSV ({_first_line(err)})") from None
+                raise InputError(file, f"malformed CSV ({one_line(err)})") from None
             if rows and "report" not in rows[0]:
                 raise InputError(file, f"no 'report' column (columns: {', '.join(map(str, rows[0]))})")
             for number, row in enumerate(rows, start=2):

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.errors import InputError, VolumeVLMError, one_line
 
 DEFAULT_PROMPT_SET = "synthetic"
 # config.json key under which a checkpoint may carry its own zero-shot prompt set
@@ -171,14 +171,9 @@ def prepare(x: Any, model, preprocess_image: bool = True) -> Item:
     except VolumeVLMError:
         raise
     except Exception as err:  # MONAI / numpy failures on odd data: still one line naming the file
-        raise InputError(volume.source, f"preprocessing failed ({_first_line(err)})") from None
+        raise InputError(volume.source, f"preprocessing failed ({one_line(err)})") from None
     grid_affine = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64)
     return Item(image=image, volume=volume, grid_affine=grid_affine, source=volume.source)
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] if text else type(err).__name__
 
 
 def iter_items(x: Any, model, preprocess_image: bool = True) -> tuple[Iterator[Item], bool]:

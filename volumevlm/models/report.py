@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.errors import InputError, VolumeVLMError, one_line
 from volumevlm.text.sections import IMPRESSION_HEADER, SECTIONS, split_report
 
 IGNORE_INDEX = -100
@@ -288,11 +288,6 @@ def section_pairs(report: str, section_names: Sequence[str]) -> list[tuple[str, 
     return [(name, parts[name]) for name in section_names if parts.get(name, "").strip()]
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _load_local_decoder(directory: str):
     """(decoder, tokenizer) from a local Hugging Face directory; one-line errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -303,11 +298,11 @@ def _load_local_decoder(directory: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise InputError(folder, f"no usable tokenizer for the report decoder ({_first_line(err)})") from None
+        raise InputError(folder, f"no usable tokenizer for the report decoder ({one_line(err)})") from None
     try:
         decoder = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise InputError(folder, f"no usable causal language model ({_first_line(err)})") from None
+        raise InputError(folder, f"no usable causal language model ({one_line(err)})") from None
     return decoder, tokenizer
 
 
@@ -323,7 +318,7 @@ def _decoder_from_config(config: Mapping[str, Any]):
         hf_config = AutoConfig.for_model(model_type, **values)
         return AutoModelForCausalLM.from_config(hf_config)
     except (KeyError, ValueError, TypeError) as err:
-        raise VolumeVLMError(f"report head config: cannot rebuild the {model_type} decoder ({_first_line(err)})") from None
+        raise VolumeVLMError(f"report head config: cannot rebuild the {model_type} decoder ({one_line(err)})") from None
 
 
 def _apply_lora(decoder, config: ReportConfig):
@@ -341,7 +336,7 @@ def _apply_lora(decoder, config: ReportConfig):
     try:
         return peft.get_peft_model(decoder, lora)
     except ValueError as err:
-        raise VolumeVLMError(f"report config: LoRA cannot be applied to this decoder ({_first_line(err)}); set lora_target_modules") from None
+        raise VolumeVLMError(f"report config: LoRA cannot be applied to this decoder ({one_line(err)}); set lora_target_modules") from None
 
 
 # ---------------------------------------------------------------------- the head
@@ -445,7 +440,7 @@ class ReportGenerator(nn.Module):
             decoder_config = config["decoder_config"]
             source = config.get("tokenizer", "vlm")
         except (KeyError, TypeError) as err:
-            raise VolumeVLMError(f"report head config: incomplete ({type(err).__name__}: {_first_line(err)})") from None
+            raise VolumeVLMError(f"report head config: incomplete ({type(err).__name__}: {one_line(err)})") from None
         # The saved decoder is plain: adapters were merged before saving.
         report_config.lora = False
         decoder = _decoder_from_config(decoder_config)
@@ -460,7 +455,7 @@ class ReportGenerator(nn.Module):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
             except (OSError, ValueError) as err:
-                raise InputError(where, f"unreadable report tokenizer ({_first_line(err)})") from None
+                raise InputError(where, f"unreadable report tokenizer ({one_line(err)})") from None
         return cls(report_config, encoder_dim, tokenizer, decoder, tokenizer_source=source)
 
     def save_extra(self, folder: str | Path) -> None:

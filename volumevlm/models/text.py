@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from volumevlm.errors import VolumeVLMError
+from volumevlm.errors import VolumeVLMError, one_line
 
 TOWER_NAME = "tower.json"
 HF_CONFIG_NAME = "config.json"
@@ -84,11 +84,6 @@ class TextConfig:
         return cls(**dict(data))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _bert_from_config(config: TextConfig, vocab_size: int, pad_token_id: int) -> nn.Module:
     from transformers import BertConfig, BertModel
 
@@ -117,7 +112,7 @@ def _load_pretrained(path: str) -> nn.Module:
         # float32 whatever the saved dtype: mixed precision is the trainer's business.
         return AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     except Exception as err:  # transformers raises OSError/ValueError/KeyError/safetensors errors
-        raise VolumeVLMError(f"{folder}: unreadable pretrained text model ({type(err).__name__}: {_first_line(err)})") from None
+        raise VolumeVLMError(f"{folder}: unreadable pretrained text model ({type(err).__name__}: {one_line(err)})") from None
 
 
 def _drop_pooler(model: nn.Module) -> nn.Module:
@@ -234,10 +229,10 @@ class TextTower(nn.Module):
         except VolumeVLMError:
             raise
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-            raise VolumeVLMError(f"{folder / TOWER_NAME}: unreadable text tower description ({_first_line(err)})") from None
+            raise VolumeVLMError(f"{folder / TOWER_NAME}: unreadable text tower description ({one_line(err)})") from None
         try:
             hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
             model = AutoModel.from_config(hf_config)
         except Exception as err:  # transformers raises OSError/ValueError/KeyError
-            raise VolumeVLMError(f"{folder / HF_CONFIG_NAME}: unusable text model config ({_first_line(err)})") from None
+            raise VolumeVLMError(f"{folder / HF_CONFIG_NAME}: unusable text model config ({one_line(err)})") from None
         return cls(config, tokenizer, model=model)

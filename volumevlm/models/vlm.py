@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumevlm.data.transforms import PreprocessConfig
-from volumevlm.errors import VolumeVLMError
+from volumevlm.errors import VolumeVLMError, one_line
 from volumevlm.io.writers import _replace_folder
 
 CHECKPOINT_FORMAT = "volumevlm-checkpoint"
@@ -380,15 +380,15 @@ class VolumeVLM(nn.Module):
         except VolumeVLMError:
             raise
         except (KeyError, TypeError, ValueError, OSError) as err:
-            raise VolumeVLMError(f"{folder}: inconsistent checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+            raise VolumeVLMError(f"{folder}: inconsistent checkpoint ({type(err).__name__}: {one_line(err)})") from None
         try:
             missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False)
         except RuntimeError as err:
             if "size mismatch" not in str(err):
-                raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: unreadable weights ({_first_line(err)})") from None
+                raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: unreadable weights ({one_line(err)})") from None
             raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: weight shapes do not match config.json") from None
         except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: unreadable weights ({_first_line(err)})") from None
+            raise VolumeVLMError(f"{folder / WEIGHTS_NAME}: unreadable weights ({one_line(err)})") from None
         if missing or unexpected:
             raise VolumeVLMError(
                 f"{folder / WEIGHTS_NAME}: weights do not match config.json "
@@ -400,11 +400,6 @@ class VolumeVLM(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _build_head(name: str, entry: Any, folder: Path, vlm: "VolumeVLM") -> nn.Module:
@@ -442,7 +437,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise VolumeVLMError(f"{path}: unreadable checkpoint config ({_first_line(err)})") from None
+        raise VolumeVLMError(f"{path}: unreadable checkpoint config ({one_line(err)})") from None
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise VolumeVLMError(f"{path}: not a volumevlm checkpoint config (format is not {CHECKPOINT_FORMAT!r})")
     if int(config.get("format_version", 0)) > CHECKPOINT_VERSION:
@@ -458,4 +453,4 @@ def _load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise VolumeVLMError(f"{folder}: unreadable tokenizer ({_first_line(err)})") from None
+        raise VolumeVLMError(f"{folder}: unreadable tokenizer ({one_line(err)})") from None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from volumevlm.errors import one_line
 from volumevlm.serve.errors import ServiceError
 
 UPLOAD_FIELD = "file"
@@ -261,7 +262,7 @@ async def receive_upload(request, folder: Path, *, max_bytes: int, field: str = 
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as err:
-        raise ServiceError(400, "bad_request", f"malformed multipart body ({_first_line(err)})") from None
+        raise ServiceError(400, "bad_request", f"malformed multipart body ({one_line(err)})") from None
     except ClientDisconnect:
         raise ServiceError(400, "bad_request", "the client closed the connection before the upload ended") from None
     finally:
@@ -276,8 +277,3 @@ async def receive_upload(request, folder: Path, *, max_bytes: int, field: str = 
     suffix = check_content(target, state["name"], state["suffix"])
     path = target.rename(folder / f"upload{suffix}")
     return Upload(path=path, name=state["name"], suffix=suffix, size=state["size"])
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:160] if text else type(err).__name__
