@@ -127,6 +127,35 @@ def test_vocab_build_counts_and_numeric_order():
     assert PhecodeVocabulary.build(CASES, min_count=3).codes == []
 
 
+def test_vocab_prevalence_counts_coded_cases_only():
+    vocab = PhecodeVocabulary.build([*CASES, None], min_count=2)  # None: a case without codes
+    # 4 of the 6 cases carry a code: the empty list and None are not coded cases.
+    assert vocab.cases == 4
+    expected = {"250.2": 2.5 / 5, "594.1": 2.5 / 5, "1000": 2.5 / 5}
+    assert vocab.prevalence() == pytest.approx([expected[c] for c in vocab.codes])
+    rare = PhecodeVocabulary.build([["1"], ["2"], ["2"], ["2"]])
+    assert rare.prevalence() == pytest.approx([1.5 / 5, 3.5 / 5])
+    # Written before `cases` was recorded: no prevalence, and the head keeps zero biases.
+    legacy = json.loads(vocab.to_json())
+    del legacy["cases"]
+    assert PhecodeVocabulary.from_json(json.dumps(legacy)).prevalence() is None
+    assert PhecodeVocabulary.from_json(vocab.to_json()).cases == 4
+
+
+def test_phenotype_head_starts_at_the_training_prevalence():
+    from volumevlm.models.heads import PhenotypeHead
+
+    share = [0.05, 0.5, 0.9]
+    head = PhenotypeHead(8, 3, share)
+    with torch.no_grad():
+        head.fc.weight.zero_()  # what remains is the bias: the prior
+        probs = torch.sigmoid(head(torch.randn(4, 8)))
+    assert torch.allclose(probs, torch.tensor(share).expand(4, 3), atol=1e-6)
+    assert torch.equal(PhenotypeHead(8, 3).fc.bias, torch.zeros(3))
+    with pytest.raises(ValueError, match="prevalence"):
+        PhenotypeHead(8, 3, [0.1, 1.0, 0.2])
+
+
 def test_vocab_encode_decode_and_descriptions():
     vocab = PhecodeVocabulary.build(CASES, min_count=2)  # ["250.2", "594.1", "1000"]
     assert vocab.encode(["594.1", "999.9", "1000"]) == [0.0, 1.0, 1.0]
@@ -172,6 +201,8 @@ def test_empty_vocab_works():
         ('{"codes": "594.1"}', "'codes' must be a list"),
         ('{"codes": ["594.1"], "counts": {"594.1": "two"}}', "'counts'"),
         ('{"codes": ["594.1", "594.1"]}', "duplicate"),
+        ('{"codes": ["594.1"], "cases": -1}', "'cases'"),
+        ('{"codes": ["594.1"], "counts": {"594.1": 3}, "cases": 2}', "more cases"),
     ],
 )
 def test_vocab_malformed_json_is_one_line(text, needle):

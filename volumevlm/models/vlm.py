@@ -142,7 +142,7 @@ class VolumeVLM(nn.Module):
         self.image_projection = ProjectionHead(self.encoder.embed_dim, self.embed_dim)
         self.text = text_tower if text_tower is not None else TextTower(text_config, tokenizer)
         self.text_projection = ProjectionHead(self.text.embed_dim, self.embed_dim)
-        self.phenotype_head = PhenotypeHead(self.encoder.embed_dim, len(phecode_vocab.codes))
+        self.phenotype_head = PhenotypeHead(self.encoder.embed_dim, len(phecode_vocab.codes), phecode_vocab.prevalence())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.init_temperature)))
         self.heads = nn.ModuleDict()
         # Where this model was loaded from (named in errors); None when built in memory.

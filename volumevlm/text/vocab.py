@@ -38,10 +38,18 @@ class PhecodeVocabulary:
 
     codes: the phecodes in column order (unique). counts: how many training cases
     carried each code (missing entries read as 0). min_count: the threshold the
-    vocabulary was built with (kept for the record).
+    vocabulary was built with (kept for the record). cases: how many training cases
+    carried any code (the denominator of :meth:`prevalence`; None when unknown, as in
+    vocabularies written before it was recorded).
     """
 
-    def __init__(self, codes: Sequence[str], counts: Mapping[str, int] | None = None, min_count: int = 1):
+    def __init__(
+        self,
+        codes: Sequence[str],
+        counts: Mapping[str, int] | None = None,
+        min_count: int = 1,
+        cases: int | None = None,
+    ):
         cleaned = [_clean_code(code, "phecode vocabulary") for code in codes]
         if len(set(cleaned)) != len(cleaned):
             dupes = sorted({c for c in cleaned if cleaned.count(c) > 1}, key=phecode_sort_key)
@@ -50,6 +58,9 @@ class PhecodeVocabulary:
         counts = dict(counts or {})
         self.counts: dict[str, int] = {code: int(counts.get(code, 0)) for code in cleaned}
         self.min_count = int(min_count)
+        self.cases = None if cases is None else int(cases)
+        if self.cases is not None and any(n > self.cases for n in self.counts.values()):
+            raise VolumeVLMError(f"phecode vocabulary: a code is counted in more cases than the {self.cases} recorded")
         self._index = {code: i for i, code in enumerate(cleaned)}
         self._stored_descriptions: dict[str, str] = {}
 
@@ -66,19 +77,28 @@ class PhecodeVocabulary:
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise VolumeVLMError(f"phecode vocabulary: min_count must be an integer >= 1, got {min_count!r}")
         counter: Counter[str] = Counter()
+        cases = 0
         for i, codes in enumerate(code_lists):
             if codes is None:
                 continue
             if isinstance(codes, str):
                 raise VolumeVLMError(f"phecode vocabulary: case {i} lists its phecodes as one string, not a list")
             counter.update({_clean_code(code, f"phecode vocabulary case {i}") for code in codes})
+            cases += bool(codes)
         kept = sorted((code for code, n in counter.items() if n >= min_count), key=phecode_sort_key)
-        return cls(kept, {code: counter[code] for code in kept}, min_count=min_count)
+        return cls(kept, {code: counter[code] for code in kept}, min_count=min_count, cases=cases)
 
     # ------------------------------------------------------------------ use
 
     def __len__(self) -> int:
         return len(self.codes)
+
+    def prevalence(self) -> list[float] | None:
+        """Share of the coded training cases that carry each code, in column order
+        (add-one-half smoothed, so no share is 0 or 1); None when ``cases`` is unknown."""
+        if not self.cases:
+            return None
+        return [(self.counts[code] + 0.5) / (self.cases + 1.0) for code in self.codes]
 
     def __contains__(self, code: object) -> bool:
         return isinstance(code, str) and code.strip() in self._index
@@ -142,6 +162,7 @@ class PhecodeVocabulary:
             "format": VOCAB_FORMAT,
             "format_version": VOCAB_VERSION,
             "min_count": self.min_count,
+            **({"cases": self.cases} if self.cases is not None else {}),
             "codes": list(self.codes),
             "counts": {code: self.counts[code] for code in self.codes},
             "descriptions": {code: self.description(code) for code in self.codes},
@@ -178,6 +199,9 @@ class PhecodeVocabulary:
         min_count = data.get("min_count", 1)
         if isinstance(min_count, bool) or not isinstance(min_count, int):
             raise VolumeVLMError(f"phecode vocabulary JSON: 'min_count' must be an integer, got {min_count!r}")
-        vocab = cls(codes, counts, min_count=min_count)
+        cases = data.get("cases")
+        if cases is not None and (isinstance(cases, bool) or not isinstance(cases, int) or cases < 0):
+            raise VolumeVLMError(f"phecode vocabulary JSON: 'cases' must be a non-negative integer, got {cases!r}")
+        vocab = cls(codes, counts, min_count=min_count, cases=cases)
         vocab._stored_descriptions = {str(k): str(v) for k, v in descriptions.items() if isinstance(v, str)}
         return vocab
