@@ -218,3 +218,45 @@ def test_cli_train_reports_a_missing_data_root_in_one_line(capsys):
     assert main(["train", "experiment=demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.root") and "\n" not in err
+
+
+def test_report_findings_term_learns_what_the_labeler_reads_and_stays_out_of_the_export(cohort, tmp_path):
+    """findings_weight > 0: targets are the labeler's reading of each report (for the
+    synthetic cohort exactly its findings), the term is in the loss, and the head is
+    training-only."""
+    out = tmp_path / "out"
+    cfg = shrunk_config(cohort, out, "model.objective.findings_weight=0.5", "debug=fdr")
+    _, objects = train(cfg)
+    module, datamodule = objects["module"], objects["datamodule"]
+    batch = next(iter(datamodule.train_dataloader()))
+    targets, has_report = module.report_findings_targets(batch["report"])
+    truth = torch.tensor([[case[k] for k in module.model.findings] for case in batch["findings"]], dtype=torch.float32)
+    assert has_report.all() and torch.equal(targets, truth)
+    # a case without a report drops out of the term instead of counting as "no findings"
+    _, partial = module.report_findings_targets([None, *batch["report"][1:]])
+    assert partial.tolist() == [False] + [True] * (len(batch["report"]) - 1)
+
+    module.eval()
+    with torch.no_grad():
+        losses = module.compute_losses(batch)
+        features = module.model(batch["image"])["image_features"]
+        by_hand = torch.nn.functional.binary_cross_entropy_with_logits(module.report_findings_head(features), truth)
+    assert torch.allclose(losses["findings"], by_hand, atol=1e-6)
+    assert torch.allclose(losses["loss"], losses["clip"] + losses["phenotype"] + 0.5 * losses["findings"], atol=1e-6)
+
+    exported = json.loads((out / "model" / "config.json").read_text())
+    assert "report_findings" not in json.dumps(exported["heads"])
+    loaded = volumevlm.load(out / "model")
+    assert not any("report_findings" in k for k in loaded.state_dict())
+
+
+def test_report_findings_term_refuses_findings_the_labeler_cannot_read(cohort):
+    from volumevlm.train.datamodule import PretrainDataModule
+    from volumevlm.train.module import PretrainModule
+
+    datamodule = PretrainDataModule(cohort, batch_size=2)
+    datamodule.setup()
+    with pytest.raises(ValueError, match="labeler cannot read"):
+        PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
+                       objective={"findings_weight": 1.0}, tokenizer=datamodule.tokenizer,
+                       phecode_vocab=datamodule.phecode_vocab, findings=["not_a_finding"])

@@ -203,9 +203,11 @@ class VolumeVLM(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: Sequence[str] | None = None) -> dict[str, torch.Tensor | None]:
         """One pass for training: {"image_emb" [B, E] unit, "phenotype_logits" [B, V],
-        "text_emb" [T, E] unit or None (T = len(texts)), "logit_scale" scalar (exp, clipped)}."""
+        "text_emb" [T, E] unit or None (T = len(texts)), "logit_scale" scalar (exp, clipped),
+        "image_features" [B, C] the pooled encoder output the heads read}."""
         pooled = self.image_features(images)
         return {
+            "image_features": pooled,
             "image_emb": F.normalize(self.image_projection(pooled), dim=-1),
             "phenotype_logits": self.phenotype_head(pooled),
             "text_emb": self.encode_text(texts) if texts else None,

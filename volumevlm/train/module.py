@@ -38,6 +38,9 @@ OBJECTIVE_DEFAULTS: dict[str, Any] = {
     "schedule": "joint",
     "stage_fraction": 0.5,
     "init_temperature": 0.07,
+    # > 0: an image-side multi-label term on the findings the rule-based labeler reads in
+    # each training report (volumevlm.text.labeler); a training-only head, not exported.
+    "findings_weight": 0.0,
 }
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -173,6 +176,18 @@ class PretrainModule(L.LightningModule):
             init_temperature=self.objective_config["init_temperature"],
         )
         self.sections = bool(self.model.text_config.sections)
+        self.findings_weight = float(self.objective_config["findings_weight"])
+        if self.findings_weight < 0:
+            raise ValueError(f"model.objective.findings_weight must be >= 0, got {self.findings_weight}")
+        if self.findings_weight:
+            from volumevlm.models.heads import PhenotypeHead
+            from volumevlm.text.labeler import resolve_findings
+
+            try:
+                self.report_finding_keys = resolve_findings(self.model.findings)
+            except VolumeVLMError as err:
+                raise ValueError(f"model.objective.findings_weight: the labeler cannot read the model's findings ({err})") from None
+            self.report_findings_head = PhenotypeHead(self.model.encoder.embed_dim, len(self.report_finding_keys))
         self.configure_objective(rank=0, world_size=1)
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
@@ -240,7 +255,7 @@ class PretrainModule(L.LightningModule):
         clip_w, phen_w = self.loss_weights(self.global_step if self._trainer is not None else 0)
         self.objective.clip_weight = clip_w
         self.objective.phenotype_weight = phen_w
-        return self.objective(
+        losses = self.objective(
             image_emb=image_emb,
             text_emb=text_emb,
             logit_scale=out["logit_scale"],
@@ -249,6 +264,30 @@ class PretrainModule(L.LightningModule):
             pair_mask=pair_mask,
             codes_mask=has_codes,
         )
+        if self.findings_weight:
+            losses["findings"] = self.report_findings_loss(out["image_features"], batch["report"])
+            losses["loss"] = losses["loss"] + self.findings_weight * losses["findings"]
+        return losses
+
+    def report_findings_targets(self, reports: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Findings the labeler reads in each report, float [B, F] (a hedged finding counts
+        as present), and has_report bool [B]."""
+        from volumevlm.text.labeler import findings_matrix, label_findings
+
+        keys = self.report_finding_keys
+        labels = [label_findings(r, keys) if r is not None else {} for r in reports]
+        targets = torch.as_tensor(findings_matrix(labels, keys), dtype=torch.float32, device=self.device)
+        return targets, torch.tensor([r is not None for r in reports], dtype=torch.bool, device=self.device)
+
+    def report_findings_loss(self, image_features: torch.Tensor, reports: Sequence[str | None]) -> torch.Tensor:
+        """Mean BCE of the training-only findings head over the cases with a report (this
+        rank's mean: under DDP ranks with equal batches average to the global mean)."""
+        logits = self.report_findings_head(image_features)
+        targets, has_report = self.report_findings_targets(reports)
+        if not bool(has_report.any()):
+            return logits.sum() * 0.0
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[has_report].to(dtype), targets[has_report])
 
     # ------------------------------------------------------------------ training
 
@@ -258,6 +297,8 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         self.log("train/clip", losses["clip"], batch_size=size)
         self.log("train/phenotype", losses["phenotype"], batch_size=size)
+        if "findings" in losses:
+            self.log("train/findings", losses["findings"], batch_size=size)
         self.log("train/temperature", 1.0 / self.model.scale().detach(), batch_size=size)
         return losses["loss"]
 
