@@ -1,5 +1,5 @@
-# The package list lives here only because `kernels/` is installed under the
-# import name `volumevlm_kernels` (see pyproject.toml); everything else is in
+# The package list lives here only because `kernels/volumevlm_kernels/` is outside
+# the volumevlm tree (see pyproject.toml's package-dir); everything else is in
 # pyproject.toml.
 from setuptools import find_packages, setup
 
