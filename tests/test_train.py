@@ -250,6 +250,22 @@ def test_report_findings_term_learns_what_the_labeler_reads_and_stays_out_of_the
     assert not any("report_findings" in k for k in loaded.state_dict())
 
 
+def test_report_findings_head_starts_at_the_share_of_training_reports_with_each_finding(cohort, tmp_path):
+    from volumevlm.train.train import build
+
+    cfg = shrunk_config(cohort, tmp_path / "out", "model.objective.findings_weight=1.0")
+    datamodule, module = build(cfg)
+    rows = datamodule.train_rows
+    present = torch.tensor([[float(row["findings"][k]) for k in module.model.findings] for row in rows]).sum(dim=0)
+    expected = torch.logit((present + 0.5) / (len(rows) + 1))
+    assert torch.allclose(module.report_findings_head.fc.bias, expected, atol=1e-5)
+    # a training case without a report does not count as one without findings
+    module.start_report_findings_at_prevalence([None, *datamodule.train_reports()[1:]])
+    present_rest = present - torch.tensor([float(rows[0]["findings"][k]) for k in module.model.findings])
+    expected_rest = torch.logit((present_rest + 0.5) / (len(rows) - 1 + 1))
+    assert torch.allclose(module.report_findings_head.fc.bias, expected_rest, atol=1e-5)
+
+
 def test_report_findings_term_refuses_findings_the_labeler_cannot_read(cohort):
     from volumevlm.train.datamodule import PretrainDataModule
     from volumevlm.train.module import PretrainModule

@@ -217,6 +217,12 @@ class PretrainDataModule(L.LightningDataModule):
         self._read_splits()
         return self._loader(self.val_rows, self.val_batch_size, shuffle=False)
 
+    def train_reports(self) -> list[str | None]:
+        """Each training case's report as the batches carry it (None where it is missing or blank)."""
+        self._read_splits()
+        return [row["report"] if isinstance(row.get("report"), str) and row["report"].strip() else None
+                for row in self.train_rows]
+
     def describe(self) -> dict[str, Any]:
         """Counts for logs and metrics.json."""
         return {

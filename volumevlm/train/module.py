@@ -279,6 +279,17 @@ class PretrainModule(L.LightningModule):
         targets = torch.as_tensor(findings_matrix(labels, keys), dtype=torch.float32, device=self.device)
         return targets, torch.tensor([r is not None for r in reports], dtype=torch.bool, device=self.device)
 
+    def start_report_findings_at_prevalence(self, reports: Sequence[str | None]) -> None:
+        """Start the findings head's biases at each finding's share of the training reports
+        (the labeler's reading), as the phenotype head starts at the code prevalence."""
+        targets, has_report = self.report_findings_targets(reports)
+        if not bool(has_report.any()):
+            return
+        present = targets[has_report].sum(dim=0)
+        share = (present + 0.5) / (int(has_report.sum()) + 1)
+        with torch.no_grad():
+            self.report_findings_head.fc.bias.copy_(torch.logit(share).to(self.report_findings_head.fc.bias))
+
     def report_findings_loss(self, image_features: torch.Tensor, reports: Sequence[str | None]) -> torch.Tensor:
         """Mean BCE of the training-only findings head over the cases with a report (this
         rank's mean: under DDP ranks with equal batches average to the global mean)."""

@@ -91,6 +91,8 @@ def build(cfg: DictConfig):
         findings=datamodule.findings,
         _convert_="all",
     )
+    if module.findings_weight:
+        module.start_report_findings_at_prevalence(datamodule.train_reports())
     return datamodule, module
 
 
