@@ -243,6 +243,13 @@ def test_report_findings_term_learns_what_the_labeler_reads_and_stays_out_of_the
         by_hand = torch.nn.functional.binary_cross_entropy_with_logits(module.report_findings_head(features), truth)
     assert torch.allclose(losses["findings"], by_hand, atol=1e-6)
     assert torch.allclose(losses["loss"], losses["clip"] + losses["phenotype"] + 0.5 * losses["findings"], atol=1e-6)
+    # validation scores the head against the labeler's reading of the validation reports
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    metrics = module.validation_metrics(module._gathered_val_outputs())
+    head_auroc, columns = macro_auroc(module.report_findings_head(features), truth)
+    assert metrics["findings_head_auroc"] == pytest.approx(head_auroc) and metrics["findings_head_findings"] == columns > 0
 
     exported = json.loads((out / "model" / "config.json").read_text())
     assert "report_findings" not in json.dumps(exported["heads"])

@@ -351,6 +351,15 @@ class PretrainModule(L.LightningModule):
                 "findings": findings,
             }
         )
+        if self.findings_weight:
+            # The training-only head against the labeler's reading of the validation
+            # reports: does the encoder learn the findings at all, apart from the text?
+            head_targets, has_report = self.report_findings_targets(batch["report"])
+            self._val_outputs[-1].update(
+                report_findings_logits=self.report_findings_head(out["image_features"]).float(),
+                report_findings_targets=head_targets,
+                has_report=has_report,
+            )
 
     def _gathered_val_outputs(self) -> dict[str, torch.Tensor]:
         joined = {key: torch.cat([o[key] for o in self._val_outputs]) for key in self._val_outputs[0]}
@@ -401,6 +410,11 @@ class PretrainModule(L.LightningModule):
             metrics["zero_shot_auroc"], metrics["zero_shot_findings"] = macro_auroc(probs.float(), findings[known])
         else:
             metrics["zero_shot_auroc"], metrics["zero_shot_findings"] = math.nan, 0
+        if "report_findings_logits" in data:
+            has_report = data["has_report"]
+            metrics["findings_head_auroc"], metrics["findings_head_findings"] = macro_auroc(
+                data["report_findings_logits"][has_report], data["report_findings_targets"][has_report]
+            )
         metrics = {key: float(value) for key, value in metrics.items()}
         return metrics
 
