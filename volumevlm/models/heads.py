@@ -36,11 +36,16 @@ class PhenotypeHead(nn.Module):
         self.fc = nn.Linear(in_dim, num_codes)
         nn.init.zeros_(self.fc.bias)
         if prevalence is not None:
-            share = torch.as_tensor(list(prevalence), dtype=torch.float32)
-            if share.shape != (num_codes,) or not bool(((share > 0) & (share < 1)).all()):
-                raise ValueError(f"PhenotypeHead: prevalence needs {num_codes} shares in (0, 1)")
-            with torch.no_grad():
-                self.fc.bias.copy_(torch.logit(share))
+            self.start_at_prevalence(prevalence)
+
+    def start_at_prevalence(self, prevalence: Sequence[float]) -> None:
+        """Set the output biases to the log-odds of each label's share (all in (0, 1))."""
+        num_codes = self.fc.out_features
+        share = torch.as_tensor(list(prevalence), dtype=torch.float32)
+        if share.shape != (num_codes,) or not bool(((share > 0) & (share < 1)).all()):
+            raise ValueError(f"PhenotypeHead: prevalence needs {num_codes} shares in (0, 1)")
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.logit(share).to(self.fc.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(x))

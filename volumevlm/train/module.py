@@ -286,9 +286,7 @@ class PretrainModule(L.LightningModule):
         if not bool(has_report.any()):
             return
         present = targets[has_report].sum(dim=0)
-        share = (present + 0.5) / (int(has_report.sum()) + 1)
-        with torch.no_grad():
-            self.report_findings_head.fc.bias.copy_(torch.logit(share).to(self.report_findings_head.fc.bias))
+        self.report_findings_head.start_at_prevalence(((present + 0.5) / (int(has_report.sum()) + 1)).tolist())
 
     def report_findings_loss(self, image_features: torch.Tensor, reports: Sequence[str | None]) -> torch.Tensor:
         """Mean BCE of the training-only findings head over the cases with a report (this
