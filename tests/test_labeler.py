@@ -11,7 +11,14 @@ import pytest
 
 from volumevlm.errors import VolumeVLMError
 from volumevlm.text import label_findings
-from volumevlm.text.labeler import KNOWN_FINDINGS, SYNTHETIC_FINDINGS, findings_matrix, label_reports, resolve_findings
+from volumevlm.text.labeler import (
+    KNOWN_FINDINGS,
+    SYNTHETIC_FINDINGS,
+    findings_matrix,
+    label_reports,
+    report_sentences,
+    resolve_findings,
+)
 
 NEG, POS, UNC = "negative", "positive", "uncertain"
 
@@ -167,3 +174,26 @@ def test_synthetic_reports_agree_with_their_labels():
                     disagreements.append((row["id"], name, got.get(name), "hedged"))
     assert hedged_seen > 0
     assert disagreements == []
+
+
+def test_report_sentences_keep_the_wording_and_the_header_the_labeler_needs():
+    report = (
+        "INDICATION: Rule out splenomegaly.\n"
+        "TECHNIQUE: Axial images reconstructed at 2.5 mm.\n\n"
+        "FINDINGS:\n"
+        "SPLEEN: Enlarged. The splenic vein is patent.\n"
+        "LIVER AND BILIARY TREE: 1.9 cm hypodense lesion in the left hepatic lobe.\n\n"
+        "IMPRESSION:\n"
+        "1. Splenomegaly.\n"
+    )
+    pairs = report_sentences(report)
+    assert [text for text, _ in pairs] == [
+        "Enlarged.", "The splenic vein is patent.", "1.9 cm hypodense lesion in the left hepatic lobe.", "Splenomegaly.",
+    ]
+    # the skipped sections (a question in the indication) give no sentence
+    assert not any("Rule out" in text or "2.5 mm" in text for text, _ in pairs)
+    # "Enlarged." alone names nothing; with its header the labeler reads splenomegaly
+    assert label_findings(pairs[0][0]) == {}
+    assert label_findings(pairs[0][1])["splenomegaly"] == "positive"
+    with pytest.raises(VolumeVLMError, match="report_sentences"):
+        report_sentences(None)

@@ -273,6 +273,68 @@ def test_report_findings_head_starts_at_the_share_of_training_reports_with_each_
     assert torch.allclose(module.report_findings_head.fc.bias, expected_rest, atol=1e-5)
 
 
+def test_finding_sentences_are_scored_against_every_case_by_the_labeler(cohort):
+    import random
+
+    from volumevlm.train.datamodule import PretrainDataModule
+    from volumevlm.train.module import PretrainModule
+
+    datamodule = PretrainDataModule(cohort, batch_size=2)
+    datamodule.setup()
+    module = PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
+                            objective={"sentence_weight": 1.0}, tokenizer=datamodule.tokenizer,
+                            phecode_vocab=datamodule.phecode_vocab,
+                            findings=["splenomegaly", "hepatic_steatosis", "ascites"])
+    reports = [
+        "FINDINGS:\nSPLEEN: Splenomegaly.\nLIVER: Diffuse hepatic steatosis.",
+        "FINDINGS:\nSPLEEN: No splenomegaly.\nPERITONEUM: No free fluid.",
+        None,
+        "FINDINGS:\nLIVER: Diffuse hepatic steatosis. Small volume ascites.",
+    ]
+    sentences, targets, known = module.finding_sentences(reports, per_case=10, rng=random.Random(0))
+    assert sorted(sentences) == sorted(["Splenomegaly.", "Diffuse hepatic steatosis.", "No splenomegaly.",
+                                        "No free fluid.", "Diffuse hepatic steatosis.", "Small volume ascites."])
+    truth = {  # sentence -> (true of case 0, 1, 2, 3); None: the labeler cannot tell
+        "Splenomegaly.": (1, 0, None, None),
+        "No splenomegaly.": (0, 1, None, None),
+        "Diffuse hepatic steatosis.": (1, None, None, 1),
+        "No free fluid.": (None, 1, None, 0),
+        "Small volume ascites.": (None, 0, None, 1),
+    }
+    for j, sentence in enumerate(sentences):
+        for i, expected in enumerate(truth[sentence]):
+            assert bool(known[i, j]) == (expected is not None), (sentence, i)
+            if expected is not None:
+                assert targets[i, j] == expected, (sentence, i)
+    with pytest.raises(ValueError, match="sentences_per_case"):
+        PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
+                       objective={"sentence_weight": 1.0, "sentences_per_case": 0}, tokenizer=datamodule.tokenizer,
+                       phecode_vocab=datamodule.phecode_vocab, findings=["splenomegaly"])
+
+
+def test_sentence_term_is_the_masked_sigmoid_loss_and_stays_out_of_the_export(cohort, tmp_path):
+    import random
+
+    out = tmp_path / "out"
+    cfg = shrunk_config(cohort, out, "model.objective.sentence_weight=0.5", "debug=fdr")
+    _, objects = train(cfg)
+    module, datamodule = objects["module"], objects["datamodule"]
+    batch = next(iter(datamodule.train_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        random.seed(3)
+        losses = module.compute_losses(batch)
+        random.seed(3)
+        sentences, targets, known = module.finding_sentences(batch["report"])
+        out_ = module.model(batch["image"])
+        logits = out_["logit_scale"] * out_["image_emb"] @ module.model.encode_text(sentences).T + module.sentence_bias
+        by_hand = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known])
+    assert sentences and bool(known.any())
+    assert torch.allclose(losses["sentences"], by_hand, atol=1e-5)
+    assert torch.allclose(losses["loss"], losses["clip"] + losses["phenotype"] + 0.5 * losses["sentences"], atol=1e-5)
+    assert not any("sentence_bias" in k for k in volumevlm.load(out / "model").state_dict())
+
+
 def test_report_findings_term_refuses_findings_the_labeler_cannot_read(cohort):
     from volumevlm.train.datamodule import PretrainDataModule
     from volumevlm.train.module import PretrainModule

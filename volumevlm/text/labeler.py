@@ -809,6 +809,31 @@ def label_findings(report: str, findings: Sequence[str] | None = None) -> dict[s
     return out
 
 
+def report_sentences(report: str) -> list[tuple[str, str]]:
+    """The sentences of a report's image-describing sections, as written: a list of
+    (sentence, context), where context prefixes the sentence with its section header so
+    that :func:`label_findings` reads it as it reads the report ("SPLEEN: Enlarged.").
+    Sections the labeler skips (indication, technique, ...) are left out."""
+    if not isinstance(report, str):
+        raise VolumeVLMError(f"report_sentences: expected report text (str), got {type(report).__name__}")
+    out: list[tuple[str, str]] = []
+    header, skip = "", False
+    for line in report.splitlines():
+        m = _HEADER.match(line.lower()) if ":" in line else None
+        if m and len(m.group(1).split()) <= 5:
+            header = " ".join(m.group(1).split())
+            skip = header in SKIPPED_SECTIONS
+            line = line[m.end():]
+        if skip:
+            continue
+        line = _LIST_MARK.sub("", line)
+        for piece in _SENTENCE_END.split(line):
+            sentence = " ".join(piece.split()).strip(" ,:")
+            if sentence:
+                out.append((f"{sentence}.", f"{header}: {sentence}." if header else f"{sentence}."))
+    return out
+
+
 def label_reports(reports: Iterable[str], findings: Sequence[str] | None = None) -> list[dict[str, str]]:
     """:func:`label_findings` of every report, in order (a list of dicts)."""
     if isinstance(reports, str):
@@ -851,6 +876,7 @@ def findings_matrix(labels: Sequence[dict], findings: Sequence[str] | None = Non
 
 
 __all__ = [
+    "report_sentences",
     "CT_RATE_FINDINGS",
     "KNOWN_FINDINGS",
     "MERLIN_FINDINGS",

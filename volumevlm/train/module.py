@@ -41,6 +41,10 @@ OBJECTIVE_DEFAULTS: dict[str, Any] = {
     # > 0: an image-side multi-label term on the findings the rule-based labeler reads in
     # each training report (volumevlm.text.labeler); a training-only head, not exported.
     "findings_weight": 0.0,
+    # > 0: a sigmoid image-sentence term on single finding sentences of the batch's reports,
+    # each scored against every case by the labeler (training-only bias, not exported).
+    "sentence_weight": 0.0,
+    "sentences_per_case": 2,
 }
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -177,17 +181,29 @@ class PretrainModule(L.LightningModule):
         )
         self.sections = bool(self.model.text_config.sections)
         self.findings_weight = float(self.objective_config["findings_weight"])
-        if self.findings_weight < 0:
-            raise ValueError(f"model.objective.findings_weight must be >= 0, got {self.findings_weight}")
-        if self.findings_weight:
-            from volumevlm.models.heads import PhenotypeHead
+        self.sentence_weight = float(self.objective_config["sentence_weight"])
+        self.sentences_per_case = int(self.objective_config["sentences_per_case"])
+        for name in ("findings_weight", "sentence_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.objective.{name} must be >= 0, got {getattr(self, name)}")
+        if self.sentences_per_case < 1:
+            raise ValueError(f"model.objective.sentences_per_case must be >= 1, got {self.sentences_per_case}")
+        if self.findings_weight or self.sentence_weight:
             from volumevlm.text.labeler import resolve_findings
 
             try:
                 self.report_finding_keys = resolve_findings(self.model.findings)
             except VolumeVLMError as err:
-                raise ValueError(f"model.objective.findings_weight: the labeler cannot read the model's findings ({err})") from None
+                which = "findings_weight" if self.findings_weight else "sentence_weight"
+                raise ValueError(f"model.objective.{which}: the labeler cannot read the model's findings ({err})") from None
+        if self.findings_weight:
+            from volumevlm.models.heads import PhenotypeHead
+
             self.report_findings_head = PhenotypeHead(self.model.encoder.embed_dim, len(self.report_finding_keys))
+        if self.sentence_weight:
+            # Sigmoid pairs need an offset: most (case, sentence) pairs are negatives
+            # early on (SigLIP starts it at -10 for the same reason; our batches are small).
+            self.sentence_bias = torch.nn.Parameter(torch.tensor(-2.0))
         self.configure_objective(rank=0, world_size=1)
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
@@ -267,7 +283,58 @@ class PretrainModule(L.LightningModule):
         if self.findings_weight:
             losses["findings"] = self.report_findings_loss(out["image_features"], batch["report"])
             losses["loss"] = losses["loss"] + self.findings_weight * losses["findings"]
+        if self.sentence_weight:
+            losses["sentences"] = self.sentence_loss(image_emb, out["logit_scale"], batch["report"])
+            losses["loss"] = losses["loss"] + self.sentence_weight * losses["sentences"]
         return losses
+
+    def finding_sentences(self, reports: Sequence[str | None], per_case: int | None = None,
+                          rng: random.Random | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Up to ``per_case`` sentences drawn from each report among those that state a
+        finding, and whether each is TRUE of each case: (sentences [S], targets float
+        [B, S], known bool [B, S]). A sentence is true of a case when the labeler reads
+        the same status (hedged counts as present) for every finding the sentence states
+        in that case's report; unknown where the case has no report or does not mention
+        one of them. Why per sentence and not per report: a report is unique, so a
+        contrastive model can match it by what makes it unique; "No splenomegaly." is
+        shared by most cases, and this says by which."""
+        from volumevlm.text.labeler import label_findings, report_sentences
+
+        rng = rng or random
+        per_case = self.sentences_per_case if per_case is None else per_case
+        keys = self.report_finding_keys
+        case_labels = [_present_or_absent(label_findings(r, keys)) if r is not None else None for r in reports]
+        sentences: list[str] = []
+        stated: list[dict[str, bool]] = []
+        for report in reports:
+            if report is None:
+                continue
+            candidates = [(text, _present_or_absent(label_findings(context, keys)))
+                          for text, context in report_sentences(report)]
+            candidates = [(text, labels) for text, labels in candidates if labels]
+            for text, labels in rng.sample(candidates, min(per_case, len(candidates))):
+                sentences.append(text)
+                stated.append(labels)
+        targets = torch.zeros(len(reports), len(sentences))
+        known = torch.zeros(len(reports), len(sentences), dtype=torch.bool)
+        for i, labels in enumerate(case_labels):
+            for j, claim in enumerate(stated):
+                if labels is not None and all(key in labels for key in claim):
+                    known[i, j] = True
+                    targets[i, j] = float(all(labels[key] == value for key, value in claim.items()))
+        return sentences, targets.to(self.device), known.to(self.device)
+
+    def sentence_loss(self, image_emb: torch.Tensor, logit_scale: torch.Tensor,
+                      reports: Sequence[str | None]) -> torch.Tensor:
+        """Mean sigmoid BCE over the (case, sentence) pairs whose truth the labeler knows
+        (this rank's cases and sentences)."""
+        sentences, targets, known = self.finding_sentences(reports)
+        if not sentences or not bool(known.any()):
+            return image_emb.sum() * 0.0 + self.sentence_bias * 0.0
+        text_emb = self.model.encode_text(sentences).to(image_emb.dtype)
+        logits = logit_scale.to(image_emb.dtype) * image_emb @ text_emb.T + self.sentence_bias.to(image_emb.dtype)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[known].to(dtype), targets[known])
 
     def report_findings_targets(self, reports: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Findings the labeler reads in each report, float [B, F] (a hedged finding counts
@@ -306,8 +373,9 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         self.log("train/clip", losses["clip"], batch_size=size)
         self.log("train/phenotype", losses["phenotype"], batch_size=size)
-        if "findings" in losses:
-            self.log("train/findings", losses["findings"], batch_size=size)
+        for name in ("findings", "sentences"):
+            if name in losses:
+                self.log(f"train/{name}", losses[name], batch_size=size)
         self.log("train/temperature", 1.0 / self.model.scale().detach(), batch_size=size)
         return losses["loss"]
 
@@ -422,3 +490,8 @@ class PretrainModule(L.LightningModule):
         # The temperature is a scalar already; named here so a reshaped one stays undecayed.
         return configure_adamw(self.named_parameters(), self.optimizer_config, total_optimizer_steps(self),
                                exempt_from_decay=lambda name: name.endswith("logit_scale"))
+
+
+def _present_or_absent(labels: Mapping[str, str]) -> dict[str, bool]:
+    """The labeler's statuses as True (positive or hedged) / False (negative)."""
+    return {key: status != "negative" for key, status in labels.items()}
