@@ -273,6 +273,29 @@ def test_report_findings_head_starts_at_the_share_of_training_reports_with_each_
     assert torch.allclose(module.report_findings_head.fc.bias, expected_rest, atol=1e-5)
 
 
+def test_shared_space_findings_term_reads_both_the_image_and_the_report_embeddings(cohort, tmp_path):
+    out = tmp_path / "out"
+    cfg = shrunk_config(cohort, out, "model.objective.findings_weight=1.0", "model.objective.findings_space=shared",
+                        "debug=fdr")
+    _, objects = train(cfg)
+    module, datamodule = objects["module"], objects["datamodule"]
+    batch = next(iter(datamodule.train_dataloader()))
+    truth = torch.tensor([[case[k] for k in module.model.findings] for case in batch["findings"]], dtype=torch.float32)
+    module.eval()
+    with torch.no_grad():
+        losses = module.compute_losses(batch)
+        out_ = module.model(batch["image"])
+        text_emb = module.model.encode_text(batch["report"])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        head = module.report_findings_head
+        by_hand = 0.5 * (bce(head(out_["image_emb"]), truth) + bce(head(text_emb), truth))
+    assert head.fc.in_features == module.model.embed_dim
+    assert torch.allclose(losses["findings"], by_hand, atol=1e-5)
+    with pytest.raises(Exception, match="findings_space"):
+        train(shrunk_config(cohort, tmp_path / "bad", "model.objective.findings_weight=1.0",
+                            "model.objective.findings_space=text", "debug=fdr"))
+
+
 def test_finding_sentences_are_scored_against_every_case_by_the_labeler(cohort):
     import random
 

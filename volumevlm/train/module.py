@@ -41,6 +41,10 @@ OBJECTIVE_DEFAULTS: dict[str, Any] = {
     # > 0: an image-side multi-label term on the findings the rule-based labeler reads in
     # each training report (volumevlm.text.labeler); a training-only head, not exported.
     "findings_weight": 0.0,
+    # Where that head reads: "image" (pooled encoder features) or "shared" (the shared
+    # embedding space, applied to the image AND to the text embeddings, so both put the
+    # findings along the same directions, the ones zero-shot prompts are read along).
+    "findings_space": "image",
     # > 0: a sigmoid image-sentence term on single finding sentences of the batch's reports,
     # each scored against every case by the labeler (training-only bias, not exported).
     "sentence_weight": 0.0,
@@ -196,10 +200,14 @@ class PretrainModule(L.LightningModule):
             except VolumeVLMError as err:
                 which = "findings_weight" if self.findings_weight else "sentence_weight"
                 raise ValueError(f"model.objective.{which}: the labeler cannot read the model's findings ({err})") from None
+        self.findings_space = str(self.objective_config["findings_space"])
+        if self.findings_space not in ("image", "shared"):
+            raise ValueError(f"model.objective.findings_space must be 'image' or 'shared', got {self.findings_space!r}")
         if self.findings_weight:
             from volumevlm.models.heads import PhenotypeHead
 
-            self.report_findings_head = PhenotypeHead(self.model.encoder.embed_dim, len(self.report_finding_keys))
+            in_dim = self.model.embed_dim if self.findings_space == "shared" else self.model.encoder.embed_dim
+            self.report_findings_head = PhenotypeHead(in_dim, len(self.report_finding_keys))
         if self.sentence_weight:
             # Sigmoid pairs need an offset: most (case, sentence) pairs are negatives
             # early on (SigLIP starts it at -10 for the same reason; our batches are small).
@@ -281,7 +289,11 @@ class PretrainModule(L.LightningModule):
             codes_mask=has_codes,
         )
         if self.findings_weight:
-            losses["findings"] = self.report_findings_loss(out["image_features"], batch["report"])
+            losses["findings"] = self.report_findings_loss(self.findings_head_input(out), batch["report"])
+            if self.findings_space == "shared":
+                # the text side reads the text it was given (a section in sections mode)
+                text_loss = self.report_findings_loss(text_emb, texts)
+                losses["findings"] = 0.5 * (losses["findings"] + text_loss)
             losses["loss"] = losses["loss"] + self.findings_weight * losses["findings"]
         if self.sentence_weight:
             losses["sentences"] = self.sentence_loss(image_emb, out["logit_scale"], batch["report"])
@@ -355,10 +367,15 @@ class PretrainModule(L.LightningModule):
         present = targets[has_report].sum(dim=0)
         self.report_findings_head.start_at_prevalence(((present + 0.5) / (int(has_report.sum()) + 1)).tolist())
 
-    def report_findings_loss(self, image_features: torch.Tensor, reports: Sequence[str | None]) -> torch.Tensor:
-        """Mean BCE of the training-only findings head over the cases with a report (this
+    def findings_head_input(self, out: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the findings head reads of a model output: pooled features or the unit embedding."""
+        return out["image_emb"] if self.findings_space == "shared" else out["image_features"]
+
+    def report_findings_loss(self, inputs: torch.Tensor, reports: Sequence[str | None]) -> torch.Tensor:
+        """Mean BCE of the training-only findings head on inputs [B, D] (image features, or
+        in the shared space image or text embeddings) over the cases with a report (this
         rank's mean: under DDP ranks with equal batches average to the global mean)."""
-        logits = self.report_findings_head(image_features)
+        logits = self.report_findings_head(inputs)
         targets, has_report = self.report_findings_targets(reports)
         if not bool(has_report.any()):
             return logits.sum() * 0.0
@@ -422,7 +439,7 @@ class PretrainModule(L.LightningModule):
             # reports: does the encoder learn the findings at all, apart from the text?
             head_targets, has_report = self.report_findings_targets(batch["report"])
             self._val_outputs[-1].update(
-                report_findings_logits=self.report_findings_head(out["image_features"]).float(),
+                report_findings_logits=self.report_findings_head(self.findings_head_input(out)).float(),
                 report_findings_targets=head_targets,
                 has_report=has_report,
             )
