@@ -239,6 +239,12 @@ def _config(config) -> PreprocessConfig:
 # --------------------------------------------------------------------------- datasets
 
 
+def case_report(row: dict) -> str | None:
+    """A manifest row's report as training uses it: None where it is missing or blank."""
+    report = row.get("report")
+    return report if isinstance(report, str) and report.strip() else None
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Image-report-codes cases for pretraining.
 
@@ -267,8 +273,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         image = _plain(_fetch(self._data, index)["image"])
-        report = row.get("report")
-        report = report if isinstance(report, str) and report.strip() else None
+        report = case_report(row)
         icd10 = [str(c) for c in (row.get("icd10") or [])]
         phecodes = [str(c) for c in (row.get("phecodes") or [])]
         findings = row.get("findings")

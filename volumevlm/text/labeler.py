@@ -876,7 +876,6 @@ def findings_matrix(labels: Sequence[dict], findings: Sequence[str] | None = Non
 
 
 __all__ = [
-    "report_sentences",
     "CT_RATE_FINDINGS",
     "KNOWN_FINDINGS",
     "MERLIN_FINDINGS",
@@ -885,5 +884,6 @@ __all__ = [
     "findings_matrix",
     "label_findings",
     "label_reports",
+    "report_sentences",
     "resolve_findings",
 ]

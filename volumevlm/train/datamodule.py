@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from volumevlm.data.datasets import PretrainDataset, collate_cases
+from volumevlm.data.datasets import PretrainDataset, case_report, collate_cases
 from volumevlm.data.manifest import read_manifest
 from volumevlm.data.transforms import PreprocessConfig
 from volumevlm.errors import InputError, VolumeVLMError
@@ -181,7 +181,7 @@ class PretrainDataModule(L.LightningDataModule):
             return load_local_tokenizer(self.text_pretrained)
         from volumevlm.text.tokenizer import build_wordpiece_tokenizer
 
-        reports = [row["report"] for row in rows if isinstance(row.get("report"), str) and row["report"].strip()]
+        reports = [report for report in map(case_report, rows) if report is not None]
         if not reports:
             raise InputError(self.root / MANIFEST_NAME, "no training case has a report to train the tokenizer on")
         return build_wordpiece_tokenizer(reports, vocab_size=self.tokenizer_vocab_size)
@@ -220,8 +220,7 @@ class PretrainDataModule(L.LightningDataModule):
     def train_reports(self) -> list[str | None]:
         """Each training case's report as the batches carry it (None where it is missing or blank)."""
         self._read_splits()
-        return [row["report"] if isinstance(row.get("report"), str) and row["report"].strip() else None
-                for row in self.train_rows]
+        return [case_report(row) for row in self.train_rows]
 
     def describe(self) -> dict[str, Any]:
         """Counts for logs and metrics.json."""
