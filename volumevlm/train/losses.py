@@ -1,8 +1,8 @@
 """The pretraining objective: symmetric InfoNCE (image <-> report) + phenotype BCE.
 
 Correct under DDP. The contrastive term needs every rank's negatives: features are
-gathered from all ranks WITH gradients (``torch.distributed.nn.functional.all_gather``,
-whose backward sums each rank's gradient into the owner's slice), and every rank
+gathered from all ranks WITH gradients (:class:`_GatherWithGrad`, whose backward sums
+every rank's gradient into the owner's slice), and every rank
 computes the full global loss. Lightning/DDP then averages parameter gradients over
 W ranks: (1/W) * sum_r (W * dL/df_r) df_r/dtheta = dL/dtheta, the single-process
 gradient on the global batch (open_clip's ClipLoss with gather_with_grad does the same).
@@ -24,15 +24,36 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the ranks' gradients of the gathered tensor and
+    hands each rank its own slice. The sum is an all_reduce, which every backend has
+    (gloo has no reduce_scatter); the tensors are [batch, dim] embeddings, so the W-fold
+    traffic over a reduce_scatter does not matter. Ours rather than
+    torch.distributed.nn.functional.all_gather: that one is deprecated, and its gloo
+    backward goes through all_to_all."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rows, ctx.rank = x.shape[0], rank
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """[b, ...] from every rank concatenated in rank order -> [W*b, ...]; gradients flow
     back to each rank's own slice (summed over the ranks' losses). Identity when not
     distributed. Every rank must hold the same b (the distributed sampler pads)."""
     if not _distributed(world_size):
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 def gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
