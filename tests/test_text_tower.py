@@ -223,6 +223,9 @@ def test_text_config_round_trips_through_asdict():
     with pytest.raises(VolumeVLMError) as excinfo:
         TextConfig(pooling="max")
     assert "pooling" in _one_line(excinfo)
+    with pytest.raises(VolumeVLMError) as excinfo:
+        TextConfig(pooled_norm="layer")
+    assert "pooled_norm" in _one_line(excinfo) and "'layer'" in _one_line(excinfo)
 
 
 def test_tower_from_config_shapes(tokenizer):
@@ -265,6 +268,39 @@ def test_tower_padding_invariance(tokenizer, pooling):
         with torch.no_grad():
             hidden = tower.model(**alone_tokens).last_hidden_state[0]
         assert torch.allclose(alone, hidden.mean(dim=0), atol=1e-6)
+
+
+def test_tower_pooled_batch_norm_standardizes_over_the_batch_and_keeps_its_statistics(tokenizer, tmp_path, no_network):
+    torch.manual_seed(4)
+    plain = TextTower(TextConfig(pooling="mean", **TINY), tokenizer)
+    normed = TextTower(TextConfig(pooling="mean", pooled_norm="batch", **TINY), tokenizer)
+    assert isinstance(plain.pooled_norm, torch.nn.Identity)
+    normed.model.load_state_dict(plain.model.state_dict())  # the same encoder, with and without the norm
+    tokens = plain.tokenize(REPORTS)
+    plain.eval()
+    with torch.no_grad():
+        pooled = plain(**tokens)
+    # Training: each feature standardized with the batch's own mean and (biased) variance.
+    normed.train()
+    normed.model.eval()  # no dropout, so the pooled vectors are exactly `pooled`
+    out = normed(**tokens)
+    expected = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + normed.pooled_norm.eps)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(out, pooled, atol=1e-2)
+    out.sum().backward()
+    assert normed.pooled_norm.weight.grad is not None  # learnable affine, in the graph
+    # Evaluation uses the running statistics, which a rebuilt tower gets from the state dict.
+    normed.eval()
+    with torch.no_grad():
+        evaluated = normed(**tokens)
+    stats = normed.pooled_norm
+    assert torch.allclose(evaluated, (pooled - stats.running_mean) / torch.sqrt(stats.running_var + stats.eps), atol=1e-4)
+    normed.save(tmp_path / "text")
+    assert json.loads((tmp_path / "text" / "tower.json").read_text())["text_config"]["pooled_norm"] == "batch"
+    rebuilt = TextTower.load(tmp_path / "text", tokenizer).eval()
+    rebuilt.load_state_dict(normed.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**tokens), evaluated)
 
 
 def test_tower_save_load_rebuilds_the_same_model(tokenizer, tmp_path, no_network):

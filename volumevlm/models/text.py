@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from volumevlm.errors import VolumeVLMError, one_line
+from volumevlm.models.encoder import POOLED_NORMS, PooledBatchNorm
 
 TOWER_NAME = "tower.json"
 HF_CONFIG_NAME = "config.json"
@@ -48,6 +49,9 @@ class TextConfig:
     max_length: texts are truncated to this many tokens ([CLS] and [SEP] included).
     sections: True trains on organ-system sections instead of whole reports.
     pooling: "cls" (first token's hidden state) or "mean" (mean over real tokens).
+    pooled_norm: "batch" normalizes the pooled vector with batch statistics
+        (:class:`~volumevlm.models.encoder.PooledBatchNorm`, as the image encoder's
+        ``pooled_norm``); "none" leaves it as pooled.
     """
 
     pretrained: str | None = None
@@ -58,6 +62,7 @@ class TextConfig:
     max_length: int = 256
     sections: bool = False
     pooling: str = "cls"
+    pooled_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.pretrained is not None:
@@ -70,6 +75,8 @@ class TextConfig:
             raise VolumeVLMError(f"text config: max_length must be at least 2 ([CLS] and [SEP]), got {self.max_length}")
         if self.pooling not in POOLING_MODES:
             raise VolumeVLMError(f"text config: pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}")
+        if self.pooled_norm not in POOLED_NORMS:
+            raise VolumeVLMError(f"text config: pooled_norm must be one of {list(POOLED_NORMS)}, got {self.pooled_norm!r}")
         if self.pretrained is None and self.dim % self.heads:
             raise VolumeVLMError(f"text config: dim {self.dim} is not divisible by heads {self.heads}")
         self.sections = bool(self.sections)
@@ -157,6 +164,10 @@ class TextTower(nn.Module):
         self.embed_dim = int(getattr(self.model.config, "hidden_size", self.model.get_input_embeddings().embedding_dim))
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = min(config.max_length, positions) if isinstance(positions, int) and positions > 0 else config.max_length
+        # Reports share their template, so pooled vectors differ from each other by a few
+        # findings' words on top of one common vector; batch statistics take the common
+        # part away (the image encoder's reason for the same norm, see PooledBatchNorm).
+        self.pooled_norm = PooledBatchNorm(self.embed_dim) if config.pooled_norm == "batch" else nn.Identity()
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """{"input_ids", "attention_mask"}: int64 [B, L] (right-padded to the longest text,
@@ -185,9 +196,11 @@ class TextTower(nn.Module):
             return weight.new_zeros(0, self.embed_dim)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
         if self.config.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.pooled_norm(pooled)
 
     # ------------------------------------------------------------------ description
 
