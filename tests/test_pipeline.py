@@ -28,7 +28,7 @@ from volumevlm.io import read_volume
 from volumevlm.io.writers import write_dicom_series, write_nifti
 from volumevlm.models.report import generate_reports
 from volumevlm.models.segmentation import read_label_names, sliding_window_segment
-from volumevlm.models.vlm import DEFAULT_PROMPTS
+from volumevlm.models.vlm import DEFAULT_PROMPTS, finding_text
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
 
 # name: (spacing per stored axis mm, shape per stored axis, stored axis codes)
@@ -144,8 +144,17 @@ def test_zero_shot_equals_the_prompt_set_scorer_by_hand(model, inputs, checkpoin
     assert chosen == pytest.approx({k: result[k] for k in ("splenomegaly", "gallstones")}, abs=1e-6)
     pair = model.zero_shot(x, prompts=DEFAULT_PROMPTS)
     with torch.no_grad():
-        legacy = model.zero_shot_scores(x[None].as_tensor())[0]
-    np.testing.assert_allclose([pair[k] for k in model.findings], legacy.numpy(), atol=1e-6)
+        image_emb = model.encode_image(x[None].as_tensor())
+        by_hand = torch.stack([
+            torch.sigmoid(model.scale() * (image_emb[0] @ model.encode_text([DEFAULT_PROMPTS[0].format(finding=finding_text(k))])[0]
+                                           - image_emb[0] @ model.encode_text([DEFAULT_PROMPTS[1].format(finding=finding_text(k))])[0]))
+            for k in model.findings])
+        from_model = model.zero_shot_scores(x[None].as_tensor(), prompts=DEFAULT_PROMPTS)[0]
+        # The model's own default is the same rule and prompt set as the pipeline's.
+        model_default = model.zero_shot_scores(x[None].as_tensor())[0]
+    np.testing.assert_allclose([pair[k] for k in model.findings], by_hand.numpy(), atol=1e-5)
+    np.testing.assert_allclose(from_model.numpy(), by_hand.numpy(), atol=1e-5)
+    np.testing.assert_allclose(model_default.numpy(), [result[k] for k in model.findings], atol=1e-6)
     # A set's finding may be named in plain English; one outside the set is scored with
     # the generic templates only.
     spelled = model.zero_shot(x, findings=["pleural effusion"])

@@ -250,8 +250,16 @@ def test_report_findings_term_learns_what_the_labeler_reads_and_stays_out_of_the
     metrics = module.validation_metrics(module._gathered_val_outputs())
     head_auroc, columns = macro_auroc(module.report_findings_head(features), truth)
     assert metrics["findings_head_auroc"] == pytest.approx(head_auroc) and metrics["findings_head_findings"] == columns > 0
+    # validation's zero-shot is the rule and prompt set `volumevlm evaluate` and the API use
+    from volumevlm.inference.pipeline import zero_shot_from_embeddings
+
+    with torch.no_grad():
+        image_emb = module.model(batch["image"])["image_emb"]
+    probs, _ = zero_shot_from_embeddings(module.model, image_emb, "synthetic", module.model.findings)
+    assert metrics["zero_shot_auroc"] == pytest.approx(macro_auroc(probs, truth)[0], abs=1e-6)
 
     exported = json.loads((out / "model" / "config.json").read_text())
+    assert exported["prompt_set"] == "synthetic"
     assert "report_findings" not in json.dumps(exported["heads"])
     loaded = volumevlm.load(out / "model")
     assert not any("report_findings" in k for k in loaded.state_dict())

@@ -49,10 +49,8 @@ import torch.nn.functional as F
 
 from volumevlm.errors import InputError, VolumeVLMError, one_line
 
-DEFAULT_PROMPT_SET = "synthetic"
-# config.json key under which a checkpoint may carry its own zero-shot prompt set
-# (a bundled set's name, a YAML path, or the set itself as PromptSet.to_dict() data).
-PROMPT_SET_KEY = "prompt_set"
+from volumevlm.models.vlm import DEFAULT_PROMPT_SET, PROMPT_SET_KEY
+
 UPSAMPLE_MODES = ("linear", "nearest")
 # A preprocessed tensor holds [0, 1]; this much float slack is tolerated.
 _RANGE_SLACK = 1e-3

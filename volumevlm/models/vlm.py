@@ -66,8 +66,14 @@ HEAD_RECIPES: dict[str, str] = {
     "segmentation": "volumevlm train experiment=segment_demo init_from=CKPT data.root=DIR",
     "report": "volumevlm train experiment=report_demo init_from=CKPT data.root=DIR",
 }
-# Zero-shot prompt pair per finding: (present, absent); {finding} is the plain-English name.
+# A (present, absent) template pair any zero-shot call accepts as ``prompts``; {finding} is
+# the plain-English name. Without ``prompts`` the model's prompt set is used.
 DEFAULT_PROMPTS: tuple[str, str] = ("{finding} is present.", "No {finding}.")
+# config.json key under which a checkpoint carries its zero-shot prompt set (a bundled
+# set's name, a YAML path, or the set itself as PromptSet.to_dict() data), and the set a
+# new checkpoint names (conf/prompts/synthetic.yaml).
+PROMPT_SET_KEY = "prompt_set"
+DEFAULT_PROMPT_SET = "synthetic"
 
 
 def finding_text(name: str) -> str:
@@ -75,18 +81,6 @@ def finding_text(name: str) -> str:
     from volumevlm.data.synthetic.findings import FINDING_NAMES
 
     return FINDING_NAMES.get(name, name.replace("_", " "))
-
-
-def prompt_pairs(findings: Sequence[str], prompts: Sequence[str] = DEFAULT_PROMPTS) -> list[tuple[str, str]]:
-    """(positive, negative) prompt texts for each finding key, in order."""
-    if len(prompts) != 2:
-        raise VolumeVLMError(f"prompts: need a (present, absent) pair of templates, got {len(prompts)}")
-    positive, negative = prompts
-    pairs = []
-    for name in findings:
-        text = finding_text(name)
-        pairs.append((positive.format(finding=text), negative.format(finding=text)))
-    return pairs
 
 
 class VolumeVLM(nn.Module):
@@ -215,21 +209,22 @@ class VolumeVLM(nn.Module):
         }
 
     def zero_shot_from_embeddings(
-        self, image_emb: torch.Tensor, findings: Sequence[str] | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS
+        self, image_emb: torch.Tensor, findings: Sequence[str] | None = None, prompts: Any = None
     ) -> torch.Tensor:
-        """P(finding present) [B, F] from unit image embeddings [B, E]: for each finding a
-        softmax over its (present, absent) prompt pair."""
-        findings = list(findings or self.findings)
-        pairs = prompt_pairs(findings, prompts)
-        texts = [text for pair in pairs for text in pair]
-        text_emb = self.encode_text(texts).to(image_emb.dtype)  # [2F, E]: pos, neg, pos, neg, ...
-        logits = self.scale().to(image_emb.dtype) * image_emb @ text_emb.T  # [B, 2F]
-        logits = logits.view(image_emb.shape[0], len(findings), 2)
-        return logits.softmax(dim=-1)[..., 0]
+        """P(finding present) [B, F] (on image_emb's device) from unit image embeddings [B, E].
+
+        The one zero-shot rule (:func:`volumevlm.inference.pipeline.zero_shot_from_embeddings`),
+        so training's validation, ``volumevlm evaluate`` and the API agree: prompts None is the
+        model's prompt set (the bundled ``synthetic`` set unless the checkpoint names one),
+        or a set's name / YAML path / a (present, absent) template pair such as DEFAULT_PROMPTS."""
+        from volumevlm.inference.pipeline import zero_shot_from_embeddings
+
+        probs, _ = zero_shot_from_embeddings(self, image_emb, prompts, list(findings or self.findings))
+        return probs.to(image_emb.device)
 
     @torch.no_grad()
     def zero_shot_scores(
-        self, x: torch.Tensor, findings: Sequence[str] | None = None, prompts: Sequence[str] = DEFAULT_PROMPTS
+        self, x: torch.Tensor, findings: Sequence[str] | None = None, prompts: Any = None
     ) -> torch.Tensor:
         """P(finding present) [B, F] for preprocessed images x [B, 1, X, Y, Z]."""
         return self.zero_shot_from_embeddings(self.encode_image(x), findings, prompts)
@@ -298,7 +293,7 @@ class VolumeVLM(nn.Module):
             "text": _text_config_dict(self.text_config),
             "preprocess": self.preprocess.to_dict(),
             "findings": list(self.findings),
-            "zero_shot_prompts": list(DEFAULT_PROMPTS),
+            PROMPT_SET_KEY: DEFAULT_PROMPT_SET,
             "num_phecodes": len(self.phecode_vocab.codes),
             "heads": {name: {"type": head.head_type, "config": head.head_config()} for name, head in self.heads.items()},
             "versions": {

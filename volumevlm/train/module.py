@@ -14,7 +14,7 @@ global batch.
 
 Validation collects image and report embeddings of all validation cases and logs
 ``val/r1_i2t``, ``val/r5_i2t``, ``val/r1_t2i``, ``val/r5_t2i`` (retrieval recall),
-``val/zero_shot_auroc`` (a softmax over a "present"/"absent" prompt pair per finding)
+``val/zero_shot_auroc`` (the model's prompt set, as ``volumevlm evaluate`` scores it)
 and ``val/phenotype_auroc`` (macro over codes with both classes in validation).
 """
 
