@@ -17,6 +17,7 @@ from volumevlm.eval.metrics import (
     dice_per_label,
     hd95_per_label,
     macro_auroc,
+    macro_auroc_interval,
     per_finding_auroc,
     pool_recall,
     recall_at_k,
@@ -84,6 +85,37 @@ def test_per_finding_and_macro_auroc():
     assert used == 2 and value == pytest.approx((0.75 + 1.0) / 2)
     value, used = macro_auroc(scores[:, 1:2], targets[:, 1:2])
     assert used == 0 and math.isnan(value)
+
+
+def test_macro_auroc_interval_is_a_reproducible_bootstrap_that_separates_signal_from_chance():
+    rng = np.random.default_rng(3)
+
+    def cohort(n, signal):
+        targets = (rng.random((n, 6)) < 0.3).astype(float)
+        return targets * signal + rng.normal(size=(n, 6)), targets
+
+    noise_scores, noise_targets = cohort(60, 0.0)
+    low, high = macro_auroc_interval(noise_scores, noise_targets)
+    point, _ = macro_auroc(noise_scores, noise_targets)
+    assert low <= point <= high and low < 0.5 < high  # no signal: chance is inside
+    assert macro_auroc_interval(noise_scores, noise_targets) == (low, high)  # seeded
+    assert macro_auroc_interval(noise_scores, noise_targets, seed=1) != (low, high)
+
+    scores, targets = cohort(60, 1.0)
+    small = macro_auroc_interval(scores, targets)
+    assert small[0] > 0.5  # a real signal on 60 cases is told apart from chance
+    big_scores, big_targets = cohort(600, 1.0)
+    big = macro_auroc_interval(big_scores, big_targets)
+    assert big[1] - big[0] < 0.6 * (small[1] - small[0])  # ten times the cases: about a third the width
+    assert macro_auroc_interval(scores, targets, level=0.5)[1] - macro_auroc_interval(scores, targets, level=0.5)[0] \
+        < small[1] - small[0]
+
+    separable = np.array([[0.1], [0.2], [0.8], [0.9]]), np.array([[0], [0], [1], [1]])
+    assert macro_auroc_interval(*separable) == (1.0, 1.0)
+    assert macro_auroc_interval(np.zeros((3, 1)), np.ones((3, 1))) is None  # one class: undefined
+    for bad in ({"level": 1.0}, {"resamples": 5}, {"resamples": True}):
+        with pytest.raises(VolumeVLMError):
+            macro_auroc_interval(scores, targets, **bad)
 
 
 def test_classification_input_errors_are_one_line():

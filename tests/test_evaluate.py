@@ -26,7 +26,7 @@ from volumevlm.data.manifest import read_manifest
 from volumevlm.data.synthetic.codes import FINDING_CODES
 from volumevlm.data.transforms import preprocess
 from volumevlm.eval.evaluate import METRICS_NAME, evaluate
-from volumevlm.eval.metrics import dice_per_label, macro_auroc, per_finding_auroc, pool_recall, recall_at_k
+from volumevlm.eval.metrics import dice_per_label, macro_auroc, macro_auroc_interval, per_finding_auroc, pool_recall, recall_at_k
 from volumevlm.eval.report_metrics import report_metrics
 from volumevlm.io import read_volume
 from volumevlm.text.phecodes import icd10_to_phecodes
@@ -126,6 +126,7 @@ def test_zero_shot_phenotype_and_retrieval_figures_match_a_hand_computation(eval
     macro, used = macro_auroc(scores, targets)
     assert metrics["zero_shot"]["macro_auroc"] == pytest.approx(macro, abs=1e-6)
     assert metrics["zero_shot"]["findings_scored"] == used
+    assert metrics["zero_shot"]["macro_auroc_ci95"] == pytest.approx(macro_auroc_interval(scores, targets))
     expected = per_finding_auroc(scores, targets, keys)
     for key, value in expected.items():
         assert metrics["zero_shot"]["per_finding"][key] == (pytest.approx(value, abs=1e-6) if value is not None else None)
@@ -137,6 +138,8 @@ def test_zero_shot_phenotype_and_retrieval_figures_match_a_hand_computation(eval
     macro, used = macro_auroc(torch.sigmoid(by_hand["logits"][coded]).numpy(), codes)
     assert metrics["phenotypes"]["macro_auroc"] == pytest.approx(macro, abs=1e-6)
     assert metrics["phenotypes"]["codes_scored"] == used
+    low, high = metrics["phenotypes"]["macro_auroc_ci95"]
+    assert low <= metrics["phenotypes"]["macro_auroc"] <= high
     # The image-visible subset: the phecodes of the synthetic findings' ICD-10 codes, by hand.
     visible = set(icd10_to_phecodes([c for choices, _ in FINDING_CODES.values() for c in choices]))
     columns = [j for j, code in enumerate(vocab.codes) if code in visible]

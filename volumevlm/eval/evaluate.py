@@ -225,7 +225,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
 
 def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool) -> tuple[dict[str, Any], str | None]:
-    from volumevlm.eval.metrics import macro_auroc, per_finding_auroc
+    from volumevlm.eval.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
     from volumevlm.eval.plots import plot_roc_curves
     from volumevlm.inference.pipeline import resolve_prompt_set, zero_shot_from_embeddings
 
@@ -241,6 +241,7 @@ def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool)
     macro, used = macro_auroc(scores, targets)
     section = {
         "macro_auroc": macro,
+        "macro_auroc_ci95": macro_auroc_interval(scores, targets),
         "per_finding": per_finding,
         "findings_scored": used,
         "findings": len(keys),
@@ -256,7 +257,7 @@ def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool)
 
 
 def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None = None) -> dict[str, Any]:
-    from volumevlm.eval.metrics import macro_auroc, per_finding_auroc
+    from volumevlm.eval.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
 
     vocab = model.phecode_vocab
     codes = list(vocab.codes)
@@ -273,6 +274,7 @@ def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None 
                 "macro_auroc": None, "codes_scored": 0}
     section = {
         "macro_auroc": macro,
+        "macro_auroc_ci95": macro_auroc_interval(scores, targets),
         "codes_scored": used,
         "codes": len(codes),
         "cases": len(with_codes),
@@ -284,6 +286,8 @@ def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None 
         columns = [j for j, code in enumerate(codes) if code in set(visible_codes)]
         visible, visible_used = macro_auroc(scores[:, columns], targets[:, columns]) if columns else (math.nan, 0)
         section["macro_auroc_image_visible"] = None if not visible_used else visible
+        section["macro_auroc_image_visible_ci95"] = (
+            macro_auroc_interval(scores[:, columns], targets[:, columns]) if visible_used else None)
         section["image_visible_codes_scored"] = visible_used
         section["image_visible_codes"] = [codes[j] for j in columns]
     return section
@@ -570,18 +574,27 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
 
+def _fmt_ci(value: Any, interval: Any) -> str:
+    """A figure with its 95% bootstrap interval over cases, when there is one."""
+    if value is None or not interval:
+        return _fmt(value)
+    return f"{_fmt(value)} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def format_table(metrics: Mapping[str, Any]) -> str:
     """The headline figures as aligned lines with chance levels where they exist."""
     rows: list[tuple[str, str, str]] = []
     zs, ph, rt = metrics.get("zero_shot", {}), metrics.get("phenotypes", {}), metrics.get("retrieval", {})
     seg, rep = metrics.get("segmentation", {}), metrics.get("report", {})
     if "skipped" not in zs:
-        rows.append((f"zero-shot AUROC (macro, {zs.get('findings_scored')} findings)", _fmt(zs.get("macro_auroc")), "0.500"))
+        rows.append((f"zero-shot AUROC (macro, {zs.get('findings_scored')} findings) [95% CI]",
+                     _fmt_ci(zs.get("macro_auroc"), zs.get("macro_auroc_ci95")), "0.500"))
     if "skipped" not in ph:
-        rows.append((f"phenotype AUROC (macro, {ph.get('codes_scored')} codes)", _fmt(ph.get("macro_auroc")), "0.500"))
+        rows.append((f"phenotype AUROC (macro, {ph.get('codes_scored')} codes) [95% CI]",
+                     _fmt_ci(ph.get("macro_auroc"), ph.get("macro_auroc_ci95")), "0.500"))
         if ph.get("image_visible_codes_scored"):
-            rows.append((f"phenotype AUROC (macro, {ph['image_visible_codes_scored']} image-visible codes)",
-                         _fmt(ph.get("macro_auroc_image_visible")), "0.500"))
+            rows.append((f"phenotype AUROC (macro, {ph['image_visible_codes_scored']} image-visible codes) [95% CI]",
+                         _fmt_ci(ph.get("macro_auroc_image_visible"), ph.get("macro_auroc_image_visible_ci95")), "0.500"))
     if "skipped" not in rt:
         for direction, label in (("image_to_report", "image->report"), ("report_to_image", "report->image")):
             values = rt.get(direction, {})

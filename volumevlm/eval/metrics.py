@@ -130,6 +130,38 @@ def macro_auroc(scores: Any, targets: Any) -> tuple[float, int]:
     return float(np.mean(values)), len(values)
 
 
+def macro_auroc_interval(scores: Any, targets: Any, *, level: float = 0.95, resamples: int = 1000,
+                         seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of :func:`macro_auroc` over cases.
+
+    The rows (cases) are resampled with replacement ``resamples`` times (seeded, so the
+    interval is reproducible); each resample's macro AUROC is taken over its columns with
+    both classes, as :func:`macro_auroc` does. Returns (low, high) at ``level``, or None
+    when the macro AUROC itself is undefined. On a few dozen held-out cases it is the
+    honest answer to "is this above chance?".
+    """
+    s, t = _scores_targets(scores, targets, 2, "macro_auroc_interval")
+    if not 0.0 < float(level) < 1.0:
+        raise VolumeVLMError(f"macro_auroc_interval: level must be in (0, 1), got {level!r}")
+    if isinstance(resamples, bool) or int(resamples) != resamples or resamples < 10:
+        raise VolumeVLMError(f"macro_auroc_interval: resamples must be an integer >= 10, got {resamples!r}")
+    columns = [j for j in range(s.shape[1]) if not math.isnan(_auroc_clean(s[:, j], t[:, j]))]
+    if not columns:
+        return None
+    rng = np.random.default_rng(seed)
+    n = s.shape[0]
+    values = []
+    for _ in range(int(resamples)):
+        rows = rng.integers(0, n, size=n)
+        aurocs = [_auroc_clean(s[rows, j], t[rows, j]) for j in columns]
+        aurocs = [a for a in aurocs if not math.isnan(a)]
+        if aurocs:
+            values.append(float(np.mean(aurocs)))
+    tail = (1.0 - float(level)) / 2.0
+    low, high = np.quantile(np.asarray(values), [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 def roc_curve_points(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
     """The ROC curve as (fpr, tpr), float64 arrays of equal length.
 
