@@ -113,7 +113,7 @@ def test_macro_auroc_interval_is_a_reproducible_bootstrap_that_separates_signal_
     separable = np.array([[0.1], [0.2], [0.8], [0.9]]), np.array([[0], [0], [1], [1]])
     assert macro_auroc_interval(*separable) == (1.0, 1.0)
     assert macro_auroc_interval(np.zeros((3, 1)), np.ones((3, 1))) is None  # one class: undefined
-    for bad in ({"level": 1.0}, {"resamples": 5}, {"resamples": True}):
+    for bad in ({"level": 1.0}, {"resamples": 5}, {"resamples": True}, {"resamples": "many"}, {"resamples": 100.5}):
         with pytest.raises(VolumeVLMError):
             macro_auroc_interval(scores, targets, **bad)
 

@@ -143,7 +143,7 @@ def macro_auroc_interval(scores: Any, targets: Any, *, level: float = 0.95, resa
     s, t = _scores_targets(scores, targets, 2, "macro_auroc_interval")
     if not 0.0 < float(level) < 1.0:
         raise VolumeVLMError(f"macro_auroc_interval: level must be in (0, 1), got {level!r}")
-    if isinstance(resamples, bool) or int(resamples) != resamples or resamples < 10:
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 10:
         raise VolumeVLMError(f"macro_auroc_interval: resamples must be an integer >= 10, got {resamples!r}")
     columns = [j for j in range(s.shape[1]) if not math.isnan(_auroc_clean(s[:, j], t[:, j]))]
     if not columns:

@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.errors import InputError, VolumeVLMError, one_line
-
 from volumevlm.models.vlm import DEFAULT_PROMPT_SET, PROMPT_SET_KEY
 
 UPSAMPLE_MODES = ("linear", "nearest")

@@ -216,7 +216,8 @@ class VolumeVLM(nn.Module):
         The one zero-shot rule (:func:`volumevlm.inference.pipeline.zero_shot_from_embeddings`),
         so training's validation, ``volumevlm evaluate`` and the API agree: prompts None is the
         model's prompt set (the bundled ``synthetic`` set unless the checkpoint names one),
-        or a set's name / YAML path / a (present, absent) template pair such as DEFAULT_PROMPTS."""
+        or a set's name / YAML path / a (present, absent) template pair such as DEFAULT_PROMPTS.
+        Runs in eval mode without autograd (the module's mode is restored)."""
         from volumevlm.inference.pipeline import zero_shot_from_embeddings
 
         probs, _ = zero_shot_from_embeddings(self, image_emb, prompts, list(findings or self.findings))
