@@ -20,6 +20,14 @@ uploaded volume is a synthetic phantom (``--input-shape``) unless ``--input`` na
     python benchmarks/serve.py --clients 8 --duration 30 --endpoints zero-shot,embed,segment
     python benchmarks/serve.py --checkpoint CKPT --device cuda --max-batch 16 --clients 32
     python benchmarks/serve.py --url http://127.0.0.1:8000 --token "$VOLUMEVLM_TOKEN" --input ct.nii.gz
+    python benchmarks/serve.py --clients 16 --hostile 4 --endpoints embed   # under attack, side by side
+
+With ``--hostile N`` each endpoint is measured twice in the same run: alone, then with N
+hostile clients at the same time, cycling through an NRRD header that points at a
+server file, a gzip bomb, a tiny file with 50 mm voxels and an upload trickling at
+20 bytes/s. Every hostile request must be refused (4xx, never 200 or 5xx) and the
+well-behaved clients must see no errors; their latency beside the clean row shows what
+the attack costs them.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from volumevlm.provenance import cpu_name, package_versions
@@ -101,7 +110,8 @@ def synthetic_input(work: Path, shape: tuple[int, int, int]) -> Path:
 def start_server(checkpoint: Path, work: Path, args, token: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "volumevlm.serve.cli", "--checkpoint", str(checkpoint), "--port", "0",
                "--device", args.device, "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
-               "--queue-size", str(args.queue_size), "--tmp-dir", str(work / "uploads"), "--log-level", "warning"]
+               "--queue-size", str(args.queue_size), "--tmp-dir", str(work / "uploads"), "--log-level", "warning",
+               "--max-voxels", str(args.max_voxels)]
     if args.index:
         command += ["--index", args.index]
     log = open(work / "server.log", "w")
@@ -117,12 +127,69 @@ def start_server(checkpoint: Path, work: Path, args, token: str) -> tuple[subpro
 # ---------------------------------------------------------------------- the load
 
 
-async def load(url: str, endpoint: str, payload: bytes, name: str, clients: int, duration: float, headers: dict) -> list:
-    """(start offset s, latency s, status or error text) of every request of ``clients``
-    concurrent loops posting ``payload`` for ``duration`` seconds."""
+def hostile_uploads() -> list[tuple[str, bytes]]:
+    """(name, bytes) of uploads a careless or hostile client sends; each must be refused."""
+    import gzip
+    import io
+
+    import nibabel as nib
+    import numpy as np
+
+    padding = b"".join(b"# padding line %05d %s\n" % (i, b"x" * 40) for i in range(1500))
+    trick = (b"NRRD0004\n" + padding + b"type: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: ascii\n"
+             b"data file: /etc/passwd\n\n")
+    header = nib.Nifti1Header()
+    header.set_data_shape((10, 10, 10))
+    header.set_data_dtype(np.float64)
+    header["vox_offset"] = 352
+    bomb = io.BytesIO()
+    with gzip.GzipFile(fileobj=bomb, mode="wb", compresslevel=9) as gz:
+        gz.write(header.binaryblock + bytes(4))
+        for _ in range(200):
+            gz.write(bytes(1 << 20))
+    coarse = nib.Nifti1Image(np.full((48, 48, 48), -1000, dtype=np.int16), np.diag([50.0, 50.0, 50.0, 1.0]))
+    return [("trick.nrrd", trick), ("bomb.nii.gz", bomb.getvalue()), ("coarse.nii.gz", gzip.compress(coarse.to_bytes()))]
+
+
+async def trickle(url: str, endpoint: str, payload: bytes, headers: dict, bytes_per_s: float, stop: float) -> object:
+    """An upload sent at ``bytes_per_s``: the status the server answers with (or why none)."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    boundary = "volumevlmbench"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.nii.gz\"\r\n\r\n").encode()
+    body += payload + f"\r\n--{boundary}--\r\n".encode()
+    head = f"POST {endpoint} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+    head += f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    reader, writer = await asyncio.open_connection(host, int(port or 80))
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        for offset in range(len(body)):
+            try:
+                reply = await asyncio.wait_for(reader.read(64), timeout=1.0 / bytes_per_s)
+                return int(reply.split(b" ", 2)[1]) if reply else "closed"
+            except asyncio.TimeoutError:
+                if time.perf_counter() > stop + 60:
+                    return "never answered"
+                writer.write(body[offset : offset + 1])
+                await writer.drain()
+        return "sent all"
+    except OSError as err:
+        return f"{type(err).__name__}"
+    finally:
+        writer.close()
+
+
+async def load(url: str, endpoint: str, payload: bytes, name: str, clients: int, duration: float, headers: dict,
+               hostile: int = 0) -> tuple[list, list]:
+    """(records, hostile records): (start offset s, latency s, status or error text) of every
+    request of ``clients`` concurrent loops posting ``payload`` for ``duration`` seconds,
+    and of ``hostile`` loops sending :func:`hostile_uploads` and slow uploads meanwhile."""
     import httpx
 
     records: list[tuple[float, float, object]] = []
+    attacks: list[tuple[float, float, object]] = []
+    bad = hostile_uploads() if hostile else []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
         began = time.perf_counter()
@@ -140,8 +207,24 @@ async def load(url: str, endpoint: str, payload: bytes, name: str, clients: int,
                     outcome = f"{type(err).__name__}: {err}"
                 records.append((started - began, time.perf_counter() - started, outcome))
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-    return records
+        async def one_attacker(first: int):
+            turn = first
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                kind = turn % (len(bad) + 1)
+                turn += 1
+                try:
+                    if kind == len(bad):
+                        outcome: object = await trickle(url, endpoint, payload, headers, 20.0, stop)
+                    else:
+                        response = await client.post(endpoint, files={"file": bad[kind]})
+                        outcome = response.status_code
+                except httpx.HTTPError as err:
+                    outcome = f"{type(err).__name__}: {err}"
+                attacks.append((started - began, time.perf_counter() - started, outcome))
+
+        await asyncio.gather(*(one_client() for _ in range(clients)), *(one_attacker(i) for i in range(hostile)))
+    return records, attacks
 
 
 def health(url: str, headers: dict) -> dict:
@@ -150,7 +233,8 @@ def health(url: str, headers: dict) -> dict:
     return httpx.get(url + "/healthz", headers=headers, timeout=60).json()
 
 
-def summarise(endpoint: str, records: list, elapsed: float, before: dict, after: dict, clients: int) -> dict:
+def summarise(endpoint: str, records: list, elapsed: float, before: dict, after: dict, clients: int,
+              attacks: list | None = None, hostile: int = 0) -> dict:
     import numpy as np
 
     latencies = np.array([latency for _, latency, outcome in records if outcome == 200]) * 1000.0
@@ -171,7 +255,15 @@ def summarise(endpoint: str, records: list, elapsed: float, before: dict, after:
         "mean_batch": jobs / batches if batches else None,
         "model_busy_s": round(after["batching"]["busy_s"] - before["batching"]["busy_s"], 3),
         "server_rss_mb": {"before": before["memory"]["rss_mb"], "after": after["memory"]["rss_mb"],
-                          "growth": _minus(after["memory"]["rss_mb"], before["memory"]["rss_mb"])},
+                          "growth": _minus(after["memory"]["rss_mb"], before["memory"]["rss_mb"]),
+                          "peak_after": after["memory"]["peak_rss_mb"]},
+        "hostile_clients": hostile,
+        "hostile": None if not hostile else {
+            "requests": len(attacks or []),
+            "answers": dict(sorted(Counter(str(o) for _, _, o in attacks or []).items())),
+            # Every hostile request refused with a 4xx: none served, none a server error.
+            "all_refused": all(isinstance(o, int) and 400 <= o < 500 for _, _, o in attacks or []),
+        },
     }
 
 
@@ -184,15 +276,17 @@ def print_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("endpoint", "clients", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms", "mean batch",
-                   "RSS before MB", "RSS after MB", "growth MB"):
+    for column in ("endpoint", "clients", "hostile", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms",
+                   "mean batch", "RSS before MB", "RSS after MB", "growth MB", "hostile answers"):
         table.add_column(column, justify="left" if column == "endpoint" else "right")
     fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in rows:
-        table.add_row(r["endpoint"], str(r["clients"]), str(r["requests"]), str(r["errors"]), fmt(r["throughput_rps"], "{:.2f}"),
+        answers = "-" if not r["hostile"] else " ".join(f"{k}x{v}" for k, v in r["hostile"]["answers"].items())
+        table.add_row(r["endpoint"], str(r["clients"]), str(r["hostile_clients"]), str(r["requests"]), str(r["errors"]),
+                      fmt(r["throughput_rps"], "{:.2f}"),
                       fmt(r["latency_ms"]["p50"]), fmt(r["latency_ms"]["p90"]), fmt(r["latency_ms"]["p99"]),
                       fmt(r["mean_batch"], "{:.2f}"), fmt(r["server_rss_mb"]["before"]), fmt(r["server_rss_mb"]["after"]),
-                      fmt(r["server_rss_mb"]["growth"]))
+                      fmt(r["server_rss_mb"]["growth"]), answers)
     Console(width=max(Console().width, 150)).print(table)
 
 
@@ -222,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--queue-size", type=int, default=64)
+    parser.add_argument("--max-voxels", type=int, default=4_000_000,
+                        help="the server's --max-voxels (default 4,000,000: room for the phantom, not for the 50 mm file)")
+    parser.add_argument("--hostile", type=int, default=0,
+                        help="also measure each endpoint with this many hostile clients at once (default 0: not)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
@@ -273,14 +371,16 @@ def main(argv: list[str] | None = None) -> int:
                 response = httpx.post(url + path, headers=headers, files={"file": (upload.name, payload)}, timeout=600)
                 if response.status_code != 200:
                     raise SystemExit(f"error: warm-up {endpoint}: {response.status_code} {response.text[:300]}")
-            before = health(url, headers)
-            began = time.perf_counter()
-            records = asyncio.run(load(url, path, payload, upload.name, args.clients, args.duration, headers))
-            elapsed = time.perf_counter() - began
-            after = health(url, headers)
-            rows.append(summarise(endpoint, records, elapsed, before, after, args.clients))
-            print(f"  {endpoint}: {rows[-1]['ok']} ok, {rows[-1]['errors']} errors, "
-                  f"{rows[-1]['throughput_rps']:.2f} req/s", flush=True)
+            for hostile in sorted({0, args.hostile}):
+                before = health(url, headers)
+                began = time.perf_counter()
+                records, attacks = asyncio.run(load(url, path, payload, upload.name, args.clients, args.duration,
+                                                    headers, hostile))
+                elapsed = time.perf_counter() - began
+                after = health(url, headers)
+                rows.append(summarise(endpoint, records, elapsed, before, after, args.clients, attacks, hostile))
+                print(f"  {endpoint} ({hostile} hostile): {rows[-1]['ok']} ok, {rows[-1]['errors']} errors, "
+                      f"{rows[-1]['throughput_rps']:.2f} req/s", flush=True)
         last = health(url, headers)
         device = info["model"]["device"]
         label = _device_label(device)
@@ -293,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": started.isoformat(timespec="seconds"),
             "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["serve.py", *argv]),
             "server": {"url": url if args.url else "local (python -m volumevlm.serve.cli)", "max_batch": args.max_batch,
-                       "batch_wait_ms": args.batch_wait_ms, "queue_size": args.queue_size,
+                       "batch_wait_ms": args.batch_wait_ms, "queue_size": args.queue_size, "max_voxels": args.max_voxels,
                        "checkpoint": info["model"].get("checkpoint") if args.checkpoint or args.url else "tiny (built)",
                        "model": {k: info["model"][k] for k in ("embed_dim", "preprocess", "heads")}},
             "upload": {"name": upload.name, "bytes": len(payload)},
@@ -312,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         if payload_json["total_errors"]:
             print(f"error: {payload_json['total_errors']} failed requests (must be 0)", file=sys.stderr)
+            return 1
+        if not all(r["hostile"]["all_refused"] for r in rows if r["hostile"]):
+            print("error: a hostile request was not refused with a 4xx", file=sys.stderr)
             return 1
         return 0
     finally:

@@ -10,6 +10,7 @@ Python API on the same files, not judged for quality.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gzip
 import io
@@ -18,8 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from ct_files import write_itk, zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.inference.index import build_index
 from volumevlm.inference.statistics import structure_statistics
-from volumevlm.io import read_volume
+from volumevlm.io import VolumeWarning, read_volume
 from volumevlm.io.writers import write_dicom_series, write_nifti
 from volumevlm.models.segmentation import read_label_names
 from volumevlm.serve.app import create_app
@@ -266,8 +269,16 @@ def test_model_health_and_docs(setup, main_server, client):
     assert info["versions"]["volumevlm"] == volumevlm.__version__ and info["versions"]["torch"]
     assert info["model"]["embed_dim"] == model.embed_dim and info["model"]["heads"] == ["report", "segmentation"]
     assert info["limits"]["max_voxels"] == MAX_VOXELS and info["index"]["count"] == len(setup["index"])
-    health = ok_json(httpx.get(main_server["url"] + "/healthz"))
-    assert health["status"] == "ok" and health["memory"]["rss_mb"] > 0
+    # Without the token: alive, and nothing about load, memory or traffic.
+    anonymous = ok_json(httpx.get(main_server["url"] + "/healthz"))
+    assert set(anonymous) == {"status", "not_for_clinical_use"} and anonymous["status"] == "ok"
+    wrong = ok_json(httpx.get(main_server["url"] + "/healthz", headers={"Authorization": "Bearer nope"}))
+    assert "memory" not in wrong and "responses" not in wrong
+    health = ok_json(client.get("/healthz"))
+    assert health["status"] == "ok" and health["memory"]["rss_mb"] > 0 and health["inflight"] >= 0
+    # The schema and its page need the token too.
+    for path in ("/openapi.json", "/docs"):
+        assert_error(httpx.get(main_server["url"] + path), 401, "missing bearer token")
     schema = client.get("/openapi.json")
     assert schema.status_code == 200 and schema.headers["x-not-for-clinical-use"] == NOTICE
     paths = schema.json()["paths"]
@@ -554,3 +565,235 @@ def test_bad_checkpoint_or_busy_port_is_one_line(setup, tmp_path, capsys):
         assert main(["--checkpoint", str(setup["plain"]), "--port", str(port), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: 127.0.0.1:") and "cannot listen" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------- hostile clients
+
+HEADER_TRICK_SECRET = b"S3CRET-LINE-ONE root:x:0:0\nsecond line\n"
+NRRD_FIELDS = ["type: uint8", "dimension: 3", "sizes: 2 2 2", "encoding: raw"]
+MHA_FIELDS = "ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+
+
+def nrrd_bytes(lines: list[str], newline: bytes = b"\n") -> bytes:
+    return newline.join(line.encode() for line in lines) + newline + newline
+
+
+def header_tricks(secret: Path) -> dict[str, bytes]:
+    """Headers that point the reader at ``secret``, each past one way of checking them
+    that fell short: the place in the header, the line ends, other fields' values, the
+    spelling, the encoding that makes the reader quote the file in its error."""
+    padding = [f"# padding line {i:05d} " + "x" * 40 for i in range(1500)]  # > 64 KiB before the trick
+    return {
+        "late.nrrd": nrrd_bytes(["NRRD0004", *padding, *NRRD_FIELDS, f"data file: {secret}"]),
+        "cr.nrrd": nrrd_bytes(["NRRD0004", *NRRD_FIELDS, f"data file: {secret}"], newline=b"\r"),
+        "ascii.nrrd": nrrd_bytes(["NRRD0004", *NRRD_FIELDS[:3], "encoding: ascii", f"data file: {secret}"]),
+        "skip.nrrd": nrrd_bytes(["NRRD0004", *NRRD_FIELDS, "byte skip: 3", f"DataFile: {secret}"]),
+        "comment.mha": (MHA_FIELDS + f"Comment = ElementDataFile = LOCAL\nElementDataFile = {secret}\n").encode(),
+        "name.mha": (MHA_FIELDS + f"Name = ElementDataFile = LOCAL\nElementDataFile = {secret}\n").encode(),
+        "lower.mha": (MHA_FIELDS + f"elementdatafile = LOCAL\nElementDataFile = {secret}\n").encode(),
+    }
+
+
+def test_headers_pointing_at_server_files_are_refused_without_echo(setup, client, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(HEADER_TRICK_SECRET)
+    missing = tmp_path / "no-such-file.txt"
+    for name, content in header_tricks(secret).items():
+        # Locally, the reader follows the header (a user's own detached data is legitimate):
+        # the trick is live, it reads the secret or quotes it in its error.
+        local = tmp_path / name
+        local.write_bytes(content)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", VolumeWarning)  # the secret's bytes are no HU values
+                volume = read_volume(local)
+            read = np.transpose(volume.array, (2, 1, 0)).astype(np.uint8).tobytes()
+            assert read in HEADER_TRICK_SECRET, name
+        except volumevlm.errors.InputError as err:
+            assert "S3CRET" in str(err), (name, str(err))
+        # Over HTTP: refused before any read, the same answer whether the file exists or not.
+        for target in (secret, missing):
+            body = content.replace(str(secret).encode(), str(target).encode())
+            for endpoint in ("/v1/embed", "/v1/segment"):
+                response = client.post(endpoint, files={"file": (name, body)})
+                error = assert_error(response, 415, name)
+                assert b"S3CRET" not in response.content and b"second line" not in response.content
+                assert str(tmp_path) not in error["error"]
+        first = client.post("/v1/embed", files={"file": (name, content)}).json()["error"]
+        other = client.post("/v1/embed", files={"file": (name, content.replace(str(secret).encode(), str(missing).encode()))})
+        assert other.json()["error"] == first, name
+
+
+def test_reader_errors_never_quote_the_upload(setup, client):
+    # Attached ASCII data the reader cannot parse: its library error quotes the bytes.
+    words = "TOPSECRETWORD and more"
+    upload = nrrd_bytes(["NRRD0004", *NRRD_FIELDS[:3], "encoding: ascii"]) + words.encode() + b"\n"
+    response = client.post("/v1/embed", files={"file": ("words.nrrd", upload)})
+    assert_error(response, 422, "words.nrrd")
+    assert b"TOPSECRETWORD" not in response.content
+
+
+def gzip_bomb(header_shape, data_bytes: int, dtype=np.float64) -> bytes:
+    """A .nii.gz: a valid NIfTI header for ``header_shape`` followed by ``data_bytes``
+    zero bytes, compressed a MiB at a time (a few hundred kB for hundreds of MB)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(header_shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as gz:
+        gz.write(header.binaryblock + b"\x00" * 4)
+        zeros = bytes(1 << 20)
+        for _ in range(data_bytes >> 20):
+            gz.write(zeros)
+    return out.getvalue()
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
+
+
+def test_work_a_small_upload_causes_is_bounded_before_it_is_done(setup, main_server, client, tmp_path):
+    peak_before = peak_rss_mb()
+    # 8,000 voxels of 50 mm: within --max-voxels as read, 84 x 84 x 50 once resampled.
+    coarse = write_nifti(tmp_path / "coarse.nii.gz", np.full((20, 20, 20), -1000.0, np.float32), np.diag([50.0] * 3 + [1.0]))
+    error = assert_error(post_file(client, "/v1/segment", coarse), 413, "coarse.nii.gz", "resampling", str(MAX_VOXELS))
+    assert error["code"] == "too_many_voxels"
+    # 200 MiB of zeros behind a header that declares 20,000 voxels at most: stopped while inflating.
+    bomb = gzip_bomb((10, 10, 10), 200 << 20)
+    assert len(bomb) < MAX_UPLOAD_MB * 2**20
+    assert_error(client.post("/v1/embed", files={"file": ("bomb.nii.gz", bomb)}), 413, "bomb.nii.gz", "more than")
+    # A header that declares more voxels than allowed: refused before inflating at all.
+    declared = gzip_bomb((600, 600, 600), 8 << 20)
+    assert_error(client.post("/v1/embed", files={"file": ("big.nii.gz", declared)}), 413, "216000000 voxels")
+    # A zip whose members inflate past the limit, whatever its headers say.
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open("slice1.dcm", "w", force_zip64=True) as member:
+            for _ in range(200):
+                member.write(bytes(1 << 20))
+    assert_error(client.post("/v1/embed", files={"file": ("bomb.zip", packed.getvalue())}), 413, "bomb.zip", "more than")
+    # Two bombs at once add nothing up either.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/embed", files={"file": ("bomb.nii.gz", bomb)}), range(2)))
+    assert [a.status_code for a in answers] == [413, 413]
+    # Inflated a MiB at a time: the server (this process) never held the bombs in memory.
+    assert peak_rss_mb() - peak_before < 100
+    # Findings: a bounded number of names per request.
+    many = ",".join(["splenomegaly", "gallstones"] * 1500)
+    assert_error(post_file(client, "/v1/zero-shot", setup["inputs"]["nii.gz"], findings=many), 400, "3000 names", "at most")
+    long_name = "a" * 500
+    assert_error(post_file(client, "/v1/zero-shot", setup["inputs"]["nii.gz"], findings=long_name), 400, "longer than")
+    # After all of it, a normal upload gets the same embedding as the Python API.
+    embedded = ok_json(post_file(client, "/v1/embed", setup["inputs"]["nii.gz"]))
+    np.testing.assert_allclose(embedded["embedding"], setup["model"].embed(setup["inputs"]["nii.gz"]).numpy(), atol=1e-5)
+
+
+def trickle(url: str, path: Path, bytes_per_s: float, stop: threading.Event, result: dict) -> None:
+    """A client that sends an upload's request head, then its body at ``bytes_per_s``,
+    until the server answers (or ``stop``); the status line and the time it came, kept."""
+    host, port = url.removeprefix("http://").split(":")
+    body, headers = multipart([("file", "ct.nii.gz", path.read_bytes())])
+    head = (f"POST /v1/embed HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: {headers['content-type']}\r\n\r\n").encode()
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head)
+        sock.settimeout(1.0 / bytes_per_s if bytes_per_s else 60)
+        sent = 0
+        while not stop.is_set():
+            try:
+                reply = sock.recv(4096)
+                result["status"] = int(reply.split(b" ", 2)[1]) if reply else None
+                result["after_s"] = time.monotonic() - started
+                return
+            except socket.timeout:
+                if bytes_per_s and sent < len(body):
+                    try:
+                        sock.sendall(body[sent : sent + 1])
+                    except OSError:
+                        pass
+                    sent += 1
+            except OSError as err:  # reset by the server
+                result["error"] = repr(err)
+                return
+
+
+def test_slow_and_hung_clients_are_dropped_and_free_their_slots(setup, tmp_path):
+    path = setup["inputs"]["nii.gz"]
+    # Four admission slots, a 1 s grace for uploads, a 60 s request limit.
+    with running(setup["full"], tmp_path, queue_size=4, upload_grace_s=1.0, min_upload_kbps=8.0, timeout_s=60) as url:
+        stop = threading.Event()
+        slow = [{} for _ in range(3)]
+        threads = [threading.Thread(target=trickle, args=(url, path, 20.0, stop, r), daemon=True) for r in slow]
+        silent: dict = {}
+        threads.append(threading.Thread(target=trickle, args=(url, path, 0.0, stop, silent), daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        # Four hostile clients hold every slot for now; normal requests keep being answered soon after.
+        answers = []
+        deadline = time.monotonic() + 30
+        while len(answers) < 3 and time.monotonic() < deadline:
+            response = httpx.post(url + "/v1/embed", files={"file": ("ct.nii.gz", path.read_bytes())}, timeout=30)
+            if response.status_code == 200:
+                answers.append(response)
+            else:
+                assert_error(response, 503, "busy")
+                time.sleep(0.2)
+        for t in threads:
+            t.join(30)
+        stop.set()
+        assert len(answers) == 3
+        for result in (*slow, silent):
+            # Dropped by the pace rule (408) after about the grace, long before the 60 s limit.
+            assert result.get("status") == 408 and result["after_s"] < 10, result
+        health = httpx.get(url + "/healthz").json()
+        assert health["inflight"] == 0 and health["responses"]["408"] == 4
+        assert leftover_files(tmp_path) == []
+    # A request that hangs past the deadline frees its slot for the next one.
+    with running(setup["full"], tmp_path, queue_size=1, upload_grace_s=30.0, timeout_s=1.0) as url:
+        stop, hung = threading.Event(), {}
+        thread = threading.Thread(target=trickle, args=(url, path, 0.0, stop, hung), daemon=True)
+        thread.start()
+        thread.join(30)
+        assert hung.get("status") == 504, hung
+        ok_json(httpx.post(url + "/v1/embed", files={"file": ("ct.nii.gz", path.read_bytes())}, timeout=30))
+        stop.set()
+
+
+def test_uploads_stay_under_the_tmp_dir_and_a_crash_s_leftovers_go(setup, tmp_path, monkeypatch):
+    # What a crashed server left (its pid is gone), and the folder of one still running (ours).
+    dead_pid = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    crashed = tmp_path / f"volumevlm-serve-{dead_pid}-abc123"
+    (crashed / "upload-x").mkdir(parents=True)
+    (crashed / "upload-x" / "upload.nii.gz").write_bytes(b"left over")
+    alive = tmp_path / f"volumevlm-serve-{os.getppid()}-def456"
+    alive.mkdir()
+    # The system temp folder is not for uploads: an unpacked zip must land under tmp_dir.
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    made: list[Path] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        folder = mkdtemp(*args, **kwargs)
+        made.append(Path(folder))
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+    with running(setup["full"], tmp_path, max_voxels=MAX_VOXELS) as url:
+        assert not crashed.exists() and alive.exists()
+        ok_json(httpx.post(url + "/v1/zero-shot", files={"file": ("series.zip", setup["inputs"]["zip"].read_bytes())},
+                           timeout=60))
+        broken = io.BytesIO()
+        with zipfile.ZipFile(broken, "w") as zf:
+            zf.writestr("a/b/slice.dcm", b"\x00" * 200)
+        error = assert_error(httpx.post(url + "/v1/embed", files={"file": ("series.zip", broken.getvalue())}, timeout=60),
+                             422, "series.zip")
+        assert str(tmp_path) not in error["error"] and "volumevlm-serve" not in error["error"]
+    assert made and all(system_tmp not in folder.parents for folder in made), made
+    assert list(system_tmp.iterdir()) == []

@@ -16,12 +16,22 @@ class VolumeVLMError(Exception):
 
 
 class InputError(VolumeVLMError):
-    """An input file or object is unreadable, malformed or out of range."""
+    """An input file or object is unreadable, malformed or out of range.
 
-    def __init__(self, source: object, problem: str):
+    ``problem`` is our own words; ``detail`` (optional) is what a library said about it,
+    which may quote bytes of the file. The message shows both to a local user; the HTTP
+    service shows ``problem`` alone, so a client never sees a file's bytes echoed back.
+    """
+
+    def __init__(self, source: object, problem: str, detail: str | None = None):
         self.source = str(source)
         self.problem = problem
-        super().__init__(f"{self.source}: {problem}")
+        self.detail = detail or None
+        super().__init__(f"{self.source}: {problem}" + (f" ({detail})" if detail else ""))
+
+
+class TooLargeError(InputError):
+    """An input, or the work it would cause, is over a limit (voxels, unpacked bytes)."""
 
 
 class GeometryError(InputError):

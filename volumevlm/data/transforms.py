@@ -23,8 +23,9 @@ import scipy.ndimage as ndi
 import torch
 from monai.data import MetaTensor
 
-from volumevlm.errors import InputError
-from volumevlm.io import Volume, as_volume
+from volumevlm.errors import InputError, TooLargeError
+from volumevlm.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, Volume, as_volume
+from volumevlm.io.volume import max_voxels_limit
 
 LOAD_TARGET = "volumevlm.data.transforms.LoadVolumed"
 
@@ -240,15 +241,42 @@ def _config(config) -> PreprocessConfig:
     return PreprocessConfig.from_dict(config)
 
 
-def preprocess(x, config: PreprocessConfig | dict | None = None) -> MetaTensor:
+def resampled_shape(volume: Volume, config: PreprocessConfig | dict | None = None) -> tuple[int, int, int]:
+    """The grid resampling to ``target_spacing`` makes of ``volume`` (before pad/crop):
+    the volume's extent along each world axis over the target spacing, rounded up."""
+    config = _config(config)
+    extent = np.abs(np.asarray(volume.affine, dtype=np.float64)[:3, :3]) @ np.asarray(volume.shape, dtype=np.float64)
+    return tuple(int(np.ceil(e / t - 1e-6)) for e, t in zip(extent, config.target_spacing))
+
+
+def check_resampled_size(volume: Volume, config: PreprocessConfig | dict | None = None,
+                         max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
+    """Refuse (TooLargeError) a volume whose resampled grid would pass ``max_voxels``:
+    a small file with a large voxel size (48^3 voxels at 50 mm) resamples to billions of
+    voxels, so the input's own voxel count does not bound the work."""
+    limit = max_voxels_limit(max_voxels)
+    shape = resampled_shape(volume, config)
+    n = int(np.prod(shape, dtype=np.int64))
+    if limit is not None and n > limit:
+        spacing = " x ".join(f"{t:g}" for t in _config(config).target_spacing)
+        raise TooLargeError(
+            volume.source,
+            f"resampling to {spacing} mm makes a {shape[0]} x {shape[1]} x {shape[2]} grid ({n} voxels), "
+            f"more than the limit of {limit} (raise it with max_voxels or {MAX_VOXELS_ENV})",
+        )
+
+
+def preprocess(x, config: PreprocessConfig | dict | None = None, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> MetaTensor:
     """One CT volume -> the model's input.
 
     x: path | nibabel image | (array, affine) | tensor | Volume (HU values).
+    max_voxels: the most voxels the resampled grid may have (:func:`check_resampled_size`).
     Returns a float32 MetaTensor [1, X, Y, Z]: RAS, ``target_spacing`` mm, HU window
     mapped to [0, 1], centre padded/cropped to ``spatial_size``; ``.affine`` is its
     voxel -> RAS mm map (what :func:`invert_to_input` needs).
     """
     volume = as_volume(x)
+    check_resampled_size(volume, config, max_voxels)
     out = build_transforms(config)({"image": volume_to_metatensor(volume)})["image"]
     return out
 

@@ -168,7 +168,7 @@ def prepare(x: Any, model, preprocess_image: bool = True) -> Item:
     except VolumeVLMError:
         raise
     except Exception as err:  # MONAI / numpy failures on odd data: still one line naming the file
-        raise InputError(volume.source, f"preprocessing failed ({one_line(err)})") from None
+        raise InputError(volume.source, "preprocessing failed", detail=one_line(err)) from None
     grid_affine = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64)
     return Item(image=image, volume=volume, grid_affine=grid_affine, source=volume.source)
 

@@ -13,13 +13,13 @@ import contextlib
 import os
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from volumevlm.errors import InputError
+from volumevlm.errors import InputError, TooLargeError
+from volumevlm.io.archives import unpack_zip
 from volumevlm.io.volume import (
     DEFAULT_MAX_VOXELS,
     LPS_TO_RAS,
@@ -33,6 +33,7 @@ from volumevlm.io.volume import (
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
+ITK_IMAGE_IO = {"nrrd": "NrrdImageIO", "mha": "MetaImageIO"}
 KINDS = ("image", "label")
 
 
@@ -113,7 +114,7 @@ def as_volume(x, *, source: str | None = None, kind: str = "image") -> Volume:
         try:
             data = np.array(x.dataobj) if kind == "label" else x.get_fdata(dtype=np.float32)
         except Exception as err:  # nibabel raises many types on corrupt data
-            raise InputError(src, f"image data unreadable ({_why(err)})") from err
+            raise InputError(src, "image data unreadable", detail=_why(err)) from err
         meta = {"format": "nibabel", "dtype": str(x.get_data_dtype())}
         return _finish(data, x.affine, src, meta, kind, limit)
     if isinstance(x, (tuple, list)) and len(x) == 2:
@@ -156,7 +157,7 @@ def _to_numpy(x, source: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except Exception as err:
-        raise InputError(source, f"cannot be read as an array ({_why(err)})") from err
+        raise InputError(source, "cannot be read as an array", detail=_why(err)) from err
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -172,7 +173,7 @@ def _read_nifti(path: Path, source: str, limit: int | None, kind: str):
             warnings.simplefilter("ignore")
             img = nib.load(str(path), mmap=False)
     except Exception as err:
-        raise InputError(source, f"not a readable NIfTI image ({_why(err)})") from err
+        raise InputError(source, "not a readable NIfTI image", detail=_why(err)) from err
     header = img.header
     _check_shape(img.shape, source)
     _guard(img.shape, source, limit)
@@ -185,7 +186,7 @@ def _read_nifti(path: Path, source: str, limit: int | None, kind: str):
     try:
         data = np.asarray(img.dataobj) if kind == "label" else img.get_fdata(dtype=np.float32)
     except Exception as err:
-        raise InputError(source, f"truncated or corrupt image data ({_why(err)})") from err
+        raise InputError(source, "truncated or corrupt image data", detail=_why(err)) from err
     meta = {"format": "nifti", "dtype": str(img.get_data_dtype())}
     return data, img.affine, meta
 
@@ -241,11 +242,14 @@ def _read_itk_file(path: Path, source: str, limit: int | None, fmt: str):
     with _quiet_itk() as sitk:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
+        if fmt in ITK_IMAGE_IO:
+            # The suffix names the format: ITK must not pick another reader by probing.
+            reader.SetImageIO(ITK_IMAGE_IO[fmt])
         try:
             reader.ReadImageInformation()
         except RuntimeError as err:
             what = "not a readable image" if fmt == "other" else f"not a readable {fmt.upper()} image"
-            raise InputError(source, f"{what} ({_why(err)})") from err
+            raise InputError(source, what, detail=_why(err)) from err
         size = tuple(int(n) for n in reader.GetSize())
         spacing = tuple(float(v) for v in reader.GetSpacing())
         if not all(np.isfinite(v) and v > 0 for v in spacing):
@@ -263,7 +267,7 @@ def _read_itk_file(path: Path, source: str, limit: int | None, fmt: str):
         try:
             image = reader.Execute()
         except RuntimeError as err:
-            raise InputError(source, f"truncated or corrupt image data ({_why(err)})") from err
+            raise InputError(source, "truncated or corrupt image data", detail=_why(err)) from err
     meta["dtype"] = image.GetPixelIDTypeAsString()
     array, affine = _sitk_to_numpy(image)
     return array, affine, meta
@@ -328,7 +332,7 @@ def _read_dicom_folder(folder: Path, source: str, limit: int | None):
             try:
                 headers.append(_dicom_header(sitk, name))
             except RuntimeError as err:
-                raise InputError(source, f"unreadable DICOM file {Path(name).name} ({_why(err)})") from err
+                raise InputError(source, f"unreadable DICOM file {Path(name).name}", detail=_why(err)) from err
         first = headers[0]
         shape = (int(first["columns"] or 0), int(first["rows"] or 0), len(files))
         _check_shape(shape, source)
@@ -339,7 +343,7 @@ def _read_dicom_folder(folder: Path, source: str, limit: int | None):
         try:
             image = reader.Execute()
         except RuntimeError as err:
-            raise InputError(source, f"truncated or corrupt DICOM series ({_why(err)})") from err
+            raise InputError(source, "truncated or corrupt DICOM series", detail=_why(err)) from err
     array, affine = _sitk_to_numpy(image)
     meta = {
         "format": "dicom",
@@ -381,18 +385,16 @@ def _check_slice_positions(headers: list[dict], source: str) -> None:
         )
 
 
+def zip_unpack_limit(limit: int | None) -> int:
+    """Most bytes a zipped series may unpack to: about 2 bytes per voxel plus headers,
+    with room for 4 bytes per voxel."""
+    return (4 * limit if limit is not None else 4 * DEFAULT_MAX_VOXELS) + (64 << 20)
+
+
 def _read_dicom_zip(path: Path, source: str, limit: int | None):
     with tempfile.TemporaryDirectory(prefix="volumevlm-zip-") as tmp:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                unpacked = sum(info.file_size for info in archive.infolist())
-                # Guard against zip bombs: a CT series is about 2 bytes per voxel plus headers.
-                if limit is not None and unpacked > 4 * limit + (64 << 20):
-                    raise InputError(source, f"archive unpacks to {unpacked} bytes, beyond the memory guard")
-                # extractall never writes outside ``tmp`` (it strips '..' and absolute paths).
-                archive.extractall(tmp)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
-            raise InputError(source, f"not a readable zip archive ({_why(err)})") from err
+        # Counted while inflating (a zip's stated sizes can lie), flat under ``tmp``.
+        unpack_zip(path, tmp, max_bytes=zip_unpack_limit(limit), source=source)
         array, affine, meta = _read_dicom_folder(Path(tmp), source, limit)
         array = np.array(array)  # own the memory before the folder goes
     meta["format"] = "dicom"
@@ -419,7 +421,7 @@ def _check_shape(shape, source: str) -> None:
 def _guard(shape, source: str, limit: int | None) -> None:
     n = int(np.prod([int(s) for s in shape], dtype=np.int64))
     if limit is not None and n > limit:
-        raise InputError(
+        raise TooLargeError(
             source,
             f"{n} voxels exceeds the memory guard of {limit} (raise it with max_voxels or {MAX_VOXELS_ENV})",
         )

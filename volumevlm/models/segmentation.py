@@ -322,20 +322,38 @@ def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
     note, the intent is NIFTI_INTENT_LABEL, and a JSON "comment" extension carries
     {"labels": {index: name}}, so a saved file keeps its names.
     """
-    import nibabel as nib
-    import numpy as np
-
-    from volumevlm.data.transforms import invert_to_input, preprocess
+    from volumevlm.data.transforms import preprocess
     from volumevlm.io import as_volume
 
     volume = as_volume(x)  # read once; the same Volume is the geometry reference
     pre = preprocess(volume, preprocess_config)
+    return labels_to_input(net, segment_preprocessed(net, pre), pre, volume), dict(net.config.label_names)
+
+
+def segment_preprocessed(net: SegmentationNet, pre) -> torch.Tensor:
+    """The label map [1, X, Y, Z] (int64, on the CPU) of one preprocessed image on its
+    own grid, in eval mode and without autograd: the model's part of
+    :func:`segment_to_input`, which a server runs on its model thread while reading and
+    :func:`labels_to_input` happen elsewhere."""
+    image = pre.as_tensor() if hasattr(pre, "as_tensor") else pre
     was_training = net.training
     net.eval()
     try:
-        labels = sliding_window_segment(net, pre.as_tensor())
+        with torch.no_grad():
+            labels = sliding_window_segment(net, image.to(next(net.parameters()).device))
     finally:
         net.train(was_training)
+    return labels.cpu()
+
+
+def labels_to_input(net: SegmentationNet, labels: torch.Tensor, pre, volume):
+    """A label map on the preprocessed grid of ``pre`` as the NIfTI mask in ``volume``'s
+    own geometry, its header naming the labels (see :func:`segment_to_input`)."""
+    import nibabel as nib
+    import numpy as np
+
+    from volumevlm.data.transforms import invert_to_input
+
     names = dict(net.config.label_names)
     dtype = np.uint8 if net.config.num_classes <= 256 else np.int16
     image = invert_to_input(labels[0].cpu().numpy().astype(dtype), pre, volume, mode="nearest")
@@ -347,7 +365,7 @@ def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
     header.set_intent("label")
     payload = json.dumps({LABELS_EXTENSION_KEY: {str(k): v for k, v in sorted(names.items())}}).encode()
     header.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
-    return image, names
+    return image
 
 
 def save_segmentation(image, path) -> Path:

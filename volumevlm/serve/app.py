@@ -5,10 +5,12 @@
     app = create_app("demo-output/model", token="s3cret", index="reports-index")
     uvicorn.run(app, host="127.0.0.1", port=8000)        # or: volumevlm serve --checkpoint ...
 
-Endpoints (OpenAPI docs at ``/docs``, the schema at ``/openapi.json``):
+Endpoints (OpenAPI docs at ``/docs``, the schema at ``/openapi.json``; both need the
+token when the server has one, and ``docs=False`` / ``--no-docs`` turns them off):
 
 =========================  ===============================================================
-``GET  /healthz``          liveness, queue, batching counters, memory (no token needed)
+``GET  /healthz``          liveness (no token needed); with the token also queue,
+                           batching counters and memory
 ``GET  /v1/model``         versions, checkpoint, label names, findings, limits
 ``POST /v1/embed``         upload -> unit image embedding
 ``POST /v1/zero-shot``     upload -> {finding: P(present)}
@@ -24,13 +26,20 @@ An upload is ``multipart/form-data`` with the CT in the form field ``file``: NIf
 How a request goes: the token is checked (when the server has one); the request is
 admitted if fewer than ``queue_size`` are in flight (else 503); its body is streamed into
 a private folder (0700, inside the server's own temp folder; removed when the request
-ends, however it ends) with the size limit enforced while it arrives (413); the file type
-is checked from its name and first bytes (415); THE reader reads it with the voxel limit
-(413) and THE pipeline preprocesses it (unreadable input: 422); the model's one thread
-runs it batched with concurrent requests (:mod:`volumevlm.serve.worker`); the whole
-request must finish within ``timeout_s`` (504). Every error is a JSON body with one line
-naming the problem; every response carries ``X-Not-For-Clinical-Use`` and every JSON body
-a ``not_for_clinical_use`` field: this is research software, not a medical device.
+ends, however it ends) with the size limit enforced while it arrives (413) and a minimum
+upload rate (408). Then, on a reading thread (at most ``read_threads`` at once): the file
+type is checked from its name and first bytes and NRRD / MetaImage headers are parsed
+whole, refusing any reference to a file outside the upload (415); gzip and zip uploads
+are unpacked into the private folder, counted while they inflate (413); THE reader reads
+it with the voxel limit (413); the grid that resampling would make is checked against
+the same limit (413); THE pipeline preprocesses it (unreadable input: 422, in our own
+words, never quoting the file). The model's one thread runs only the model, batched with
+concurrent requests (:mod:`volumevlm.serve.worker`); a segmentation goes back to the
+input's geometry on the reading thread. The whole request must finish within
+``timeout_s`` (504); a request that ends early drops its queued model job and its
+reading work stops at its next step. Every error is a JSON body with one line naming the
+problem; every response carries ``X-Not-For-Clinical-Use`` and every JSON body a
+``not_for_clinical_use`` field: this is research software, not a medical device.
 """
 
 from __future__ import annotations
@@ -46,9 +55,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,10 +70,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from volumevlm import NOT_FOR_CLINICAL_USE, __version__
-from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.errors import InputError, TooLargeError, VolumeVLMError
 from volumevlm.provenance import package_versions
 from volumevlm.serve.errors import ServiceError
-from volumevlm.serve.uploads import ACCEPTED, UPLOAD_FIELD, receive_upload
+from volumevlm.serve.uploads import ACCEPTED, UPLOAD_FIELD, ReadLimits, UploadPace, check_content, receive_upload
 from volumevlm.serve.worker import BatchWorker, QueueFull
 
 log = logging.getLogger("volumevlm.serve")
@@ -78,8 +89,14 @@ DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MAX_BATCH = 8
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_QUEUE_SIZE = 16
+DEFAULT_MIN_UPLOAD_KBPS = 32.0
 MAX_TEXT_BODY = 64 * 1024
 MAX_K = 1000
+# A zero-shot request names at most this many findings, each at most this long: each new
+# name costs a text-encoder pass on the model's thread and a place in the prompt cache.
+MAX_FINDINGS = 64
+MAX_FINDING_CHARS = 100
+UPLOAD_ROOT_PREFIX = "volumevlm-serve-"
 NIFTI_MEDIA_TYPE = "application/gzip"
 
 
@@ -92,7 +109,8 @@ class Service:
 
     def __init__(self, model, *, index, token: str | None, max_upload_mb: float, max_voxels: int,
                  timeout_s: float, max_batch: int, batch_wait_ms: float, queue_size: int,
-                 tmp_dir: str | os.PathLike | None, read_threads: int | None, checkpoint: str | None):
+                 tmp_dir: str | os.PathLike | None, read_threads: int | None, checkpoint: str | None,
+                 pace: UploadPace = UploadPace(), docs: bool = True):
         from volumevlm.inference.index import model_fingerprint
         from volumevlm.inference.pipeline import default_prompt_set
 
@@ -104,15 +122,25 @@ class Service:
         self.max_voxels = int(max_voxels)
         self.timeout_s = float(timeout_s)
         self.queue_size = int(queue_size)
+        self.pace = pace
+        self.docs = bool(docs)
+        self.read_limits = ReadLimits(max_voxels=self.max_voxels)
         self.checkpoint = checkpoint
         self.prompt_set = default_prompt_set(model)
         self.fingerprint = model_fingerprint(model)
         root = Path(tmp_dir or os.environ.get(TMPDIR_ENV) or tempfile.gettempdir()).expanduser()
         root.mkdir(parents=True, exist_ok=True)
-        # mkdtemp: a fresh folder only this user can enter (0700); uploads live below it.
-        self.upload_root = Path(tempfile.mkdtemp(prefix="volumevlm-serve-", dir=root))
+        remove_stale_upload_roots(root)
+        # mkdtemp: a fresh folder only this user can enter (0700); uploads, unpacked
+        # archives included, live below it. Its name carries our pid, so a later start
+        # can tell a crashed server's leftovers from a running one's folder.
+        self.upload_root = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_ROOT_PREFIX}{os.getpid()}-", dir=root))
         threads = read_threads or min(4, os.cpu_count() or 1)
         self.readers = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="volumevlm-read")
+        # One slot per reading thread, held until the thread's work really ends (not when
+        # a timed-out request stops waiting for it): the memory that reading takes is at
+        # most ``threads`` times one volume's, and no read queues up behind abandoned work.
+        self.read_slots = asyncio.Semaphore(threads)
         self.worker = BatchWorker(model, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000.0,
                                   queue_size=queue_size, index=index, prompt_set=self.prompt_set)
         self.inflight = 0
@@ -125,9 +153,19 @@ class Service:
         shutil.rmtree(self.upload_root, ignore_errors=True)
 
     async def in_thread(self, fn, *args):
-        """Run blocking work (reading, preprocessing, encoding) on a reading thread. The
-        await can be cancelled (the request's timeout) without waiting for the thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.readers, functools.partial(fn, *args))
+        """Run blocking work (reading, preprocessing, inversion) on a reading thread once a
+        reading slot is free. The await can be cancelled (the request's timeout) without
+        waiting for the thread; the slot is freed when the thread's work ends."""
+        loop = asyncio.get_running_loop()
+        await self.read_slots.acquire()
+        try:
+            future = self.readers.submit(functools.partial(fn, *args))
+        except BaseException:
+            self.read_slots.release()
+            raise
+        # Done: finished, failed, or cancelled before it started.
+        future.add_done_callback(lambda _: _call_soon(loop, self.read_slots.release))
+        return await asyncio.wrap_future(future)
 
     @asynccontextmanager
     async def admitted(self):
@@ -192,6 +230,38 @@ class Service:
             "phecodes": len(model.phecode_vocab.codes),
         }
         return facts
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
+    """``callback`` on ``loop``'s thread; nothing once the loop has closed (shutdown)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass
+
+
+def remove_stale_upload_roots(root: Path) -> list[Path]:
+    """Remove the upload folders that servers which are no longer running left in
+    ``root`` (a crash skips the clean-up); the removed folders. A folder whose process
+    still runs, or that is not ours, stays."""
+    removed = []
+    for folder in root.glob(f"{UPLOAD_ROOT_PREFIX}*"):
+        pid_text = folder.name[len(UPLOAD_ROOT_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # that server is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a running process of another user
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _device_name(device) -> str:
@@ -294,19 +364,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------------- reading an upload
 
 
-def _reader_error(err: VolumeVLMError, upload, limit: int) -> ServiceError:
-    """The reader's one-line error about the private copy, said about the client's file;
-    the voxel guard's refusal becomes 413."""
-    message = str(err).replace(str(upload.path), upload.name).replace(str(upload.path.parent), "<upload>")
-    problem = getattr(err, "problem", message)
-    counted = re.match(r"(\d+) voxels exceeds the memory guard", problem)
-    if counted:
-        return ServiceError(413, "too_many_voxels", f"{upload.name}: {int(counted.group(1))} voxels, "
-                                                    f"more than this server's limit of {limit} (--max-voxels)")
-    if "beyond the memory guard" in problem:
-        return ServiceError(413, "too_many_voxels", f"{upload.name}: the archive unpacks to more than "
-                                                    f"this server's limit of {limit} voxels allows (--max-voxels)")
-    return ServiceError(422, "unreadable_volume", message)
+def _reader_error(err: VolumeVLMError, upload) -> ServiceError:
+    """What the client is told when reading, checking or preprocessing its upload failed:
+    our own words about the client's file (never a library's text, which can quote the
+    file's bytes, and never a server path); over a limit: 413."""
+    if isinstance(err, ServiceError):
+        return err
+    problem = err.problem if isinstance(err, InputError) else str(err)
+    # Paths of the private folder (an unpacked archive's members included) become the upload's name.
+    problem = problem.replace(str(upload.path.parent), "<upload>")
+    problem = re.sub(r"\s*\(raise it with [^)]*\)", "", problem)
+    if isinstance(err, TooLargeError):
+        return ServiceError(413, "too_many_voxels", f"{upload.name}: {problem} (this server's --max-voxels)")
+    return ServiceError(422, "unreadable_volume", f"{upload.name}: {problem}")
 
 
 def _volume_facts(volume, upload) -> dict[str, Any]:
@@ -320,41 +390,64 @@ def _volume_facts(volume, upload) -> dict[str, Any]:
     }
 
 
-def _read(service: Service, upload, preprocess: bool):
-    """(Volume facts, Volume or None, preprocessed [1, X, Y, Z] or None) of a saved upload,
-    through THE reader and THE pipeline."""
+@dataclass
+class ReadUpload:
+    """An upload as read: ``facts`` for the answer, the Volume (kept only where the answer
+    goes back to the input's geometry) and the preprocessed [1, X, Y, Z] image."""
+
+    facts: dict[str, Any]
+    volume: Any
+    image: Any
+
+
+class Abandoned(Exception):
+    """The request this reading work was for has ended (timed out, disconnected)."""
+
+
+def _read(service: Service, upload, ended: threading.Event, keep_volume: bool) -> ReadUpload:
+    """Check, unpack, read (THE reader) and preprocess (THE pipeline) a saved upload,
+    with every limit checked before the work it bounds; stops between steps once the
+    request has ended. Blocking: runs on a reading thread."""
+    from volumevlm.data.transforms import check_resampled_size
     from volumevlm.inference.pipeline import prepare
     from volumevlm.io import read_volume
 
+    def still_wanted():
+        if ended.is_set():
+            raise Abandoned()
+
     try:
-        volume = read_volume(upload.path, max_voxels=service.max_voxels)
-    except InputError as err:
-        raise _reader_error(err, upload, service.max_voxels) from None
-    facts = _volume_facts(volume, upload)
-    if not preprocess:
-        return facts, volume, None
-    try:
-        item = prepare(volume, service.model)
+        _, path = check_content(upload.path, upload.name, upload.suffix, service.read_limits)
+        still_wanted()
+        volume = read_volume(path, max_voxels=service.max_voxels)
+        still_wanted()
+        check_resampled_size(volume, service.model.preprocess, service.max_voxels)
+        image = prepare(volume, service.model).image
     except VolumeVLMError as err:
-        raise _reader_error(err, upload, service.max_voxels) from None
-    return facts, None, item.image  # the volume itself is not needed again: freed now
+        raise _reader_error(err, upload) from None
+    # Only the segmentation needs the volume again: freed now otherwise.
+    return ReadUpload(_volume_facts(volume, upload), volume if keep_volume else None, image)
 
 
 async def _upload_job(request: Request, verb: str, options: dict[str, Any], finish):
     """The common path of every upload endpoint: admission, deadline, private folder,
-    upload, reading, the model's job, then ``finish(facts, volume, result)`` on a thread."""
+    upload, reading, the model's job, then ``finish(read, result)`` on a reading thread.
+    When the request ends, however it ends, its reading work stops at its next step and
+    its queued model job is dropped."""
     service: Service = request.app.state.service
-    async with service.admitted(), service.deadline(), service.private_folder() as folder:
-        upload = await receive_upload(request, folder, max_bytes=service.max_upload_bytes)
-        request.state.upload_name = upload.name
-        facts, volume, image = await service.in_thread(_read, service, upload, verb != "segment")
-        try:
-            result = await service.run(verb, volume if verb == "segment" else image, **options)
-        except VolumeVLMError as err:
-            if isinstance(err, ServiceError):
-                raise
-            raise _reader_error(err, upload, service.max_voxels) from None
-        return await service.in_thread(finish, facts, volume, result)
+    ended = threading.Event()
+    try:
+        async with service.admitted(), service.deadline(), service.private_folder() as folder:
+            upload = await receive_upload(request, folder, max_bytes=service.max_upload_bytes, pace=service.pace)
+            request.state.upload_name = upload.name
+            read = await service.in_thread(_read, service, upload, ended, verb == "segment")
+            try:
+                result = await service.run(verb, read.image, **options)
+            except VolumeVLMError as err:
+                raise _reader_error(err, upload) from None
+            return await service.in_thread(finish, read, result)
+    finally:
+        ended.set()
 
 
 # ---------------------------------------------------------------------- the app
@@ -405,6 +498,9 @@ def create_app(
     index=None,
     tmp_dir: str | os.PathLike | None = None,
     read_threads: int | None = None,
+    min_upload_kbps: float = DEFAULT_MIN_UPLOAD_KBPS,
+    upload_grace_s: float = UploadPace.grace_s,
+    docs: bool = True,
 ) -> FastAPI:
     """The service as an ASGI app; the model is loaded (or taken) once, at start-up.
 
@@ -416,14 +512,23 @@ def create_app(
         batching. queue_size: most requests in flight at once (more: 503).
     index: a retrieval index folder or an opened RetrievalIndex (for /v1/retrieve).
     tmp_dir: where the private upload folder goes (default $VOLUMEVLM_SERVE_TMPDIR, else
-        the system temp folder). read_threads: threads reading uploads (default min(4, CPUs)).
+        the system temp folder); uploads and unpacked archives stay inside it, and what
+        a crashed server left there is removed at start-up. read_threads: threads
+        reading uploads (default min(4, CPUs)); at most that many volumes are in memory
+        being read at once.
+    min_upload_kbps / upload_grace_s: an upload slower than this after the grace period
+        (or silent for the grace period) is dropped with 408.
+    docs: serve /docs and /openapi.json (behind the token when there is one).
     """
     for name, value in (("max_upload_mb", max_upload_mb), ("max_voxels", max_voxels), ("timeout_s", timeout_s),
-                        ("max_batch", max_batch), ("queue_size", queue_size)):
+                        ("max_batch", max_batch), ("queue_size", queue_size), ("min_upload_kbps", min_upload_kbps),
+                        ("upload_grace_s", upload_grace_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise VolumeVLMError(f"serve: {name} must be a positive number, got {value!r}")
     if batch_wait_ms < 0:
         raise VolumeVLMError(f"serve: batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+
+    pace = UploadPace(min_bytes_per_s=min_upload_kbps * 1024.0, grace_s=upload_grace_s, idle_s=upload_grace_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -431,7 +536,8 @@ def create_app(
         opened = _open_index(index, model)
         service = Service(model, index=opened, token=token, max_upload_mb=max_upload_mb, max_voxels=max_voxels,
                           timeout_s=timeout_s, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                          queue_size=queue_size, tmp_dir=tmp_dir, read_threads=read_threads, checkpoint=source)
+                          queue_size=queue_size, tmp_dir=tmp_dir, read_threads=read_threads, checkpoint=source,
+                          pace=pace, docs=docs)
         app.state.service = service
         try:
             yield
@@ -444,6 +550,8 @@ def create_app(
         summary="3D CT vision-language model over HTTP. " + NOT_FOR_CLINICAL_USE,
         description=__doc__.split("\n\n", 1)[1] if __doc__ else "",
         lifespan=lifespan,
+        # Served below, behind the token: the schema lists every limit and endpoint.
+        docs_url=None, redoc_url=None, openapi_url=None,
     )
     responses: Counter = Counter()
     app.state.responses = responses
@@ -451,24 +559,36 @@ def create_app(
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description=f"the server's token (--token or ${TOKEN_ENV})")
 
-    async def authorized(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def token_problem(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+        """Why the request may not use the service (None: it may)."""
         expected = request.app.state.service.token
         if expected is None:
-            return
+            return None
         given = credentials.credentials if credentials is not None else ""
-        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
-            problem = "missing bearer token" if not given else "wrong bearer token"
+        if not given:
+            return "missing bearer token"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return "wrong bearer token"
+        return None
+
+    async def authorized(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        problem = token_problem(request, credentials)
+        if problem is not None:
             raise ServiceError(401, "unauthorized", f"{problem}: send 'Authorization: Bearer <token>'",
                                headers={"WWW-Authenticate": "Bearer"})
 
     secured = [Depends(authorized)]
 
-    @app.get("/healthz", summary="liveness, load and batching counters (no token needed)")
-    async def healthz(request: Request):
+    @app.get("/healthz", summary="liveness; with the token, also load, batching counters and memory")
+    async def healthz(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
         service: Service = request.app.state.service
         alive = service.worker.alive()
+        status = "ok" if alive else "down: the model's thread has stopped"
+        if token_problem(request, credentials) is not None:
+            # Without the token: alive or not, nothing about load, memory or traffic.
+            return _json({"status": status}, 200 if alive else 503)
         return _json({
-            "status": "ok" if alive else "down: the model's thread has stopped",
+            "status": status,
             "uptime_s": round(time.time() - service.started, 1),
             "inflight": service.inflight,
             "queue_size": service.queue_size,
@@ -476,6 +596,17 @@ def create_app(
             "responses": dict(request.app.state.responses),
             "memory": _memory(),
         }, 200 if alive else 503)
+
+    if docs:
+        @app.get("/openapi.json", dependencies=secured, include_in_schema=False)
+        async def openapi_schema():
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", dependencies=secured, include_in_schema=False)
+        async def swagger_page():
+            from fastapi.openapi.docs import get_swagger_ui_html
+
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="volumevlm API")
 
     @app.get("/v1/model", dependencies=secured, summary="versions, checkpoint, label names, findings, limits")
     async def model_info(request: Request):
@@ -506,8 +637,8 @@ def create_app(
     async def embed(request: Request):
         service: Service = request.app.state.service
 
-        def finish(facts, volume, embedding):
-            return {"embedding": embedding, "dim": len(embedding), "model_fingerprint": service.fingerprint, "input": facts}
+        def finish(read, embedding):
+            return {"embedding": embedding, "dim": len(embedding), "model_fingerprint": service.fingerprint, "input": read.facts}
 
         return _json(await _upload_job(request, "embed", {}, finish))
 
@@ -520,21 +651,29 @@ def create_app(
         service: Service = request.app.state.service
         wanted = _split_list(findings)
         if wanted is not None:
+            if len(wanted) > MAX_FINDINGS:
+                raise ServiceError(400, "bad_request", f"query parameter findings: {len(wanted)} names, "
+                                                       f"at most {MAX_FINDINGS} per request")
+            if any(len(name) > MAX_FINDING_CHARS for name in wanted):
+                raise ServiceError(400, "bad_request", f"query parameter findings: a name longer than "
+                                                       f"{MAX_FINDING_CHARS} characters")
+            wanted = tuple(dict.fromkeys(wanted))  # a name asked twice is scored once
             try:
                 with_findings(service.prompt_set, wanted)  # a bad name fails before any upload is read
             except VolumeVLMError as err:
                 raise ServiceError(400, "bad_request", f"query parameter findings: {err}") from None
 
-        def finish(facts, volume, probabilities):
-            return {"probabilities": probabilities, "prompt_set": service.prompt_set.name, "input": facts}
+        def finish(read, probabilities):
+            return {"probabilities": probabilities, "prompt_set": service.prompt_set.name, "input": read.facts}
 
         return _json(await _upload_job(request, "zero_shot", {"findings": wanted}, finish))
 
     @app.post("/v1/phenotypes", dependencies=secured, openapi_extra=UPLOAD_BODY, responses=ERRORS,
               summary="most likely phecodes of an uploaded CT")
     async def phenotypes(request: Request, top_k: int = Query(10, ge=1, description="how many phecodes")):
-        def finish(facts, volume, hits):
-            return {"phenotypes": [{"phecode": c, "description": d, "probability": p} for c, d, p in hits], "input": facts}
+        def finish(read, hits):
+            return {"phenotypes": [{"phecode": c, "description": d, "probability": p} for c, d, p in hits],
+                    "input": read.facts}
 
         return _json(await _upload_job(request, "phenotypes", {"top_k": top_k}, finish))
 
@@ -553,12 +692,17 @@ def create_app(
                 raise ServiceError(409, "missing_head", str(err).replace(f"{service.model.source}: ", "")) from None
         names = dict(service.model.heads["segmentation"].label_names)
 
-        def finish(facts, volume, mask):
+        def finish(read, labels):
+            from volumevlm.models.segmentation import labels_to_input
+
+            # Back to the input's geometry here, on a reading thread, not the model's.
+            mask = labels_to_input(service.model.heads["segmentation"], labels, read.image, read.volume)
             if output == "json":
                 from volumevlm.inference.statistics import structure_statistics
 
-                rows = structure_statistics(mask, volume, names)
-                return {"structures": rows, "label_names": {str(k): v for k, v in sorted(names.items())}, "input": facts}
+                rows = structure_statistics(mask, read.volume, names)
+                return {"structures": rows, "label_names": {str(k): v for k, v in sorted(names.items())},
+                        "input": read.facts}
             return gzip.compress(mask.to_bytes(), compresslevel=6)
 
         result = await _upload_job(request, "segment", {}, finish)
@@ -591,8 +735,8 @@ def create_app(
                 hits = await service.run("retrieve_text", text, k=k, kind=wanted)
             return _json({"hits": hits, "query": {"text": text}, **summary})
 
-        def finish(facts, volume, hits):
-            return {"hits": hits, "query": {"input": facts}, **summary}
+        def finish(read, hits):
+            return {"hits": hits, "query": {"input": read.facts}, **summary}
 
         return _json(await _upload_job(request, "retrieve", {"k": k, "kind": wanted}, finish))
 

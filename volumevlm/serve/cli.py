@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-threads", type=int, default=None, help="threads reading uploads (default min(4, CPUs))")
     parser.add_argument("--tmp-dir", default=None,
                         help=f"where the private upload folder goes (default ${service.TMPDIR_ENV}, else the system temp folder)")
+    parser.add_argument("--min-upload-kbps", type=float, default=service.DEFAULT_MIN_UPLOAD_KBPS,
+                        help=f"slowest accepted upload in KiB/s after a {service.UploadPace.grace_s:g} s grace period "
+                             f"(default {service.DEFAULT_MIN_UPLOAD_KBPS:g}); slower: 408")
+    parser.add_argument("--no-docs", action="store_true", help="do not serve /docs and /openapi.json")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn log level (default info)")
 
@@ -100,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
     index = _open_index(args.index, model)
     app = create_app(model, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
                      timeout_s=args.timeout, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                     queue_size=args.queue_size, index=index, tmp_dir=args.tmp_dir, read_threads=args.read_threads)
+                     queue_size=args.queue_size, index=index, tmp_dir=args.tmp_dir, read_threads=args.read_threads,
+                     min_upload_kbps=args.min_upload_kbps, docs=not args.no_docs)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"volumevlm serve: http://{shown}:{port} (API docs: http://{shown}:{port}/docs); checkpoint {source}; "
+    docs = "" if args.no_docs else f" (API docs: http://{shown}:{port}/docs)"
+    print(f"volumevlm serve: http://{shown}:{port}{docs}; checkpoint {source}; "
           f"{'bearer token required' if token else 'no token'}. {NOT_FOR_CLINICAL_USE}", flush=True)
     if not token and not _is_loopback(args.host):
         print(f"warning: listening on {args.host} without a token: anyone who reaches this port can use the model "

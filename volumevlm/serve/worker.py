@@ -12,8 +12,12 @@ of them at once:
   row (zero-shot with the pipeline's prompt set and scorer, each prompt text embedded
   once and remembered; retrieval through :meth:`RetrievalIndex.query`).
 * retrieve_text: the query texts go through ``model.encode_text`` together.
-* segment: the volumes go through :func:`volumevlm.inference.pipeline.segment`'s list
-  form (masks in each input's own geometry, exactly what ``model.segment`` gives).
+* segment: each preprocessed volume goes through the segmentation head
+  (:func:`volumevlm.models.segmentation.segment_preprocessed`); the label map comes back
+  on the preprocessed grid, and the request's reading thread takes it back to the
+  input's geometry (:func:`~volumevlm.models.segmentation.labels_to_input`), as
+  ``model.segment`` does. Reading, preprocessing and inversion never hold the model's
+  thread.
 
 If a batch fails as a whole, its jobs are run one by one, so one bad input answers with
 its own error and the others still succeed. The queue is bounded: :meth:`submit` raises
@@ -45,7 +49,7 @@ class QueueFull(Exception):
 @dataclass
 class Job:
     verb: str
-    payload: Any  # a preprocessed [1, X, Y, Z] tensor, a Volume (segment) or a text
+    payload: Any  # a preprocessed [1, X, Y, Z] tensor or a text
     options: dict[str, Any]
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
@@ -216,7 +220,7 @@ def _groups(jobs: list[Job], key) -> dict[Any, list[int]]:
 def run_batch(model, jobs: list[Job], *, index=None, prompt_set=None, prompts: PromptEmbeddings | None = None) -> list[Any]:
     """The results of jobs of ONE verb, in order (see the module docstring). prompts: the
     worker's remembered prompt embeddings (None: embedded afresh)."""
-    from volumevlm.inference.pipeline import inference_mode, segment
+    from volumevlm.inference.pipeline import inference_mode
 
     verb = jobs[0].verb
     if verb == "zero_shot":
@@ -225,8 +229,10 @@ def run_batch(model, jobs: list[Job], *, index=None, prompt_set=None, prompts: P
         prompt_set = prompt_set if prompt_set is not None else default_prompt_set(model)
         prompts = prompts if prompts is not None else PromptEmbeddings(model)
     if verb == "segment":
-        masks = segment(model, [job.payload for job in jobs])
-        return list(masks)
+        from volumevlm.models.segmentation import segment_preprocessed
+
+        net = model.head("segmentation")
+        return [segment_preprocessed(net, job.payload) for job in jobs]
     if verb == "retrieve_text":
         with inference_mode(model):
             emb = model.encode_text([job.payload for job in jobs]).float()
