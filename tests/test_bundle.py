@@ -24,7 +24,7 @@ import torch
 
 import volumevlm
 from volumevlm.cli import main as cli_main
-from volumevlm.data.transforms import PreprocessConfig, bundle_pipeline_specs, pipeline
+from volumevlm.data.transforms import INVERT_TARGET, PreprocessConfig, bundle_pipeline_specs, pipeline
 from volumevlm.errors import VolumeVLMError
 from volumevlm.export.bundle import (
     EMBEDDINGS_CSV,
@@ -64,6 +64,30 @@ def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+def fit_head(net, image_path: Path, label_path: Path, steps: int = 80) -> tuple[list[float], dict[int, float]]:
+    """A few Adam steps of the head on one case's label map: the losses, and the Dice on
+    that case of each structure the trained head then finds."""
+    data = pipeline(PRE, keys=("image",), label_keys=("label",))({"image": str(image_path), "label": str(label_path)})
+    x, y = data["image"].as_tensor()[None], data["label"].as_tensor().long()
+    # Rare structures weigh more (inverse square root of their share): with plain cross
+    # entropy a few dozen steps learn the background alone.
+    counts = torch.bincount(y.flatten(), minlength=net.config.num_classes).float()
+    weight = (counts.sum() / counts.clamp(min=1)).sqrt()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y, weight=weight / weight.mean())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        found = net.eval()(x).argmax(1).numpy()
+    truth = y.numpy()
+    return losses, {int(k): dice(found == k, truth == k) for k in np.unique(found) if k != 0}
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """{"plain": checkpoint without heads, "seg": with a segmentation head, "data": a folder
@@ -87,13 +111,18 @@ def made(tmp_path_factory):
     ).eval()
     synthetic = {"synthetic": True, "data_note": "synthetic-data: trained on a SYNTHETIC cohort, NOT clinical data"}
     plain = model.save_pretrained(root / "plain", provenance={**synthetic, "train_cases": 8, "global_step": 3})
-    net = SegmentationNet.from_encoder(model.encoder, SegmentationConfig(feature_size=4, roi_size=(32, 32, 16))).eval()
-    model.attach_head("segmentation", net)
+    generate_cohort(root / "cohort", n=1, seed=3, shape=(40, 36, 20), workers=1, progress=False)
+    image_path = next((root / "cohort" / "images").glob("*.nii.gz"))
+    net = SegmentationNet.from_encoder(model.encoder, SegmentationConfig(feature_size=4, roi_size=(32, 32, 16)))
+    # A head that learned something (its masks follow the anatomy), not random weights:
+    # the bundle must reproduce a trained head's masks, edges included.
+    losses, found = fit_head(net, image_path, next((root / "cohort" / "labels").glob("*.nii.gz")))
+    assert losses[-1] < 0.6 * losses[0] and len(found) >= 2 and np.mean(list(found.values())) > 0.4, (losses[::10], found)
+    model.attach_head("segmentation", net.eval())
     seg_record = {**synthetic, "train_cases": 8, "global_step": 150, "metrics": SEG_METRICS}
     seg = model.save_pretrained(root / "seg", provenance={**synthetic, "heads": {"segmentation": seg_record}})
 
-    generate_cohort(root / "cohort", n=1, seed=3, shape=(40, 36, 20), workers=1, progress=False)
-    volume = read_volume(next((root / "cohort" / "images").glob("*.nii.gz")))
+    volume = read_volume(image_path)
     data = root / "data"
     for name, codes in ORIENTATIONS.items():
         array, affine = reorient(volume.array, volume.affine, codes)
@@ -186,7 +215,7 @@ def test_inference_preprocessing_is_generated_from_the_one_definition(made, seg_
     assert config["preprocessing"]["transforms"] == bundle_pipeline_specs(PRE, ["image"])
     assert config["network_def"]["_target_"] == "volumevlm.export.bundle.SegmentationNetwork"
     targets = [t["_target_"] for t in config["postprocessing"]["transforms"]]
-    assert targets == ["AsDiscreted", "Invertd", "SaveImaged"] and config["inferer"]["_target_"] == "SlidingWindowInferer"
+    assert targets == ["AsDiscreted", INVERT_TARGET, "SaveImaged"] and config["inferer"]["_target_"] == "SlidingWindowInferer"
     assert config["evaluator"]["_target_"] == "SupervisedEvaluator" and config["run"] == ["$@evaluator.run()"]
     parser = ConfigParser({"preprocessing": config["preprocessing"]})
     from_bundle = parser.get_parsed_content("preprocessing")({"image": str(made["data"] / "as_psl.nii.gz")})["image"]
@@ -201,7 +230,7 @@ def test_inference_preprocessing_is_generated_from_the_one_definition(made, seg_
 def test_monai_runs_the_bundle_and_its_masks_equal_the_packages_own(made, seg_bundle, tmp_path):
     """``python -m monai.bundle run`` with --dataset_dir/--output_dir over NIfTI files
     stored RAS, LPS and PSL: one mask per file (sub-folder kept), in the file's own
-    shape and affine, Dice >= 0.999 for every label against segment_to_input."""
+    shape and affine, equal on every voxel to segment_to_input with a trained head."""
     bundle, _ = seg_bundle
     out = tmp_path / "masks"
     monai_bundle(
@@ -218,10 +247,9 @@ def test_monai_runs_the_bundle_and_its_masks_equal_the_packages_own(made, seg_bu
         theirs, expected = np.asarray(mask.dataobj), np.asarray(ours.dataobj)
         assert theirs.shape == expected.shape == read_volume(source).shape
         np.testing.assert_allclose(mask.affine, ours.affine, atol=1e-4)
-        labels = set(np.unique(expected).tolist()) | set(np.unique(theirs).tolist())
-        assert len(labels) >= 3  # a real test of label placement, not one constant
-        for label in labels:
-            assert dice(theirs == label, expected == label) >= 0.999, (name, label)
+        labels = set(np.unique(expected).tolist())
+        assert len(labels) >= 2  # the trained head's structures, not one constant
+        np.testing.assert_array_equal(theirs, expected, err_msg=name)
         seen |= labels
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == sorted(
         f"{n}_seg.nii.gz" for n in ORIENTATIONS

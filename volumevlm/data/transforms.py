@@ -28,6 +28,7 @@ from volumevlm.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, Volume, as_volume
 from volumevlm.io.volume import max_voxels_limit
 
 LOAD_TARGET = "volumevlm.data.transforms.LoadVolumed"
+INVERT_TARGET = "volumevlm.data.transforms.InvertToInputd"
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,36 @@ class LoadVolumed(mt.MapTransform):
         return d
 
 
+class InvertToInputd(mt.MapTransform):
+    """Bring ``keys`` (maps on the preprocessed grid of ``orig_key``, e.g. the argmax of a
+    segmentation) back to the grid of the file ``orig_key`` was read from, with
+    :func:`map_to_input_grid`: the MONAI-bundle spelling of what ``model.segment`` does,
+    so a bundle's masks equal the package's own voxel for voxel.
+
+    ``orig_key`` must be the image as :class:`LoadVolumed` and :func:`build_transforms`
+    left it: its affine is the preprocessed grid, its meta holds ``original_affine`` and
+    ``spatial_shape`` of the file. The result is a MetaTensor [1, X, Y, Z] carrying the
+    file's affine and the image's meta (file name included) for ``SaveImaged``.
+    """
+
+    def __init__(self, keys, orig_key: str = "image", mode: str = "nearest", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.orig_key = orig_key
+        self.mode = mode
+
+    def __call__(self, data):
+        d = dict(data)
+        image = d[self.orig_key]
+        grid_affine = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64)
+        original = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        shape = tuple(int(n) for n in np.asarray(image.meta["spatial_shape"]).reshape(-1)[:3])
+        for key in self.key_iterator(d):
+            values = map_to_input_grid(d[key], grid_affine, original, shape, mode=self.mode)
+            meta = {k: v for k, v in image.meta.items() if k != "affine"}
+            d[key] = MetaTensor(torch.from_numpy(values[None]), affine=torch.as_tensor(original), meta=meta)
+        return d
+
+
 def volume_to_metatensor(volume: Volume) -> MetaTensor:
     """A Volume as a float32 MetaTensor [1, X, Y, Z] carrying its RAS affine and source."""
     array = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
@@ -301,6 +332,23 @@ def invert_to_input(mask, preprocessed, reference, *, mode: str = "auto") -> nib
         grid_affine = np.asarray(
             preprocessed.detach().cpu().numpy() if torch.is_tensor(preprocessed) else preprocessed, dtype=np.float64
         )
+    resampled = map_to_input_grid(mask, grid_affine, ref.affine, ref.shape, mode=mode)
+    img = nib.Nifti1Image(resampled, ref.affine)
+    img.set_qform(ref.affine, code=1)
+    img.set_sform(ref.affine, code=1)
+    return img
+
+
+def map_to_input_grid(mask, grid_affine, input_affine, input_shape, *, mode: str = "auto") -> np.ndarray:
+    """THE way a map on the preprocessed grid goes back to an input's voxel grid, used by
+    :func:`invert_to_input` (``model.segment``, the service) and by the MONAI bundle
+    (:class:`InvertToInputd`), so both give the same mask voxel for voxel.
+
+    Each input voxel centre is mapped through world coordinates (one affine map) into
+    the preprocessed grid and takes the value there: nearest neighbour for labels,
+    linear for float maps; outside the preprocessed field of view, 0. Returns an array
+    of ``input_shape`` (uint8 / int32 labels, float32 maps)."""
+    grid_affine = np.asarray(grid_affine, dtype=np.float64)
     if grid_affine.shape != (4, 4):
         raise InputError("<preprocessed>", "needs the MetaTensor from preprocess() or its 4x4 affine")
     values = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
@@ -314,15 +362,15 @@ def invert_to_input(mask, preprocessed, reference, *, mode: str = "auto") -> nib
     if mode not in ("nearest", "linear"):
         raise ValueError(f"mode must be 'nearest', 'linear' or 'auto', got {mode!r}")
 
-    # reference voxel -> world -> preprocessed voxel, one affine map.
-    to_grid = np.linalg.inv(grid_affine) @ np.asarray(ref.affine, dtype=np.float64)
+    # input voxel -> world -> preprocessed voxel, one affine map.
+    to_grid = np.linalg.inv(grid_affine) @ np.asarray(input_affine, dtype=np.float64)
     resampled = ndi.affine_transform(
         values.astype(np.float32 if mode == "linear" else values.dtype, copy=False)
         if values.dtype.kind != "b"
         else values.astype(np.uint8),
         to_grid[:3, :3],
         offset=to_grid[:3, 3],
-        output_shape=ref.shape,
+        output_shape=tuple(int(n) for n in input_shape),
         order=0 if mode == "nearest" else 1,
         mode="constant",
         cval=0.0,
@@ -333,7 +381,4 @@ def invert_to_input(mask, preprocessed, reference, *, mode: str = "auto") -> nib
         resampled = np.rint(resampled).astype(dtype)
     else:
         resampled = resampled.astype(np.float32)
-    img = nib.Nifti1Image(resampled, ref.affine)
-    img.set_qform(ref.affine, code=1)
-    img.set_sform(ref.affine, code=1)
-    return img
+    return resampled

@@ -21,7 +21,9 @@ Two tasks:
 * ``segmentation``: the checkpoint's segmentation head (:class:`SegmentationNetwork`,
   logits [B, C, X, Y, Z]); ``run`` segments every ``*.nii.gz`` under ``dataset_dir`` by
   sliding windows, takes the argmax, brings it back to the input's own grid with
-  ``Invertd`` and writes ``<name>_seg.nii.gz`` masks under ``output_dir``.
+  :class:`volumevlm.data.transforms.InvertToInputd` (the inversion ``model.segment``
+  uses, so the masks are the same voxel for voxel) and writes ``<name>_seg.nii.gz``
+  masks under ``output_dir``.
 * ``embedding``: the image encoder and its projection (:class:`EmbeddingNetwork`,
   unit-length embeddings [B, E]); ``run`` writes ``embeddings.csv`` (file, E values)
   under ``output_dir``.
@@ -49,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from volumevlm.data.transforms import INVERT_TARGET
 from volumevlm.errors import VolumeVLMError
 from volumevlm.models.encoder import EncoderConfig, VolumeEncoder
 from volumevlm.models.heads import ProjectionHead
@@ -583,17 +586,11 @@ def inference_config(model, task: str, net_args: Mapping[str, Any]) -> dict[str,
         config["postprocessing"] = {
             "_target_": "Compose",
             "transforms": [
-                # Argmax first, then nearest-neighbour inversion: label indices are
-                # carried back to the input grid unmixed, as segment_to_input does.
+                # Argmax on the preprocessed grid, then back to the file's own grid by the
+                # package's one inversion (the same function as model.segment), not
+                # MONAI's Invertd, whose nearest-neighbour rounding differs on edges.
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {
-                    "_target_": "Invertd",
-                    "keys": "pred",
-                    "transform": "@preprocessing",
-                    "orig_keys": "image",
-                    "nearest_interp": True,
-                    "to_tensor": True,
-                },
+                {"_target_": INVERT_TARGET, "keys": "pred", "orig_key": "image", "mode": "nearest"},
                 {
                     "_target_": "SaveImaged",
                     "keys": "pred",
