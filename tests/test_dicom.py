@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.ct_files import zip_series
+from ct_files import zip_series
 from volumevlm.errors import InputError
 from volumevlm.io import (
     LPS_TO_RAS,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,14 +126,18 @@ def dicom_seg(volume: Volume, labels: np.ndarray, label_names: Mapping[int, str]
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
         descriptions.append(description)
     try:
-        seg = hd.seg.Segmentation(
-            source_images=list(source.datasets), pixel_array=frames,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
-            instance_number=1, manufacturer="volumevlm", manufacturer_model_name="volumevlm",
-            software_versions=software_version or "unknown", device_serial_number="none",
-            content_label="VOLUMEVLM", content_description="volumevlm segmentation; not for clinical use",
-            content_creator_name="volumevlm^", omit_empty_frames=bool(present))
+        with warnings.catch_warnings():
+            # The SEG copies the source's PatientName as stored; highdicom's advice on its form
+            # is about the source, which volumevlm never modifies.
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            seg = hd.seg.Segmentation(
+                source_images=list(source.datasets), pixel_array=frames,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+                instance_number=1, manufacturer="volumevlm", manufacturer_model_name="volumevlm",
+                software_versions=software_version or "unknown", device_serial_number="none",
+                content_label="VOLUMEVLM", content_description="volumevlm segmentation; not for clinical use",
+                content_creator_name="volumevlm^", omit_empty_frames=bool(present))
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise InputError(volume.source, f"cannot build a DICOM SEG on this series ({' '.join(str(err).split())[:160]})") from err
     seg.SeriesDescription = SEG_SERIES_DESCRIPTION
