@@ -95,6 +95,18 @@ def test_enhanced_ct_applies_the_rescale_of_each_frame(tmp_path, ct_phantom):
     np.testing.assert_array_equal(read_volume(path).array, np.round(hu))
 
 
+def test_enhanced_ct_memory_guard_and_single_frame(tmp_path, ct_phantom, monkeypatch):
+    hu, _, affine = ct_phantom(shape=(20, 16, 8), affine=AFFINES["LPS"])
+    path = write_dicom_enhanced(tmp_path / "ct.dcm", hu, affine, patient_id="p")
+    monkeypatch.setenv("VOLUMEVLM_MAX_VOXELS", "1000")
+    with pytest.raises(InputError, match="2560 voxels exceeds the memory guard of 1000"):
+        read_volume(path)
+    monkeypatch.delenv("VOLUMEVLM_MAX_VOXELS")
+    one = write_dicom_enhanced(tmp_path / "one.dcm", hu[:, :, :1], affine, patient_id="p")
+    with pytest.raises(InputError, match="single slice"):
+        read_volume(one)
+
+
 def _edit(path, change):
     ds = pydicom.dcmread(path)
     change(ds)
@@ -120,10 +132,24 @@ def _duplicate_position(ds):
     groups[1].PlanePositionSequence[0].ImagePositionPatient = groups[0].PlanePositionSequence[0].ImagePositionPatient
 
 
+def _tilt(position):
+    """A gantry tilt: each slice shifted in x by 0.3 of its height (z) above the first."""
+    x, y, z = (float(v) for v in position)
+    return [x + 0.3 * (z + 40.0), y, z]
+
+
+def _gantry_tilt(ds):
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        item = group.PlanePositionSequence[0]
+        item.ImagePositionPatient = _tilt(item.ImagePositionPatient)
+
+
 @pytest.mark.parametrize("change, expected", [
     (_drop_frame, "uneven slice spacing"),
     (_tilt_frame, "mixed orientations"),
     (_duplicate_position, "duplicate frames"),
+    (_gantry_tilt, "gantry tilt"),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]), "pixel data missing, truncated"),
 ])
 def test_enhanced_ct_with_bad_geometry_is_a_one_line_error(tmp_path, ct_phantom, change, expected):
     hu, _, affine = ct_phantom(shape=(20, 16, 8), affine=AFFINES["LPS"])
@@ -131,6 +157,16 @@ def test_enhanced_ct_with_bad_geometry_is_a_one_line_error(tmp_path, ct_phantom,
     with pytest.raises(InputError, match=expected) as err:
         read_volume(path)
     assert _one_line(err).startswith(str(path))
+
+
+def test_classic_series_with_gantry_tilt_is_a_one_line_error(tmp_path, ct_phantom):
+    hu, _, affine = ct_phantom(shape=(20, 16, 8), affine=AFFINES["LPS"])
+    folder = write_dicom_series(tmp_path / "ct", hu, affine, patient_id="p")
+    for name in os.listdir(folder):
+        _edit(folder / name, lambda ds: setattr(ds, "ImagePositionPatient", _tilt(ds.ImagePositionPatient)))
+    with pytest.raises(InputError, match=r"shifted in-plane by up to 4\.2 mm .*gantry tilt") as err:
+        read_volume(folder)
+    assert _one_line(err).startswith(str(folder))
 
 
 # ---------------------------------------------------------------------- refusals

@@ -191,8 +191,9 @@ def _floats(value, n: int, source, what: str) -> np.ndarray:
 
 
 def check_slice_positions(orientations: np.ndarray, positions: np.ndarray, source, what: str = "slices") -> np.ndarray:
-    """Slices (or frames) must share one orientation and be evenly spaced along its
-    normal: no gaps, no duplicates. Returns each one's distance along the normal (mm)."""
+    """Slices (or frames) must share one orientation, be evenly spaced along its normal
+    (no gaps, no duplicates) and sit straight above one another (no gantry tilt: a voxel
+    grid cannot hold sheared slices). Returns each one's distance along the normal (mm)."""
     orientation = orientations[0]
     if not np.allclose(orientations, orientation[None, :], atol=1e-4):
         raise InputError(source, f"{what} have different ImageOrientationPatient (mixed orientations)")
@@ -206,6 +207,11 @@ def check_slice_positions(orientations: np.ndarray, positions: np.ndarray, sourc
     step = float(np.median(gaps))
     if np.any(np.abs(gaps - step) > max(0.01, 0.1 * step)):
         raise InputError(source, f"uneven slice spacing {float(gaps.min()):.4g}..{float(gaps.max()):.4g} mm (missing {what}?)")
+    in_plane = positions - np.outer(along, normal)
+    shift = float(np.max(np.linalg.norm(in_plane - in_plane[np.argmin(along)], axis=1)))
+    if shift > max(0.1, 0.1 * step):
+        raise InputError(source, f"{what} are shifted in-plane by up to {shift:.3g} mm along the stack (gantry tilt?); "
+                                 "not supported")
     return along
 
 
@@ -239,7 +245,8 @@ def read_enhanced_ct(path: Path, source: str, guard) -> tuple[np.ndarray, np.nda
     import pydicom
 
     try:
-        ds = pydicom.dcmread(str(path))
+        # The header first: geometry and the memory guard come before the pixels are read.
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception as err:  # pydicom raises many types on corrupt files
         raise InputError(source, f"unreadable DICOM file ({one_line(err, 160)})") from err
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -269,10 +276,10 @@ def read_enhanced_ct(path: Path, source: str, guard) -> tuple[np.ndarray, np.nda
     along = check_slice_positions(orientations, positions, source, what="frames")
     order = np.argsort(along, kind="stable")
     try:
-        stored = np.asarray(ds.pixel_array)
+        stored = np.asarray(pydicom.dcmread(str(path)).pixel_array)
+        stored = stored.reshape(n_frames, rows, columns)
     except Exception as err:
-        raise InputError(source, f"pixel data not decodable ({one_line(err, 160)})") from err
-    stored = stored.reshape(n_frames, rows, columns)
+        raise InputError(source, f"pixel data missing, truncated or not decodable ({one_line(err, 160)})") from err
     slope, intercept = (np.array(v, dtype=np.float64)[:, None, None] for v in zip(*rescale))
     hu = (stored.astype(np.float64) * slope + intercept)[order]
     array = np.transpose(hu, (2, 1, 0)).astype(np.float32)  # [columns (i), rows (j), frames (k)]
@@ -286,7 +293,6 @@ def read_enhanced_ct(path: Path, source: str, guard) -> tuple[np.ndarray, np.nda
     affine[:3, 2] = normal * step
     affine[:3, 3] = positions[order[0]]
 
-    del ds.PixelData  # keep the header only: what a DICOM SEG needs to reference it
     meta = {
         "format": "dicom",
         "dicom_form": "enhanced",
@@ -296,6 +302,7 @@ def read_enhanced_ct(path: Path, source: str, guard) -> tuple[np.ndarray, np.nda
         "series_description": str(ds.get("SeriesDescription", "") or ""),
         "n_files": 1,
         "n_frames": n_frames,
+        # The header only (no pixels): what a DICOM SEG needs to reference the frames.
         "dicom": DicomSource(datasets=(ds,), frame_of_k=tuple(int(f) for f in order)),
     }
     return array, affine, meta
