@@ -384,8 +384,10 @@ def test_dicom_seg_refuses_inputs_that_were_not_dicom_and_masks_off_the_grid(tmp
 def test_synthetic_cohort_writes_enhanced_ct(tmp_path):
     from volumevlm.data.synthetic import generate_cohort
 
-    generate_cohort(tmp_path / "c", n=2, seed=5, shape=(32, 32, 16), dicom_fraction=1.0, dicom_form="enhanced",
-                    workers=1, progress=False)
+    from volumevlm.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n", "2", "--seed", "5", "--shape", "32,32,16",
+                 "--dicom-fraction", "1", "--dicom-form", "enhanced", "--workers", "1", "--no-progress"]) == 0
     classic = tmp_path / "classic"
     generate_cohort(classic, n=2, seed=5, shape=(32, 32, 16), dicom_fraction=1.0, workers=1, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "c" / "manifest.jsonl").read_text().splitlines()]
