@@ -280,9 +280,13 @@ def read_enhanced_ct(path: Path, source: str, guard) -> tuple[np.ndarray, np.nda
         stored = stored.reshape(n_frames, rows, columns)
     except Exception as err:
         raise InputError(source, f"pixel data missing, truncated or not decodable ({one_line(err, 160)})") from err
-    slope, intercept = (np.array(v, dtype=np.float64)[:, None, None] for v in zip(*rescale))
-    hu = (stored.astype(np.float64) * slope + intercept)[order]
-    array = np.transpose(hu, (2, 1, 0)).astype(np.float32)  # [columns (i), rows (j), frames (k)]
+    # Filled frame by frame in slice order (no full-size float64 temporary), then viewed as
+    # [columns (i), rows (j), frames (k)] like the classic reader's array.
+    slices = np.empty((n_frames, rows, columns), dtype=np.float32)
+    for k, f in enumerate(order):
+        slope, intercept = rescale[f]
+        slices[k] = stored[f].astype(np.float64) * slope + intercept
+    array = np.transpose(slices, (2, 1, 0))
 
     row_dir, col_dir = orientations[0][:3], orientations[0][3:]
     normal = np.cross(row_dir, col_dir)
