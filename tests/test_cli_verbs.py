@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -493,3 +494,114 @@ def test_console_script_in_a_fresh_interpreter(checkpoints, inputs, tmp_path):
     assert failed.stderr.strip() == f"error: {missing}: no such file or folder"
     assert not (tmp_path / "r.txt").exists()
     no_temporaries(tmp_path)
+
+
+# ---------------------------------------------------------------------- DICOM SEG output
+
+
+def _seg_content(path) -> dict:
+    """What a DICOM SEG says, without the UIDs and times made fresh for each file: segments,
+    and per frame its segment, source image (and frame), plane position and pixels."""
+    seg = pydicom.dcmread(path)
+    frames = []
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    for f, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        frames.append((int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber), ref.ReferencedSOPInstanceUID,
+                       int(ref.get("ReferencedFrameNumber", 0)),
+                       tuple(float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient), pixels[f].tobytes()))
+    return {
+        "segments": [(int(s.SegmentNumber), s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+                     for s in seg.SegmentSequence],
+        "series": seg.ReferencedSeriesSequence[0].SeriesInstanceUID,
+        "study": seg.StudyInstanceUID,
+        "frame_of_reference": seg.FrameOfReferenceUID,
+        "frames": frames,
+    }
+
+
+def _mask_of_seg(path, volume) -> np.ndarray:
+    """The label map a SEG holds, rebuilt by highdicom on the source images of ``volume``
+    (its headers in k order; an enhanced CT's frames through its frame order)."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(path)
+    numbers = seg.get_segment_numbers()
+    names = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    source = volume.meta["dicom"]
+    if source.enhanced:
+        frames = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=source.datasets[0].SOPInstanceUID,
+            source_frame_numbers=[f + 1 for f in source.frame_of_k], segment_numbers=numbers,
+            combine_segments=True, relabel=False)
+    else:
+        frames = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[ds.SOPInstanceUID for ds in source.datasets], segment_numbers=numbers,
+            combine_segments=True, relabel=False)
+    index_of = {name: index for index, name in model_label_names().items()}
+    lut = np.zeros(max(numbers) + 1, dtype=np.uint8)
+    for number in numbers:
+        lut[number] = index_of[names[number]]
+    return lut[np.transpose(frames, (2, 1, 0))]
+
+
+def model_label_names() -> dict[int, str]:
+    from volumevlm.data.labels import LABELS
+
+    return dict(LABELS)
+
+
+def test_segment_as_dicom_seg_cli_equals_the_api_for_classic_zip_and_enhanced(model, checkpoints, inputs, tmp_path, capsys):
+    from volumevlm.inference.pipeline import mask_to_dicom_seg
+    from volumevlm.io import write_dicom_enhanced
+
+    assert model.head("segmentation").label_names == model_label_names()
+    volume = read_volume(inputs["dicom"])
+    expected = np.asarray(model.segment(volume).dataobj)
+    assert expected.any()  # the SEG must hold frames for the comparison to mean something
+    api = tmp_path / "api.dcm"
+    mask = model.segment(inputs["dicom"], out=api)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
+    served = tmp_path / "served.dcm"
+    served.write_bytes(mask_to_dicom_seg(volume, mask))  # what the HTTP endpoint will send
+    cli = tmp_path / "cli.dcm"
+    status, stdout, _ = run_cli(capsys, "segment", "-m", checkpoints["full"], "-i", inputs["dicom"], "-o", cli)
+    assert status == 0 and str(cli) in stdout
+    status, _, _ = run_cli(capsys, "segment", "-m", checkpoints["full"], "-i", inputs["zip"], "--format", "dicom-seg",
+                           "-o", tmp_path / "folder")
+    assert status == 0
+    from_zip = tmp_path / "folder" / "archive.dcm"
+    content = _seg_content(api)
+    assert content["frames"] and content["series"] == volume.meta["series_uid"]
+    for other in (served, cli, from_zip):
+        assert _seg_content(other) == content
+    np.testing.assert_array_equal(_mask_of_seg(api, volume), expected)
+
+    # An enhanced CT of the same volume, frames stored out of order: the same mask, its SEG
+    # referencing the enhanced object's frames.
+    order = np.random.default_rng(4).permutation(volume.shape[2])
+    enhanced = write_dicom_enhanced(tmp_path / "enhanced.dcm", volume.array, volume.affine, patient_id="PHANTOM",
+                                    frame_order=order)
+    enhanced_volume = read_volume(enhanced)
+    status, _, _ = run_cli(capsys, "segment", "-m", checkpoints["full"], "-i", enhanced, "-o", tmp_path / "enh_seg.dcm")
+    assert status == 0
+    np.testing.assert_array_equal(_mask_of_seg(tmp_path / "enh_seg.dcm", enhanced_volume), expected)
+    assert _seg_content(tmp_path / "enh_seg.dcm")["series"] == enhanced_volume.meta["series_uid"]
+    no_temporaries(tmp_path)
+
+
+def test_dicom_seg_for_an_input_that_was_not_dicom_is_a_one_line_error(model, checkpoints, inputs, tmp_path, capsys):
+    full = checkpoints["full"]
+    for args, named in (
+        (["segment", "-m", full, "-i", inputs["nifti"], "-o", tmp_path / "seg.dcm"], inputs["nifti"]),
+        (["segment", "-m", full, "-i", inputs["nifti"], "--format", "dicom-seg", "-o", tmp_path / "out"], inputs["nifti"]),
+        (["segment", "-m", full, "-i", inputs["dicom"], "--format", "dicom-seg", "-o", tmp_path / "m.nii.gz"],
+         tmp_path / "m.nii.gz"),
+    ):
+        status, _, stderr = run_cli(capsys, *args)
+        lines = stderr.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and str(named) in lines[0], (args, stderr)
+    assert "needs a DICOM CT input" in run_cli(capsys, "segment", "-m", full, "-i", inputs["nifti"], "-o", tmp_path / "s.dcm")[2]
+    with pytest.raises(InputError, match="needs a DICOM CT input .*NIfTI"):
+        model.segment(inputs["nifti"], out=tmp_path / "api.dcm")
+    assert list(tmp_path.iterdir()) == []

@@ -114,18 +114,29 @@ def test_dicom_uids_are_deterministic_and_zip_reads(tmp_path, ct_phantom, monkey
     np.testing.assert_allclose(vol.affine, read_volume(b).affine)
 
 
-def test_dicom_picks_largest_ct_series(tmp_path, ct_phantom):
+def test_dicom_folder_reads_its_ct_series_says_what_it_skipped_and_asks_among_several(tmp_path, ct_phantom):
     hu, _, affine = ct_phantom()
     write_dicom_series(tmp_path / "study" / "ct", hu, affine, patient_id="p", series_uid="1.2.3.1", study_uid="1.2.3")
-    write_dicom_series(tmp_path / "study" / "small", hu[:, :, :6], affine, patient_id="p", series_uid="1.2.3.2", study_uid="1.2.3")
     big = np.concatenate([hu, hu], axis=2)
     mr = write_dicom_series(tmp_path / "study" / "mr", big, affine, patient_id="p", series_uid="1.2.3.3", study_uid="1.2.3")
     for name in os.listdir(mr):  # a larger series that is not CT must not win
         ds = pydicom.dcmread(mr / name)
         ds.Modality = "MR"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
         ds.save_as(mr / name)
-    vol = read_volume(tmp_path / "study")
-    assert vol.meta["series_uid"] == "1.2.3.1" and vol.shape == hu.shape and vol.meta["n_series"] == 3
+    with pytest.warns(VolumeWarning, match=r"reading CT series 1\.2\.3\.1 .*skipped 1 other series: MR Image Storage"):
+        vol = read_volume(tmp_path / "study")
+    assert vol.meta["series_uid"] == "1.2.3.1" and vol.shape == hu.shape and vol.meta["n_series"] == 2
+    # A second CT series: the reader asks which one rather than guessing.
+    write_dicom_series(tmp_path / "study" / "small", hu[:, :, :6], affine, patient_id="p", series_uid="1.2.3.2", study_uid="1.2.3")
+    with pytest.raises(InputError, match=r"2 CT series \(1\.2\.3\.1 .*1\.2\.3\.2 .*pass the folder of one series") as err:
+        read_volume(tmp_path / "study")
+    assert "\n" not in str(err.value)
+    with pytest.warns(VolumeWarning, match="skipped 2 other series"):
+        small = read_volume(tmp_path / "study", series="1.2.3.2")
+    assert small.shape == (*hu.shape[:2], 6)
+    with pytest.raises(InputError, match="MR Image Storage"):
+        read_volume(tmp_path / "study", series="1.2.3.3")
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])

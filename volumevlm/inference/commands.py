@@ -3,7 +3,7 @@
     volumevlm embed       -m CKPT -i IN... [-o OUT.safetensors|.npy|.npz|.json]
     volumevlm zero-shot   -m CKPT -i IN... [-o OUT.json] [--findings a,b] [--prompts SET_OR_YAML]
     volumevlm phenotypes  -m CKPT -i IN... [-o OUT.json] [--top-k N|all]
-    volumevlm segment     -m CKPT -i IN... -o MASK.nii.gz|FOLDER [--statistics STATS.json|.csv]
+    volumevlm segment     -m CKPT -i IN... -o MASK.nii.gz|SEG.dcm|FOLDER [--format nifti|dicom-seg] [--statistics STATS.json|.csv]
     volumevlm retrieve    -m CKPT -i IN... --index DIR [-k N] [--kind report|image|all] [-o OUT.json]
     volumevlm report      -m CKPT -i IN... [-o OUT.txt|.json] [--max-new-tokens N] [--num-beams N]
 
@@ -279,9 +279,16 @@ def _phenotypes_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- segment
 
 
+SEGMENT_FORMATS = ("nifti", "dicom-seg")
+DICOM_SEG_SUFFIX = ".dcm"
+
+
 def _segment_arguments(parser: argparse.ArgumentParser) -> None:
-    _common(parser, "mask file (.nii.gz / .nii) for one input, or a folder (one <input name>.nii.gz each)",
-            output_required=True)
+    _common(parser, "mask file (.nii.gz / .nii, or .dcm for a DICOM SEG of a DICOM input) for one input, or a "
+                    "folder (one <input name>.nii.gz, or .dcm with --format dicom-seg, each)", output_required=True)
+    parser.add_argument("--format", choices=SEGMENT_FORMATS, default=None,
+                        help="nifti, or dicom-seg: a DICOM Segmentation referencing the source images, for DICOM "
+                             "inputs (series folder, its .zip, enhanced CT file); default: from the output's suffix")
     parser.add_argument("--statistics", metavar="STATS",
                         help="also write per-structure voxels, volume (mL) and mean HU: .json or .csv (and print them)")
 
@@ -296,23 +303,39 @@ def input_stem(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "volume"
 
 
-def mask_paths(output: str, inputs: Sequence[str]) -> list[Path]:
-    """Where each input's mask goes: ``output`` itself when it is a NIfTI file name (one
-    input), else ``output/<input stem>.nii.gz``; clashes are one-line errors."""
+def segment_format(output: str, fmt: str | None) -> str:
+    """The mask format: ``fmt`` when given (it must agree with a file name's suffix),
+    else "dicom-seg" for a .dcm output and "nifti" for anything else."""
+    name = Path(output).name.lower()
+    by_suffix = "dicom-seg" if name.endswith(DICOM_SEG_SUFFIX) else ("nifti" if name.endswith(NIFTI_SUFFIXES) else None)
+    if fmt is None:
+        return by_suffix or "nifti"
+    if by_suffix is not None and by_suffix != fmt:
+        raise InputError(output, f"--format {fmt} does not match the output's suffix (use "
+                                 f"{'.dcm' if fmt == 'dicom-seg' else '.nii.gz or .nii'})")
+    return fmt
+
+
+def mask_paths(output: str, inputs: Sequence[str], fmt: str = "nifti") -> list[Path]:
+    """Where each input's mask goes: ``output`` itself when it is a mask file name (one
+    input; .nii.gz / .nii, or .dcm for a DICOM SEG), else ``output/<input stem>.nii.gz``
+    (``.dcm`` for ``fmt="dicom-seg"``); clashes are one-line errors."""
     out = Path(output).expanduser()
-    if out.name.lower().endswith(NIFTI_SUFFIXES):
+    suffixes = (DICOM_SEG_SUFFIX,) if fmt == "dicom-seg" else NIFTI_SUFFIXES
+    if out.name.lower().endswith(suffixes):
         if len(inputs) > 1:
             raise InputError(output, f"{len(inputs)} inputs need an output folder, not one mask file")
         if out.is_dir():
-            raise InputError(output, "is a folder; a mask file name ending in .nii.gz or .nii was expected")
+            raise InputError(output, f"is a folder; a mask file name ending in {' or '.join(suffixes)} was expected")
         return [out]
     if out.suffix and not out.is_dir():
-        raise InputError(output, "unsupported output suffix for segment (use .nii.gz or .nii for a file, or a folder)")
+        raise InputError(output, "unsupported output suffix for segment (use .nii.gz or .nii for a file, .dcm for a "
+                                 "DICOM SEG, or a folder)")
     if out.exists() and not out.is_dir():
         raise InputError(output, "exists and is not a folder")
     paths, owner = [], {}
     for source in inputs:
-        path = out / f"{input_stem(source)}.nii.gz"
+        path = out / f"{input_stem(source)}{suffixes[0]}"
         if path.name in owner:
             raise InputError(source, f"would write the same mask {path} as {owner[path.name]}; segment them separately")
         owner[path.name] = source
@@ -320,15 +343,32 @@ def mask_paths(output: str, inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _may_be_dicom(source: str) -> bool:
+    """Whether an input can be DICOM by its path alone (a folder, a .zip, a DICOM file):
+    lets a NIfTI input asking for a DICOM SEG fail before the model loads."""
+    from volumevlm.io.dicom import is_dicom_file
+
+    path = Path(source).expanduser()
+    return path.is_dir() or path.name.lower().endswith(".zip") or is_dicom_file(path)
+
+
 def _segment_run(args: argparse.Namespace) -> int:
     from volumevlm.inference.statistics import format_statistics, statistics_format, structure_statistics, write_statistics
+    from volumevlm.inference.pipeline import mask_to_dicom_seg
     from volumevlm.io import read_volume
+    from volumevlm.io.dicom_seg import dicom_source_of
     from volumevlm.models.segmentation import read_label_names, save_segmentation
 
     inputs = check_inputs(args.inputs)
-    targets = mask_paths(args.output, inputs)
+    fmt = segment_format(args.output, args.format)
+    targets = mask_paths(args.output, inputs, fmt)
     for target in targets:
         _not_an_input(target, inputs)
+    if fmt == "dicom-seg":
+        for source in inputs:
+            if not _may_be_dicom(source):
+                raise InputError(source, "DICOM SEG output needs a DICOM CT input (a series folder, its .zip or an "
+                                         "enhanced CT file); write the mask as NIfTI (.nii.gz) instead")
     if args.statistics:
         statistics_format(args.statistics)
         _not_an_input(args.statistics, inputs)
@@ -337,8 +377,13 @@ def _segment_run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for source, target in zip(inputs, targets):
         volume = read_volume(source)  # read once: the mask's geometry and the HU of the statistics
+        if fmt == "dicom-seg":
+            dicom_source_of(volume, target)  # e.g. a zip of NIfTI files: refused before the model runs
         mask = model.segment(volume)
-        save_segmentation(mask, target)
+        if fmt == "dicom-seg":
+            mask_to_dicom_seg(volume, mask, out=target)
+        else:
+            save_segmentation(mask, target)
         _wrote(target)
         if args.statistics:
             rows.extend({"source": source, **row} for row in structure_statistics(mask, volume, read_label_names(mask)))

@@ -501,7 +501,10 @@ def segment(model, x: Any, out: str | os.PathLike | Sequence[str | os.PathLike] 
     """Label map(s) in the input's own geometry: a nibabel image of uint8 label indices
     whose header carries the label names (read them back with
     :func:`volumevlm.models.segmentation.read_label_names`). Needs the checkpoint's
-    segmentation head. out: also write each mask there atomically."""
+    segmentation head. out: also write each mask there atomically: NIfTI (.nii.gz /
+    .nii), or a DICOM SEG (.dcm) referencing the source images when the input was
+    DICOM (a series folder, its zip, or an enhanced CT file); a .dcm output for any
+    other input is a one-line error, raised before the model runs on it."""
     import nibabel as nib
 
     from volumevlm.models.segmentation import (
@@ -518,6 +521,10 @@ def segment(model, x: Any, out: str | os.PathLike | Sequence[str | os.PathLike] 
     outs = _out_paths(out, many)
     results = []
     for index, item in enumerate(items):
+        target = _nth(outs, index, item) if outs is not None else None
+        as_seg = target is not None and _is_dicom_seg_path(target)
+        if as_seg:
+            _check_dicom_source(item, target)
         if item.volume is not None:
             image, _ = segment_to_input(net, item.volume, model.preprocess)
         else:
@@ -534,10 +541,66 @@ def segment(model, x: Any, out: str | os.PathLike | Sequence[str | os.PathLike] 
             header.set_intent("label")
             names = {str(k): v for k, v in sorted(net.config.label_names.items())}
             header.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps({LABELS_EXTENSION_KEY: names}).encode()))
-        if outs is not None:
-            save_segmentation(image, _nth(outs, index, item))
+        if as_seg:
+            mask_to_dicom_seg(item.volume, image, out=target)
+        elif target is not None:
+            save_segmentation(image, target)
         results.append(image)
     return results if many else results[0]
+
+
+def _is_dicom_seg_path(path: str | os.PathLike) -> bool:
+    from volumevlm.io.dicom_seg import DICOM_SEG_SUFFIXES
+
+    return Path(path).name.lower().endswith(DICOM_SEG_SUFFIXES)
+
+
+def _check_dicom_source(item: Item, target: Path) -> None:
+    from volumevlm.io.dicom_seg import dicom_source_of
+
+    if item.volume is None:
+        raise InputError(item.source, f"DICOM SEG output ({target.name}) needs a DICOM CT input, not a preprocessed "
+                                      "tensor; write the mask as NIfTI (.nii.gz) instead")
+    dicom_source_of(item.volume, target)
+
+
+def mask_to_dicom_seg(volume, mask, out: str | os.PathLike | None = None,
+                      label_names: Mapping[int, str] | None = None) -> bytes:
+    """A mask as a DICOM SEG on the CT it was made from: the bytes of the Part 10 file
+    (for an HTTP response), also written atomically to ``out`` (.dcm) when given.
+
+    volume: the :class:`volumevlm.io.Volume` that ``read_volume`` returned for a DICOM
+        series folder, zip or enhanced CT file (it keeps the source headers the SEG
+        references: study, series, SOP instances, frames, frame of reference).
+    mask: what ``model.segment(volume)`` returned (a nibabel label image on the
+        volume's grid, label names in its header), or (label array [X, Y, Z], names).
+    label_names: {index: structure name}, overriding the names the mask carries.
+    Non-DICOM volumes and masks off the volume's grid are one-line errors.
+    """
+    from volumevlm import __version__
+    from volumevlm.io import check_same_geometry
+    from volumevlm.io.dicom_seg import dicom_seg_bytes, write_dicom_seg
+    from volumevlm.io.volume import Volume
+    from volumevlm.models.segmentation import read_label_names
+
+    if not isinstance(volume, Volume):
+        raise InputError(f"<{type(volume).__name__}>", "mask_to_dicom_seg needs the Volume read_volume returned for the DICOM input")
+    if isinstance(mask, tuple) and len(mask) == 2:
+        labels, names = np.asarray(mask[0]), dict(mask[1])
+        if labels.shape != volume.shape:
+            raise InputError("mask", f"shape {labels.shape} differs from the CT's {volume.shape} ({volume.source})")
+    else:
+        names = read_label_names(mask) if label_names is None else {}
+        mask_volume = Volume(array=np.asarray(mask.dataobj), affine=np.asarray(mask.affine, dtype=np.float64),
+                             source=str(mask.get_filename() or "mask"))
+        check_same_geometry(volume, mask_volume)
+        labels = mask_volume.array
+    if label_names is not None:
+        names = {int(k): str(v) for k, v in label_names.items()}
+    if out is not None:
+        path = write_dicom_seg(out, volume, labels, names, software_version=__version__)
+        return path.read_bytes()
+    return dicom_seg_bytes(volume, labels, names, software_version=__version__)
 
 
 # ---------------------------------------------------------------------- reports
@@ -564,6 +627,7 @@ __all__ = [
     "embed",
     "generate_report",
     "iter_items",
+    "mask_to_dicom_seg",
     "phenotypes",
     "prepare",
     "resolve_prompt_set",

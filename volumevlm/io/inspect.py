@@ -62,6 +62,8 @@ def describe(volume: Volume, problems: list[str]) -> dict:
         "modality": modality,
         "n_slices": int(volume.shape[slice_axis]),
         "series_uid": volume.meta.get("series_uid"),
+        # DICOM only: "classic" (one file per slice) or "enhanced" (one multi-frame file).
+        "dicom_form": volume.meta.get("dicom_form"),
         "problems": problems,
     }
 

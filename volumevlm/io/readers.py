@@ -20,6 +20,17 @@ import numpy as np
 
 from volumevlm.errors import InputError, TooLargeError
 from volumevlm.io.archives import unpack_zip
+from volumevlm.io.dicom import (
+    MULTIFRAME_CT,
+    DicomSource,
+    choose_ct_series,
+    is_dicom_file,
+    not_ct_problem,
+    order_classic_series,
+    read_enhanced_ct,
+    read_header,
+    scan_folder,
+)
 from volumevlm.io.volume import (
     DEFAULT_MAX_VOXELS,
     LPS_TO_RAS,
@@ -27,6 +38,7 @@ from volumevlm.io.volume import (
     MAX_VOXELS_ENV,
     MIN_SPACING_MM,
     Volume,
+    VolumeWarning,
     max_voxels_limit,
     spacing_from_affine,
 )
@@ -35,10 +47,6 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 ITK_IMAGE_IO = {"nrrd": "NrrdImageIO", "mha": "MetaImageIO"}
 KINDS = ("image", "label")
-
-
-class VolumeWarning(UserWarning):
-    """A volume was read but looks suspicious (e.g. values that are not HU)."""
 
 
 def _why(err: BaseException) -> str:
@@ -61,16 +69,24 @@ def _format_of(path: Path) -> str:
     for suffix, fmt in ITK_SUFFIXES.items():
         if name.endswith(suffix):
             return fmt
+    if is_dicom_file(path):
+        return "dicom-file"
     return "other"
 
 
-def read_volume(path: str | os.PathLike, *, max_voxels: int | None = DEFAULT_MAX_VOXELS, kind: str = "image") -> Volume:
+def read_volume(path: str | os.PathLike, *, max_voxels: int | None = DEFAULT_MAX_VOXELS, kind: str = "image",
+                series: str | None = None) -> Volume:
     """Read and validate one CT volume (``kind="image"``) or integer label map (``kind="label"``).
 
     path: .nii / .nii.gz, a DICOM series folder, a .zip of a DICOM series, .nrrd / .nhdr /
-          .mha / .mhd (or a single DICOM file, which must then hold a 3D volume).
+          .mha / .mhd, or a single DICOM file holding an Enhanced CT (multi-frame) image.
+          DICOM objects that are not CT images (SEG, RTSTRUCT, SR, presentation states,
+          MR, secondary captures ...) are refused; a folder holding them besides one CT
+          series reads the CT series and warns which series it skipped.
     max_voxels: refuse volumes with more voxels (memory guard); the env var
           VOLUMEVLM_MAX_VOXELS overrides the default; None disables the guard.
+    series: the SeriesInstanceUID to read from a DICOM folder or zip holding several
+          CT series (without it, several CT series are a one-line error listing them).
     Returns a :class:`Volume`: array [X, Y, Z] in stored voxel order, float32 HU for
     images (rescale slope/intercept applied), an integer dtype for labels; affine
     voxel -> RAS mm. Raises InputError (one line naming ``path``) on bad input.
@@ -86,9 +102,11 @@ def read_volume(path: str | os.PathLike, *, max_voxels: int | None = DEFAULT_MAX
     if fmt == "nifti":
         array, affine, meta = _read_nifti(path, source, limit, kind)
     elif fmt == "dicom":
-        array, affine, meta = _read_dicom_folder(path, source, limit)
+        array, affine, meta = _read_dicom_folder(path, source, limit, series)
     elif fmt == "dicom-zip":
-        array, affine, meta = _read_dicom_zip(path, source, limit)
+        array, affine, meta = _read_dicom_zip(path, source, limit, series)
+    elif fmt == "dicom-file":
+        array, affine, meta = _read_dicom_file(path, source, limit)
     else:
         array, affine, meta = _read_itk_file(path, source, limit, fmt)
     return _finish(array, affine, source, meta, kind, limit)
@@ -273,73 +291,56 @@ def _read_itk_file(path: Path, source: str, limit: int | None, fmt: str):
     return array, affine, meta
 
 
-def _dicom_header(sitk, filename: str) -> dict:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(filename)
-    reader.ReadImageInformation()
-    keys = set(reader.GetMetaDataKeys())
-
-    def tag(key: str) -> str:
-        return reader.GetMetaData(key).strip() if key in keys else ""
-
-    return {
-        "modality": tag("0008|0060"),
-        "position": tag("0020|0032"),
-        "orientation": tag("0020|0037"),
-        "series_description": tag("0008|103e"),
-        "rows": tag("0028|0010"),
-        "columns": tag("0028|0011"),
-        "bits_allocated": tag("0028|0100"),
-        "pixel_representation": tag("0028|0103"),
-    }
+def _dicom_dtype(header) -> str:
+    """The stored pixel type, e.g. "int16" (before RescaleSlope/Intercept)."""
+    bits = header.get("BitsAllocated")
+    if not bits:
+        return ""
+    return ("int" if int(header.get("PixelRepresentation", 0) or 0) == 1 else "uint") + str(int(bits))
 
 
-def _floats(text: str, n: int, source: str, what: str) -> np.ndarray:
-    try:
-        values = np.array([float(v) for v in text.split("\\")], dtype=np.float64)
-    except ValueError:
-        values = np.array([])
-    if values.shape != (n,) or not np.all(np.isfinite(values)):
-        raise InputError(source, f"DICOM {what} is missing or malformed ({text!r})")
-    return values
+def _read_dicom_file(path: Path, source: str, limit: int | None):
+    """One DICOM file: an enhanced (multi-frame) CT is a volume; anything else is refused."""
+    header = read_header(path)
+    if header is None:
+        raise InputError(source, "not a readable DICOM file")
+    problem = not_ct_problem(header)
+    if problem:
+        raise InputError(source, problem)
+    if str(header.get("SOPClassUID", "")) in MULTIFRAME_CT or int(header.get("NumberOfFrames", 1) or 1) > 1:
+        return _read_enhanced(path, source, limit)
+    raise InputError(source, "a single DICOM slice; pass the folder (or .zip) holding the whole series")
 
 
-def _read_dicom_folder(folder: Path, source: str, limit: int | None):
-    with _quiet_itk() as sitk:
-        series = []  # (modality, n_files, series_uid, files)
-        for dirpath, _dirnames, filenames in sorted(os.walk(folder)):
-            if not filenames:
-                continue
-            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(dirpath):
-                files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(dirpath, uid))
-                try:
-                    modality = _dicom_header(sitk, files[0])["modality"]
-                except RuntimeError:
-                    continue
-                series.append((modality, len(files), uid, files))
-        if not series:
-            raise InputError(source, "no DICOM series found (not DICOM files, or unreadable)")
-        ct = [s for s in series if s[0].upper() == "CT"]
-        modality, n_files, uid, files = max(ct or series, key=lambda s: s[1])
-        if not ct:
-            warnings.warn(
-                f"{source}: no series with Modality CT; using the largest series (Modality {modality or 'missing'})",
-                VolumeWarning,
-                stacklevel=3,
-            )
-        headers = []
-        for name in files:
-            try:
-                headers.append(_dicom_header(sitk, name))
-            except RuntimeError as err:
-                raise InputError(source, f"unreadable DICOM file {Path(name).name}", detail=_why(err)) from err
-        first = headers[0]
-        shape = (int(first["columns"] or 0), int(first["rows"] or 0), len(files))
+def _read_enhanced(path: Path, source: str, limit: int | None):
+    def guard(shape):
         _check_shape(shape, source)
         _guard(shape, source, limit)
-        _check_slice_positions(headers, source)
+
+    array, affine_lps, meta = read_enhanced_ct(path, source, guard)
+    return array, LPS_TO_RAS @ affine_lps, meta
+
+
+def _read_dicom_folder(folder: Path, source: str, limit: int | None, wanted: str | None = None):
+    all_series = scan_folder(folder)
+    chosen = choose_ct_series(all_series, source, wanted)
+    first = chosen.first
+    multiframe = [path for path, h in chosen.files
+                  if str(h.get("SOPClassUID", "")) in MULTIFRAME_CT or int(h.get("NumberOfFrames", 1) or 1) > 1]
+    if multiframe:
+        if len(chosen.files) > 1:
+            raise InputError(source, f"series {chosen.uid} holds {len(chosen.files)} files of which {len(multiframe)} "
+                                     "multi-frame; pass one enhanced CT file")
+        array, affine, meta = _read_enhanced(multiframe[0], source, limit)
+        meta["n_series"] = len(all_series)
+        return array, affine, meta
+    shape = (int(first.get("Columns", 0) or 0), int(first.get("Rows", 0) or 0), len(chosen.files))
+    _check_shape(shape, source)
+    _guard(shape, source, limit)
+    ordered = order_classic_series(chosen, source)
+    with _quiet_itk() as sitk:
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
+        reader.SetFileNames([str(path) for path, _ in ordered])
         try:
             image = reader.Execute()
         except RuntimeError as err:
@@ -347,42 +348,16 @@ def _read_dicom_folder(folder: Path, source: str, limit: int | None):
     array, affine = _sitk_to_numpy(image)
     meta = {
         "format": "dicom",
+        "dicom_form": "classic",
         "dtype": _dicom_dtype(first) or image.GetPixelIDTypeAsString(),
-        "modality": modality,
-        "series_uid": uid,
-        "series_description": first["series_description"],
-        "n_files": n_files,
-        "n_series": len(series),
+        "modality": str(first.get("Modality", "") or ""),
+        "series_uid": chosen.uid,
+        "series_description": chosen.description,
+        "n_files": len(chosen.files),
+        "n_series": len(all_series),
+        "dicom": DicomSource(datasets=tuple(h for _, h in ordered)),
     }
     return array, affine, meta
-
-
-def _dicom_dtype(header: dict) -> str:
-    """The stored pixel type, e.g. "int16" (before RescaleSlope/Intercept)."""
-    if not header["bits_allocated"]:
-        return ""
-    return ("int" if header["pixel_representation"] == "1" else "uint") + header["bits_allocated"]
-
-
-def _check_slice_positions(headers: list[dict], source: str) -> None:
-    """Slices must be evenly spaced along the slice normal: no gaps, no duplicates."""
-    orientation = _floats(headers[0]["orientation"], 6, source, "ImageOrientationPatient")
-    normal = np.cross(orientation[:3], orientation[3:])
-    for h in headers[1:]:
-        if not np.allclose(_floats(h["orientation"], 6, source, "ImageOrientationPatient"), orientation, atol=1e-4):
-            raise InputError(source, "slices of the series have different ImageOrientationPatient")
-    along = np.sort([_floats(h["position"], 3, source, "ImagePositionPatient") @ normal for h in headers])
-    gaps = np.diff(along)
-    if gaps.size == 0:
-        return
-    if np.any(gaps < 1e-3):
-        raise InputError(source, "two or more slices share one ImagePositionPatient (duplicate slices)")
-    step = float(np.median(gaps))
-    if np.any(np.abs(gaps - step) > max(0.01, 0.1 * step)):
-        raise InputError(
-            source,
-            f"uneven slice spacing {float(gaps.min()):.4g}..{float(gaps.max()):.4g} mm (missing slices?)",
-        )
 
 
 def zip_unpack_limit(limit: int | None) -> int:
@@ -391,11 +366,11 @@ def zip_unpack_limit(limit: int | None) -> int:
     return (4 * limit if limit is not None else 4 * DEFAULT_MAX_VOXELS) + (64 << 20)
 
 
-def _read_dicom_zip(path: Path, source: str, limit: int | None):
+def _read_dicom_zip(path: Path, source: str, limit: int | None, wanted: str | None = None):
     with tempfile.TemporaryDirectory(prefix="volumevlm-zip-") as tmp:
         # Counted while inflating (a zip's stated sizes can lie), flat under ``tmp``.
         unpack_zip(path, tmp, max_bytes=zip_unpack_limit(limit), source=source)
-        array, affine, meta = _read_dicom_folder(Path(tmp), source, limit)
+        array, affine, meta = _read_dicom_folder(Path(tmp), source, limit, wanted)
         array = np.array(array)  # own the memory before the folder goes
     meta["format"] = "dicom"
     meta["container"] = "zip"

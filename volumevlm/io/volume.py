@@ -31,6 +31,10 @@ MAX_SPACING_MM = 50.0
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+class VolumeWarning(UserWarning):
+    """A volume was read but looks suspicious (e.g. values that are not HU)."""
+
+
 @dataclass(frozen=True)
 class Volume:
     """A 3D image with its geometry.

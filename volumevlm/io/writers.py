@@ -1,4 +1,4 @@
-"""Writers: NIfTI files, DICOM CT series and the atomic file writer every output uses.
+"""Writers: NIfTI files, DICOM CT (classic series, enhanced multi-frame) and the atomic file writer every output uses.
 
 A reader of a half-written output must never see it: every file goes to a temporary
 name in the destination directory first and is moved into place with ``os.replace``;
@@ -21,6 +21,7 @@ from volumevlm.io.volume import LPS_TO_RAS
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def _nifti_suffix(path: Path) -> str:
@@ -171,6 +172,76 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+class _DicomGeometry:
+    """What a DICOM CT writer needs of an affine: LPS directions, spacing, slice positions."""
+
+    def __init__(self, affine: np.ndarray, target: Path):
+        lps = LPS_TO_RAS @ _check_affine(affine, target)  # RAS -> LPS flips x, y: the same matrix
+        self.lps = lps
+        self.spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+        dir_i, dir_j, dir_k = (_unit(lps[:3, n]) for n in range(3))
+        if abs(float(dir_i @ dir_j)) > 1e-4:
+            raise InputError(target, "affine i and j axes are not orthogonal; a DICOM slice cannot store shear")
+        if abs(abs(float(np.cross(dir_i, dir_j) @ dir_k)) - 1.0) > 1e-4:
+            raise InputError(target, "affine k axis is not normal to the slices (gantry tilt); not supported")
+        self.normal = np.cross(dir_i, dir_j)
+        # ImageOrientationPatient: the direction of a row (along i), then of a column (along j).
+        self.orientation = [_ds(v) for v in (*dir_i, *dir_j)]
+        # PixelSpacing: [between rows (j), between columns (i)].
+        self.pixel_spacing = [_ds(self.spacing[1]), _ds(self.spacing[0])]
+
+    def position(self, k: int) -> np.ndarray:
+        return (self.lps @ np.array([0.0, 0.0, float(k), 1.0]))[:3]
+
+
+def _ct_dataset(name: Path, sop_class: str, sop_uid: str, *, patient_id: str, study_uid: str, series_uid: str,
+                frame_uid: str, series_description: str, stored: np.ndarray):
+    """A CT dataset holding what classic and enhanced CT share: patient, study, series,
+    frame of reference, equipment and the image pixel module (16-bit signed)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(str(name), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = frame_uid
+    ds.Modality = "CT"
+    ds.Manufacturer = "volumevlm"
+    ds.PatientID = str(patient_id)
+    ds.PatientName = str(patient_id)
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyDate = ""
+    ds.StudyTime = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = series_description
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = int(stored.shape[1])
+    ds.Columns = int(stored.shape[0])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    return ds
+
+
+def _frame_uid(study_uid: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[study_uid, "frame-of-reference"])
+
+
 def write_dicom_series(
     folder: str | os.PathLike,
     array_hu: np.ndarray,
@@ -197,30 +268,20 @@ def write_dicom_series(
     The folder appears atomically (written beside it, then renamed); an existing
     folder is replaced. Returns the folder.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
-    affine = _check_affine(affine, folder)
+    geometry = _DicomGeometry(affine, folder)
     array_hu = np.asarray(array_hu)
     if array_hu.ndim != 3:
         raise InputError(folder, f"expected a 3D array [X, Y, Z], got shape {array_hu.shape}")
     stored = _quantize(array_hu, float(slope), float(intercept), np.int16, folder)
 
-    lps = LPS_TO_RAS @ affine  # RAS -> LPS flips x, y: the same matrix
-    spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-    dir_i, dir_j, dir_k = (_unit(lps[:3, n]) for n in range(3))
-    if abs(float(dir_i @ dir_j)) > 1e-4:
-        raise InputError(folder, "affine i and j axes are not orthogonal; a DICOM slice cannot store shear")
-    if abs(abs(float(np.cross(dir_i, dir_j) @ dir_k)) - 1.0) > 1e-4:
-        raise InputError(folder, "affine k axis is not normal to the slices (gantry tilt); not supported")
-
     study_uid = study_uid or generate_uid()
-    frame_uid = generate_uid(entropy_srcs=[study_uid, "frame-of-reference"])
+    frame_uid = _frame_uid(study_uid)
     deterministic = series_uid is not None
     series_uid = series_uid or generate_uid()
-    orientation = [_ds(v) for v in (*dir_i, *dir_j)]
-    thickness = float(slice_thickness) if slice_thickness is not None else float(spacing[2])
+    thickness = float(slice_thickness) if slice_thickness is not None else float(geometry.spacing[2])
     n_slices = stored.shape[2]
     width = max(4, len(str(n_slices)))
 
@@ -231,48 +292,19 @@ def write_dicom_series(
     try:
         for k in range(n_slices):
             sop_uid = generate_uid(entropy_srcs=[series_uid, str(k)]) if deterministic else generate_uid()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
             name = tmp / f"slice_{k:0{width}d}.dcm"
-            ds = FileDataset(str(name), {}, file_meta=meta, preamble=b"\0" * 128)
-            ds.SOPClassUID = CT_IMAGE_STORAGE
-            ds.SOPInstanceUID = sop_uid
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.FrameOfReferenceUID = frame_uid
-            ds.Modality = "CT"
+            ds = _ct_dataset(name, CT_IMAGE_STORAGE, sop_uid, patient_id=patient_id, study_uid=study_uid,
+                             series_uid=series_uid, frame_uid=frame_uid, series_description=series_description,
+                             stored=stored)
             ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-            ds.Manufacturer = "volumevlm"
-            ds.PatientID = str(patient_id)
-            ds.PatientName = str(patient_id)
-            ds.PatientBirthDate = ""
-            ds.PatientSex = ""
-            ds.StudyDate = ""
-            ds.StudyTime = ""
-            ds.StudyID = "1"
-            ds.AccessionNumber = ""
-            ds.ReferringPhysicianName = ""
-            ds.SeriesNumber = 1
-            ds.SeriesDescription = series_description
             ds.InstanceNumber = k + 1
-            position = (lps @ np.array([0.0, 0.0, k, 1.0]))[:3]
+            position = geometry.position(k)
             ds.ImagePositionPatient = [_ds(v) for v in position]
-            ds.ImageOrientationPatient = orientation
-            ds.SliceLocation = _ds(float(position @ np.cross(dir_i, dir_j)))
-            ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # [between rows (j), between columns (i)]
+            ds.ImageOrientationPatient = geometry.orientation
+            ds.SliceLocation = _ds(float(position @ geometry.normal))
+            ds.PixelSpacing = geometry.pixel_spacing
             ds.SliceThickness = _ds(thickness)
-            ds.SpacingBetweenSlices = _ds(spacing[2])
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = int(stored.shape[1])
-            ds.Columns = int(stored.shape[0])
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 1
+            ds.SpacingBetweenSlices = _ds(geometry.spacing[2])
             ds.RescaleSlope = _ds(slope)
             ds.RescaleIntercept = _ds(intercept)
             ds.RescaleType = "HU"
@@ -286,6 +318,97 @@ def write_dicom_series(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_dicom_enhanced(
+    path: str | os.PathLike,
+    array_hu: np.ndarray,
+    affine: np.ndarray,
+    *,
+    patient_id: str,
+    series_description: str = "",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    slice_thickness: float | None = None,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    frame_order=None,
+) -> Path:
+    """Write a CT volume as ONE Enhanced CT Image Storage file (multi-frame): frame f holds
+    slice ``array_hu[:, :, frame_order[f]]`` (default: k order).
+
+    The geometry lives where scanners put it: PixelMeasures and PlaneOrientation in the
+    shared functional groups, PlanePosition, FrameContent and PixelValueTransformation
+    (RescaleSlope/Intercept) per frame. array_hu, affine, slope, intercept, UIDs: as
+    :func:`write_dicom_series` (the SOP Instance UID derives from ``series_uid`` when
+    given). frame_order: a permutation of range(Z), to store frames out of spatial order
+    as some exports do (readers must sort them along the slice normal). Holds the modules
+    volumevlm and viewers need to place the frames; it is not validated against every
+    attribute the Enhanced CT IOD requires. Written atomically; returns ``path``.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    path = Path(path)
+    geometry = _DicomGeometry(affine, path)
+    array_hu = np.asarray(array_hu)
+    if array_hu.ndim != 3:
+        raise InputError(path, f"expected a 3D array [X, Y, Z], got shape {array_hu.shape}")
+    stored = _quantize(array_hu, float(slope), float(intercept), np.int16, path)
+    n_frames = stored.shape[2]
+    order = np.arange(n_frames) if frame_order is None else np.asarray(frame_order, dtype=np.int64)
+    if sorted(order.tolist()) != list(range(n_frames)):
+        raise InputError(path, f"frame_order must be a permutation of 0..{n_frames - 1}")
+
+    study_uid = study_uid or generate_uid()
+    deterministic = series_uid is not None
+    series_uid = series_uid or generate_uid()
+    sop_uid = generate_uid(entropy_srcs=[series_uid, "enhanced"]) if deterministic else generate_uid()
+    thickness = float(slice_thickness) if slice_thickness is not None else float(geometry.spacing[2])
+
+    def item(**values) -> Sequence:
+        entry = Dataset()
+        for key, value in values.items():
+            setattr(entry, key, value)
+        return Sequence([entry])
+
+    def write(tmp: str) -> None:
+        ds = _ct_dataset(Path(tmp), ENHANCED_CT_IMAGE_STORAGE, sop_uid, patient_id=patient_id, study_uid=study_uid,
+                         series_uid=series_uid, frame_uid=_frame_uid(study_uid),
+                         series_description=series_description, stored=stored)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", "NONE"]
+        ds.InstanceNumber = 1
+        ds.ContentQualification = "RESEARCH"
+        ds.NumberOfFrames = n_frames
+        ds.BurnedInAnnotation = "NO"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.LossyImageCompression = "00"
+        shared = Dataset()
+        shared.PixelMeasuresSequence = item(PixelSpacing=geometry.pixel_spacing, SliceThickness=_ds(thickness),
+                                            SpacingBetweenSlices=_ds(geometry.spacing[2]))
+        shared.PlaneOrientationSequence = item(ImageOrientationPatient=geometry.orientation)
+        shared.CTImageFrameTypeSequence = item(FrameType=["DERIVED", "SECONDARY", "AXIAL", "NONE"])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        frames = []
+        for f, k in enumerate(order.tolist()):
+            group = Dataset()
+            group.PlanePositionSequence = item(ImagePositionPatient=[_ds(v) for v in geometry.position(k)])
+            group.FrameContentSequence = item(InStackPositionNumber=k + 1, StackID="1",
+                                              DimensionIndexValues=[k + 1])
+            group.PixelValueTransformationSequence = item(RescaleSlope=_ds(slope), RescaleIntercept=_ds(intercept),
+                                                          RescaleType="HU")
+            frames.append(group)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+        dimension_uid = generate_uid(entropy_srcs=[sop_uid, "dimensions"])
+        ds.DimensionOrganizationSequence = item(DimensionOrganizationUID=dimension_uid)
+        ds.DimensionIndexSequence = item(DimensionOrganizationUID=dimension_uid,
+                                         DimensionIndexPointer=0x00200032,  # ImagePositionPatient
+                                         FunctionalGroupPointer=0x00209113)  # PlanePositionSequence
+        ds.PixelData = np.ascontiguousarray(np.transpose(stored[:, :, order], (2, 1, 0))).astype("<i2").tobytes()
+        ds.save_as(tmp, enforce_file_format=True)
+
+    return write_atomic(path, write)
 
 
 def _replace_folder(new: Path, folder: Path) -> None:

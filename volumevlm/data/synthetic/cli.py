@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from volumevlm.data.synthetic.cohort import DEFAULT_SHAPE, format_summary, generate_cohort
+from volumevlm.data.synthetic.cohort import DEFAULT_SHAPE, DICOM_FORMS, format_summary, generate_cohort
 from volumevlm.errors import InputError
 
 
@@ -36,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxel grid X,Y,Z (default %s); spacing = field of view / shape, so a larger grid "
                              "gives finer voxels over the same anatomy" % ",".join(map(str, DEFAULT_SHAPE)))
     parser.add_argument("--dicom-fraction", type=float, default=0.0,
-                        help="share of cases written as DICOM series instead of NIfTI (default 0)")
+                        help="share of cases written as DICOM instead of NIfTI (default 0)")
+    parser.add_argument("--dicom-form", choices=DICOM_FORMS, default="classic",
+                        help="DICOM cases as a classic series folder (one file per slice, default) or one "
+                             "Enhanced CT multi-frame .dcm file")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2); output does not depend on it")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise InputError("--n", f"need at least one case, got {args.n}")
     summary = generate_cohort(args.out, n=args.n, seed=args.seed, shape=args.shape,
-                              dicom_fraction=args.dicom_fraction, workers=args.workers,
+                              dicom_fraction=args.dicom_fraction, dicom_form=args.dicom_form, workers=args.workers,
                               progress=not args.no_progress, overwrite=args.overwrite)
     print(format_summary(summary))
     return 0

@@ -11,6 +11,7 @@ Layout written by :func:`generate_cohort` into ``DIR``::
     README.txt          what this is (and is not)
     images/<id>.nii.gz  int16 + scl_slope/scl_inter, varied stored orientation
     images/<id>/        a DICOM series folder, for the --dicom-fraction share of cases
+    images/<id>.dcm     or one Enhanced CT (multi-frame) file per such case (--dicom-form enhanced)
     labels/<id>.nii.gz  uint8 label map in the same geometry as its image
 
 Spacing is field of view / shape: the physical field of view is realistic (in-plane
@@ -48,6 +49,9 @@ DEFAULT_SHAPE: tuple[int, int, int] = (128, 128, 64)
 NOT_CLINICAL = "synthetic, not clinical data"
 STORED_ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS", "LPI", "RPS", "LAI")
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
+# How DICOM cases are stored: a classic series (one file per slice) or one Enhanced CT
+# multi-frame file (what current scanners export).
+DICOM_FORMS = ("classic", "enhanced")
 
 # Independent random streams per case, so that e.g. the report text does not change
 # when the phantom's code draws one more number.
@@ -168,22 +172,23 @@ def _assignments(seed: int, n: int, dicom_fraction: float) -> tuple[list[str], s
 
 def _build_case(job: tuple) -> dict:
     """Render and write one case; returns its manifest row. Runs in a worker process."""
-    from volumevlm.io import read_volume, reorient, write_dicom_series, write_nifti
+    from volumevlm.io import read_volume, reorient, write_dicom_enhanced, write_dicom_series, write_nifti
 
-    out, seed, index, shape, split, as_dicom = job
+    out, seed, index, shape, split, as_dicom, dicom_form = job
     out = Path(out)
     case = sample_case(seed, index, shape)
     hu, lab, affine = render_case(case, seed, index)
     cid = case["id"]
     label_rel = f"labels/{cid}.nii.gz"
     if as_dicom:
-        image_rel = f"images/{cid}"
+        image_rel = f"images/{cid}" + (".dcm" if dicom_form == "enhanced" else "")
         # Scanners store axial series with rows/columns along patient Left/Posterior.
         dcm_hu, dcm_affine = reorient(hu, affine, "LPS" if case["orientation"][2] == "S" else "LPI")
-        write_dicom_series(out / image_rel, dcm_hu, dcm_affine, patient_id=cid,
-                           series_description="SYNTHETIC CT - NOT CLINICAL DATA",
-                           study_uid=_uid(seed, index, "study"), series_uid=_uid(seed, index, "series"),
-                           slice_thickness=case["slice_thickness_mm"], slope=1.0, intercept=-1024.0)
+        write = write_dicom_enhanced if dicom_form == "enhanced" else write_dicom_series
+        write(out / image_rel, dcm_hu, dcm_affine, patient_id=cid,
+              series_description="SYNTHETIC CT - NOT CLINICAL DATA",
+              study_uid=_uid(seed, index, "study"), series_uid=_uid(seed, index, "series"),
+              slice_thickness=case["slice_thickness_mm"], slope=1.0, intercept=-1024.0)
         back = read_volume(out / image_rel)
         lab_out, lab_aff = reorient(lab, affine, back.orientation)
         if lab_out.shape != back.shape or not np.allclose(lab_aff, back.affine, atol=0.01):
@@ -229,17 +234,20 @@ Files
   "uncertain": true where the report hedges), icd10, phecodes, report, synthetic: true.
 - labels.json: label index -> structure name (TotalSegmentator naming).
 - cohort.json: generator settings, finding list, timing.
-- images/: NIfTI (int16 with scale/intercept, varied stored orientation) or DICOM series folders.
+- images/: NIfTI (int16 with scale/intercept, varied stored orientation), DICOM series folders
+  or Enhanced CT multi-frame .dcm files (dicom_form in cohort.json).
 - labels/: uint8 label maps, same geometry as their image.
 """
 
 
 def generate_cohort(out, n: int, seed: int, shape=None, dicom_fraction: float = 0.0, workers: int = 2,
-                    progress: bool = True, overwrite: bool = False) -> dict:
+                    progress: bool = True, overwrite: bool = False, dicom_form: str = "classic") -> dict:
     """Write a synthetic (not clinical) CT cohort of ``n`` cases into ``out``; return its summary.
 
     shape: (X, Y, Z) voxels (default :data:`DEFAULT_SHAPE`); dicom_fraction: share of cases
-    written as DICOM series; workers: processes (results are identical for any count).
+    written as DICOM; dicom_form: "classic" (a series folder, one file per slice) or
+    "enhanced" (one Enhanced CT multi-frame file); workers: processes (results are
+    identical for any count).
     An existing non-empty ``out`` is refused unless ``overwrite``.
     """
     out = Path(out)
@@ -250,6 +258,8 @@ def generate_cohort(out, n: int, seed: int, shape=None, dicom_fraction: float = 
         raise InputError("--dicom-fraction", f"must be between 0 and 1, got {dicom_fraction}")
     if int(workers) < 1:
         raise InputError("--workers", f"must be at least 1, got {workers}")
+    if dicom_form not in DICOM_FORMS:
+        raise InputError("--dicom-form", f"must be one of {', '.join(DICOM_FORMS)}, got {dicom_form!r}")
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -262,7 +272,7 @@ def generate_cohort(out, n: int, seed: int, shape=None, dicom_fraction: float = 
 
     start = time.perf_counter()
     split, dicom = _assignments(seed, n, dicom_fraction)
-    jobs = [(str(out), int(seed), i, shape, split[i], i in dicom) for i in range(n)]
+    jobs = [(str(out), int(seed), i, shape, split[i], i in dicom, dicom_form) for i in range(n)]
     rows: dict[int, dict] = {}
     workers = min(int(workers), n)
     with _progress(progress, n) as advance:
@@ -283,7 +293,7 @@ def generate_cohort(out, n: int, seed: int, shape=None, dicom_fraction: float = 
     info = {
         "generator": "volumevlm.data.synthetic", "version": GENERATOR_VERSION, "note": NOT_CLINICAL,
         "synthetic": True, "seed": int(seed), "n": int(n), "shape": list(shape),
-        "dicom_fraction": float(dicom_fraction), "findings": list(FINDINGS),
+        "dicom_fraction": float(dicom_fraction), "dicom_form": dicom_form, "findings": list(FINDINGS),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 2), "workers": workers,
     }
