@@ -29,3 +29,26 @@ def zip_series(folder: Path, archive: Path) -> Path:
         for f in sorted(Path(folder).iterdir()):
             zf.write(f, f.name)
     return Path(archive)
+
+
+def seg_content(path) -> dict:
+    """What a DICOM SEG says, without the UIDs and times made fresh for each file: segments,
+    and per frame its segment, source image (and frame), plane position and pixels."""
+    import pydicom
+
+    seg = pydicom.dcmread(path)
+    frames = []
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    for f, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        frames.append((int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber), ref.ReferencedSOPInstanceUID,
+                       int(ref.get("ReferencedFrameNumber", 0)),
+                       tuple(float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient), pixels[f].tobytes()))
+    return {
+        "segments": [(int(s.SegmentNumber), s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+                     for s in seg.SegmentSequence],
+        "series": seg.ReferencedSeriesSequence[0].SeriesInstanceUID,
+        "study": seg.StudyInstanceUID,
+        "frame_of_reference": seg.FrameOfReferenceUID,
+        "frames": frames,
+    }

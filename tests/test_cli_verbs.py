@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import volumevlm
-from ct_files import zip_series
+from ct_files import seg_content, zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.cli import COMMANDS, main
 from volumevlm.errors import GeometryError, InputError, VolumeVLMError
@@ -499,27 +499,6 @@ def test_console_script_in_a_fresh_interpreter(checkpoints, inputs, tmp_path):
 # ---------------------------------------------------------------------- DICOM SEG output
 
 
-def _seg_content(path) -> dict:
-    """What a DICOM SEG says, without the UIDs and times made fresh for each file: segments,
-    and per frame its segment, source image (and frame), plane position and pixels."""
-    seg = pydicom.dcmread(path)
-    frames = []
-    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
-    for f, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
-        frames.append((int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber), ref.ReferencedSOPInstanceUID,
-                       int(ref.get("ReferencedFrameNumber", 0)),
-                       tuple(float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient), pixels[f].tobytes()))
-    return {
-        "segments": [(int(s.SegmentNumber), s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
-                     for s in seg.SegmentSequence],
-        "series": seg.ReferencedSeriesSequence[0].SeriesInstanceUID,
-        "study": seg.StudyInstanceUID,
-        "frame_of_reference": seg.FrameOfReferenceUID,
-        "frames": frames,
-    }
-
-
 def _mask_of_seg(path, volume) -> np.ndarray:
     """The label map a SEG holds, rebuilt by highdicom on the source images of ``volume``
     (its headers in k order; an enhanced CT's frames through its frame order)."""
@@ -571,10 +550,10 @@ def test_segment_as_dicom_seg_cli_equals_the_api_for_classic_zip_and_enhanced(mo
                            "-o", tmp_path / "folder")
     assert status == 0
     from_zip = tmp_path / "folder" / "archive.dcm"
-    content = _seg_content(api)
+    content = seg_content(api)
     assert content["frames"] and content["series"] == volume.meta["series_uid"]
     for other in (served, cli, from_zip):
-        assert _seg_content(other) == content
+        assert seg_content(other) == content
     np.testing.assert_array_equal(_mask_of_seg(api, volume), expected)
 
     # An enhanced CT of the same volume, frames stored out of order: the same mask, its SEG
@@ -586,7 +565,7 @@ def test_segment_as_dicom_seg_cli_equals_the_api_for_classic_zip_and_enhanced(mo
     status, _, _ = run_cli(capsys, "segment", "-m", checkpoints["full"], "-i", enhanced, "-o", tmp_path / "enh_seg.dcm")
     assert status == 0
     np.testing.assert_array_equal(_mask_of_seg(tmp_path / "enh_seg.dcm", enhanced_volume), expected)
-    assert _seg_content(tmp_path / "enh_seg.dcm")["series"] == enhanced_volume.meta["series_uid"]
+    assert seg_content(tmp_path / "enh_seg.dcm")["series"] == enhanced_volume.meta["series_uid"]
     no_temporaries(tmp_path)
 
 

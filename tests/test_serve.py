@@ -33,7 +33,7 @@ import pytest
 import uvicorn
 
 import volumevlm
-from ct_files import write_itk, zip_series
+from ct_files import seg_content, write_itk, zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.inference.index import build_index
 from volumevlm.inference.statistics import structure_statistics
@@ -341,7 +341,7 @@ def test_malformed_truncated_and_wrong_type_uploads_are_4xx_json(setup, tmp_path
     assert_error(send("ct.nii.gz", gzip.compress(b"hello " * 100)), 415, "not a NIfTI")
     assert_error(send("ct.mha", raw_nii), 415, "ct.mha", "NIfTI")
     dicom_slice = sorted((setup["root"] / "files" / "series").iterdir())[0].read_bytes()
-    assert_error(send("slice", dicom_slice), 415, "single DICOM file")
+    assert_error(send("slice", dicom_slice), 422, "single DICOM slice", "zip")
     # Headers pointing at the server's own files are refused before anything reads them.
     detached = b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = /etc/hostname\n"
     assert_error(send("ct.mha", detached), 415, "ElementDataFile must be LOCAL")
@@ -797,3 +797,27 @@ def test_uploads_stay_under_the_tmp_dir_and_a_crash_s_leftovers_go(setup, tmp_pa
         assert str(tmp_path) not in error["error"] and "volumevlm-serve" not in error["error"]
     assert made and all(system_tmp not in folder.parents for folder in made), made
     assert list(system_tmp.iterdir()) == []
+
+
+def test_segment_as_dicom_seg_over_http_equals_the_python_api(setup, client, tmp_path):
+    from volumevlm.io import write_dicom_enhanced
+
+    model = setup["model"]
+    api = tmp_path / "api.dcm"
+    model.segment(setup["inputs"]["zip"], out=api)
+    response = post_file(client, "/v1/segment", setup["inputs"]["zip"], output="dicom-seg")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    assert response.headers["content-disposition"] == 'attachment; filename="series_seg.dcm"'
+    served = tmp_path / "served.dcm"
+    served.write_bytes(response.content)
+    assert seg_content(served) == seg_content(api) and seg_content(api)["frames"]
+    # One enhanced multi-frame CT file is an upload of its own.
+    volume = read_volume(setup["inputs"]["zip"])
+    enhanced = write_dicom_enhanced(tmp_path / "enhanced.dcm", volume.array, volume.affine, patient_id="PHANTOM")
+    model.segment(enhanced, out=tmp_path / "api_enhanced.dcm")
+    response = post_file(client, "/v1/segment", enhanced, output="dicom-seg")
+    (tmp_path / "served_enhanced.dcm").write_bytes(response.content)
+    assert seg_content(tmp_path / "served_enhanced.dcm") == seg_content(tmp_path / "api_enhanced.dcm")
+    # A NIfTI upload has no DICOM to reference: one line, before the model runs.
+    assert_error(post_file(client, "/v1/segment", setup["inputs"]["nii.gz"], output="dicom-seg"), 400,
+                 "ct.nii.gz", "dicom-seg needs a DICOM upload")

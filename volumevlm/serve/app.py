@@ -98,6 +98,7 @@ MAX_FINDINGS = 64
 MAX_FINDING_CHARS = 100
 UPLOAD_ROOT_PREFIX = "volumevlm-serve-"
 NIFTI_MEDIA_TYPE = "application/gzip"
+DICOM_MEDIA_TYPE = "application/dicom"
 
 
 # ---------------------------------------------------------------------- the service state
@@ -429,9 +430,10 @@ def _read(service: Service, upload, ended: threading.Event, keep_volume: bool) -
     return ReadUpload(_volume_facts(volume, upload), volume if keep_volume else None, image)
 
 
-async def _upload_job(request: Request, verb: str, options: dict[str, Any], finish):
+async def _upload_job(request: Request, verb: str, options: dict[str, Any], finish, check=None):
     """The common path of every upload endpoint: admission, deadline, private folder,
-    upload, reading, the model's job, then ``finish(read, result)`` on a reading thread.
+    upload, reading, ``check(read)`` (refuses before the model runs), the model's job, then
+    ``finish(read, result)`` on a reading thread.
     When the request ends, however it ends, its reading work stops at its next step and
     its queued model job is dropped."""
     service: Service = request.app.state.service
@@ -441,6 +443,8 @@ async def _upload_job(request: Request, verb: str, options: dict[str, Any], fini
             upload = await receive_upload(request, folder, max_bytes=service.max_upload_bytes, pace=service.pace)
             request.state.upload_name = upload.name
             read = await service.in_thread(_read, service, upload, ended, verb == "segment")
+            if check is not None:
+                check(read)
             try:
                 result = await service.run(verb, read.image, **options)
             except VolumeVLMError as err:
@@ -682,8 +686,9 @@ def create_app(
                                          "content": {NIFTI_MEDIA_TYPE: {}, "application/json": {}}},
                          409: {"description": "the checkpoint has no segmentation head"}},
               summary="label mask of an uploaded CT in its own geometry")
-    async def segment(request: Request, output: Literal["nifti", "json"] = Query(
-            "nifti", description="nifti: the mask as .nii.gz; json: per-structure voxels, volume and mean HU")):
+    async def segment(request: Request, output: Literal["nifti", "json", "dicom-seg"] = Query(
+            "nifti", description="nifti: the mask as .nii.gz; json: per-structure voxels, volume and mean HU; "
+                                 "dicom-seg: a DICOM Segmentation referencing the uploaded DICOM series")):
         service: Service = request.app.state.service
         if not service.model.has_head("segmentation"):
             try:
@@ -703,12 +708,24 @@ def create_app(
                 rows = structure_statistics(mask, read.volume, names)
                 return {"structures": rows, "label_names": {str(k): v for k, v in sorted(names.items())},
                         "input": read.facts}
+            if output == "dicom-seg":
+                from volumevlm.inference.pipeline import mask_to_dicom_seg
+
+                return mask_to_dicom_seg(read.volume, mask)
             return gzip.compress(mask.to_bytes(), compresslevel=6)
 
-        result = await _upload_job(request, "segment", {}, finish)
+        def dicom_only(read):
+            if output == "dicom-seg" and read.volume.meta.get("format") != "dicom":
+                raise ServiceError(400, "bad_request", f"{read.facts['name']}: output=dicom-seg needs a DICOM upload "
+                                                       f"(a zipped series or an enhanced CT .dcm); ask for output=nifti")
+
+        result = await _upload_job(request, "segment", {}, finish, check=dicom_only)
         if output == "json":
             return _json(result)
-        stem = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.zip)$", "", _upload_stem(request), flags=re.IGNORECASE)
+        stem = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.zip|\.dcm)$", "", _upload_stem(request), flags=re.IGNORECASE)
+        if output == "dicom-seg":
+            return Response(result, media_type=DICOM_MEDIA_TYPE, headers={
+                "Content-Disposition": f'attachment; filename="{stem}_seg.dcm"', NOTICE_HEADER: NOT_FOR_CLINICAL_USE})
         return Response(result, media_type=NIFTI_MEDIA_TYPE, headers={
             "Content-Disposition": f'attachment; filename="{stem}_mask.nii.gz"', NOTICE_HEADER: NOT_FOR_CLINICAL_USE})
 

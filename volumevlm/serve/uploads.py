@@ -38,8 +38,10 @@ FORMATS: dict[str, str] = {
     ".nrrd": "an NRRD image",
     ".mha": "a MetaImage (.mha) image",
     ".zip": "a zip archive of a DICOM series",
+    ".dcm": "a DICOM file (an enhanced multi-frame CT)",
 }
-ACCEPTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha) or a zipped DICOM series (.zip)"
+ACCEPTED = ("NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha), a zipped DICOM series (.zip) "
+            "or an enhanced multi-frame CT (.dcm)")
 # Room for the multipart framing (boundaries, part headers) around the file itself.
 FRAMING_ALLOWANCE = 64 * 1024
 # How much of a file's start is looked at to tell what it is.
@@ -53,7 +55,6 @@ _KNOWN_OTHERS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\xff\xd8\xff", "a JPEG picture"),
     (0, b"%PDF", "a PDF document"),
     (0, b"GIF8", "a GIF picture"),
-    (128, b"DICM", "a single DICOM file (zip the whole series and upload the .zip)"),
     (344, b"ni1\x00", "a NIfTI header of a .hdr/.img pair (convert it to one .nii file)"),
 )
 
@@ -103,6 +104,8 @@ def sniff(head: bytes) -> str | None:
         return ".nrrd"
     if _nifti_magic(head):
         return ".nii"
+    if head[128:132] == b"DICM":
+        return ".dcm"
     first_line = head.split(b"\n", 1)[0]
     if b"\x00" not in first_line and _METAIMAGE_LINE.match(first_line):
         return ".mha"
