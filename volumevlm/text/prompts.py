@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.resources import PROMPTS_SUBDIR, prompts_dir  # noqa: F401 (public names of this module too)
 
-PROMPTS_SUBDIR = "prompts"
 PLACEHOLDER = "finding"
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOP_KEYS = ("name", "description", "templates", "findings")
@@ -233,13 +233,6 @@ def _yaml_loader():
 
     _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     return _Loader
-
-
-def prompts_dir() -> Path:
-    """The folder of the bundled prompt sets: ``conf_dir()/prompts``."""
-    from volumevlm.train.cli import conf_dir
-
-    return conf_dir() / PROMPTS_SUBDIR
 
 
 def available_prompt_sets() -> list[str]:
