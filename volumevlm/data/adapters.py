@@ -282,7 +282,7 @@ def merlin_rows(
             key: _find_column(header, ((columns[key],) if key in columns else ()) + names)
             for key, names in MERLIN_COLUMNS.items()
         }
-        for key, name in columns.items():
+        for name in columns.values():
             if tables is not None and _find_column(header, (name,)) is None:
                 raise InputError(table_path, f"no column {name!r} (columns: {', '.join(header)})")
         id_column = found.pop("id")

@@ -32,7 +32,6 @@ import numpy as np
 
 from volumevlm.errors import VolumeVLMError
 
-
 # --------------------------------------------------------------------------- helpers
 
 def _array(x: Any, what: str, dtype=np.float64) -> np.ndarray:
@@ -396,7 +395,7 @@ def hd95_per_label(
         both = a | b
         lo = np.maximum(np.argwhere(both).min(axis=0) - 1, 0)
         hi = np.argwhere(both).max(axis=0) + 2
-        box = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+        box = tuple(slice(int(start), int(stop)) for start, stop in zip(lo, hi))
         sa, sb = surface_voxels(a[box]), surface_voxels(b[box])
         d_ab = _directed_distances(sa, sb, sp)
         d_ba = _directed_distances(sb, sa, sp)

@@ -122,7 +122,8 @@ SKIPPED_SECTIONS: frozenset[str] = frozenset({
 # Pattern pieces. Every pattern runs on lower-cased text whose whitespace is collapsed to
 # single spaces; clauses are joined with "\n", which no pattern crosses.
 
-_ADV = r"(?:(?:mildly|moderately|markedly|massively|severely|slightly|minimally|significantly|diffusely|borderline|again|still|now|also|somewhat|grossly|overall|newly|visibly) ){0,2}"
+_ADV = (r"(?:(?:mildly|moderately|markedly|massively|severely|slightly|minimally|significantly|diffusely|borderline"
+        r"|again|still|now|also|somewhat|grossly|overall|newly|visibly) ){0,2}")
 _COP = r"(?:is|are|appears?|remains?|seems?)"
 _W = r"[\w-]+ "  # one word and its trailing space
 # Nouns naming an aspect of an organ ("normal hepatic *attenuation*"): a normal statement
@@ -622,7 +623,8 @@ def _mask(match: re.Match) -> str:
 # can be proven (or the parser is unavailable) the pattern runs on every clause.
 
 try:  # the stdlib regex parser: private, so any failure just disables the prefilter
-    from re import _constants as _sre_c, _parser as _sre_p  # type: ignore[attr-defined]
+    from re import _constants as _sre_c  # type: ignore[attr-defined]
+    from re import _parser as _sre_p
 except ImportError:  # pragma: no cover - Python 3.10
     try:
         import sre_constants as _sre_c  # type: ignore[no-redef]

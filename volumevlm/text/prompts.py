@@ -63,7 +63,8 @@ def _check_text(source: str, where: str, text: Any, *, need_placeholder: bool) -
         if name != PLACEHOLDER:
             raise InputError(source, f"{where}: unknown template field {{{name}}} in {text!r}; only {{{PLACEHOLDER}}} is allowed")
         if spec or conv:
-            raise InputError(source, f"{where}: write the placeholder plainly as {{{PLACEHOLDER}}} (no conversion or format spec) in {text!r}")
+            raise InputError(source, f"{where}: write the placeholder plainly as {{{PLACEHOLDER}}} "
+                                     f"(no conversion or format spec) in {text!r}")
     if need_placeholder and not fields:
         raise InputError(source, f"{where}: template {text!r} lacks the {{{PLACEHOLDER}}} placeholder")
     return text

@@ -79,7 +79,8 @@ def run_task(cfg) -> tuple[dict, dict]:
     if task not in TASKS:
         raise VolumeVLMError(f"task={task}: unknown task (known: {', '.join(TASKS)})")
     if task != "pretrain" and not cfg.get("init_from"):
-        raise VolumeVLMError(f"task={task}: init_from is not set; give the pretrained checkpoint directory, e.g. init_from=demo-output/model")
+        raise VolumeVLMError(f"task={task}: init_from is not set; "
+                             "give the pretrained checkpoint directory, e.g. init_from=demo-output/model")
     module_name, function_name = TASKS[task].split(":")
     return getattr(importlib.import_module(module_name), function_name)(cfg)
 
