@@ -45,6 +45,7 @@ from torch import nn
 from volumevlm.data.transforms import PreprocessConfig
 from volumevlm.errors import VolumeVLMError, one_line
 from volumevlm.io.writers import _replace_folder
+from volumevlm.text.findings import FINDING_SETS, finding_text  # noqa: F401 (finding_text: public here too)
 
 CHECKPOINT_FORMAT = "volumevlm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -76,11 +77,6 @@ PROMPT_SET_KEY = "prompt_set"
 DEFAULT_PROMPT_SET = "synthetic"
 
 
-def finding_text(name: str) -> str:
-    """Plain-English name of a finding key ("renal_cyst" -> "renal cyst")."""
-    from volumevlm.data.synthetic.findings import FINDING_NAMES
-
-    return FINDING_NAMES.get(name, name.replace("_", " "))
 
 
 class VolumeVLM(nn.Module):
@@ -115,9 +111,7 @@ class VolumeVLM(nn.Module):
         from volumevlm.models.text import TextTower
 
         if findings is None:
-            from volumevlm.data.synthetic.findings import FINDINGS
-
-            findings = FINDINGS
+            findings = FINDING_SETS["synthetic"]
         self.encoder_config = encoder_config
         self.text_config = text_config
         self.tokenizer = tokenizer

@@ -79,37 +79,18 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from volumevlm.errors import VolumeVLMError
+from volumevlm.text.findings import FINDING_SETS
 
 POSITIVE, NEGATIVE, UNCERTAIN = "positive", "negative", "uncertain"
 _RANK = {NEGATIVE: 0, UNCERTAIN: 1, POSITIVE: 2}
 
-# Same keys and order as volumevlm.data.synthetic.findings.FINDINGS (checked by the tests);
-# spelled out here so the text package does not import the synthetic data generator.
-SYNTHETIC_FINDINGS: tuple[str, ...] = (
-    "hepatic_steatosis", "hepatomegaly", "cirrhosis", "liver_lesion", "splenomegaly", "gallstones",
-    "renal_cyst", "kidney_stone", "hydronephrosis", "abdominal_aortic_aneurysm", "atherosclerosis",
-    "ascites", "pleural_effusion", "lymphadenopathy", "bowel_obstruction",
-    "vertebral_compression_fracture", "osteopenia", "cardiomegaly",
-)
-
-# Merlin's 30 abdominal findings, in the order of their published list.
-MERLIN_FINDINGS: tuple[str, ...] = (
-    "biliary_ductal_dilation", "hepatomegaly", "hepatic_steatosis", "surgically_absent_gallbladder",
-    "gallstones", "pancreatic_atrophy", "splenomegaly", "renal_cyst", "renal_hypodensity",
-    "hydronephrosis", "prostatomegaly", "hiatal_hernia", "submucosal_edema", "bowel_obstruction",
-    "appendicitis", "free_air", "ascites", "anasarca", "atherosclerosis", "thrombosis",
-    "abdominal_aortic_aneurysm", "coronary_calcification", "aortic_valve_calcification", "fracture",
-    "osteopenia", "lymphadenopathy", "metastatic_disease", "atelectasis", "pleural_effusion", "cardiomegaly",
-)
-
-# CT-RATE's 18 chest findings, in the order of their published list.
-CT_RATE_FINDINGS: tuple[str, ...] = (
-    "medical_material", "arterial_wall_calcification", "cardiomegaly", "pericardial_effusion",
-    "coronary_calcification", "hiatal_hernia", "lymphadenopathy", "emphysema", "atelectasis",
-    "lung_nodule", "lung_opacity", "pulmonary_fibrotic_sequela", "pleural_effusion",
-    "mosaic_attenuation_pattern", "peribronchial_thickening", "consolidation", "bronchiectasis",
-    "interlobular_septal_thickening",
-)
+# The finding sets come from the one registry (volumevlm.text.findings). The labeler reads
+# CT-RATE's "coronary artery wall calcification" as Merlin's coronary_calcification: one
+# concept, one labeler key (the alias below maps the CT-RATE spelling to it).
+SYNTHETIC_FINDINGS: tuple[str, ...] = FINDING_SETS["synthetic"]
+MERLIN_FINDINGS: tuple[str, ...] = FINDING_SETS["merlin30"]
+_LABELER_KEYS = {"coronary_artery_wall_calcification": "coronary_calcification"}
+CT_RATE_FINDINGS: tuple[str, ...] = tuple(_LABELER_KEYS.get(key, key) for key in FINDING_SETS["ctrate18"])
 
 # Sections whose text is about the request, not about the images.
 SKIPPED_SECTIONS: frozenset[str] = frozenset({
