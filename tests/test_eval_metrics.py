@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from volumevlm.errors import VolumeVLMError
-from volumevlm.eval.metrics import (
+from volumevlm.metrics import (
     auroc,
     dice_per_label,
     hd95_per_label,

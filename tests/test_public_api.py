@@ -29,7 +29,13 @@ def test_all_is_the_documented_api_and_every_name_resolves():
     assert volumevlm.load is load and volumevlm.preprocess is preprocess and volumevlm.read_volume is read_volume
     assert volumevlm.VolumeVLMError is VolumeVLMError and volumevlm.available_sizes is available_sizes
     assert {"tiny", "small", "base"} <= set(volumevlm.available_sizes())
-    assert isinstance(volumevlm.VolumeVLM, type) and hasattr(volumevlm.VolumeVLM, "from_pretrained")
+    # The user-facing class: the network (models layer) plus the inference verbs, what load() returns.
+    from volumevlm.models.vlm import VolumeVLM as Network
+
+    assert issubclass(volumevlm.VolumeVLM, Network)
+    assert load.__annotations__["return"] in ("VolumeVLM", volumevlm.VolumeVLM)
+    for verb in ("embed", "zero_shot", "phenotypes", "similarity_map", "segment", "generate_report", "retrieve"):
+        assert callable(getattr(volumevlm.VolumeVLM, verb)) and not hasattr(Network, verb)
 
 
 def test_import_volumevlm_is_light():

@@ -14,7 +14,7 @@ NOT_FOR_CLINICAL_USE = "Research software: not for clinical use."
 # The public API: name -> (module, attribute; None for the module itself).
 _LAZY = {
     "load": ("volumevlm.inference.checkpoint", "load"),
-    "VolumeVLM": ("volumevlm.models.vlm", "VolumeVLM"),
+    "VolumeVLM": ("volumevlm.inference.checkpoint", "VolumeVLM"),
     "available_sizes": ("volumevlm.models.registry", "available_sizes"),
     "preprocess": ("volumevlm.data.transforms", "preprocess"),
     "read_volume": ("volumevlm.io", "read_volume"),

@@ -4,7 +4,7 @@
 finding it knows that the text mentions, whether the report affirms it
 (``"positive"``), denies it (``"negative"``) or hedges (``"uncertain"``). Findings the
 text does not mention are left out of the result. It is the labeler behind the
-clinical-efficacy report metrics (:mod:`volumevlm.eval.report_metrics`) and can label
+clinical-efficacy report metrics (:mod:`volumevlm.metrics.report`) and can label
 a training corpus; it is a set of regular expressions, not a clinical tool.
 
 Known findings (:data:`KNOWN_FINDINGS`, snake_case keys):
@@ -456,6 +456,22 @@ def resolve_findings(findings: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def scored_findings(findings: Sequence[str]) -> list[str] | None:
+    """The labeler keys of those ``findings`` it knows, in order (the columns of a report's
+    clinical F1); names it does not know are left out; None when it knows none of them
+    (then every finding it knows is scored)."""
+    known = set(KNOWN_FINDINGS)
+    keys = []
+    for name in findings:
+        try:
+            key = resolve_findings([name])[0]
+        except VolumeVLMError:
+            continue
+        if key in known:
+            keys.append(key)
+    return keys or None
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiled once at import.
 
@@ -869,4 +885,5 @@ __all__ = [
     "label_reports",
     "report_sentences",
     "resolve_findings",
+    "scored_findings",
 ]
