@@ -7,7 +7,8 @@ is then run from another directory by an interpreter started with ``-S``: its pa
 the target folder and the environment's site-packages (for the dependencies) but neither
 the repository nor the editable install's import hook. From there the installed package
 synthesizes a tiny cohort (NOT clinical data), trains ``experiment=demo debug=fdr`` with
-the Hydra configs it carries, and scores zero-shot findings with its bundled prompt set.
+the Hydra configs it carries, scores zero-shot findings with its bundled prompt set,
+evaluates the checkpoint and serves it over HTTP.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -31,7 +35,8 @@ SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "volumevlm", "c
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(map(str, cmd))} failed ({done.returncode}):\n{output[-4000:]}"
     return output
@@ -53,6 +58,7 @@ def installed(tmp_path_factory) -> dict:
     target = root / "target"
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)], cwd=root)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VOLUMEVLM_CONF")}
+    env["PYTHONIOENCODING"] = "utf-8"  # progress bars print box characters whatever the locale
     env["PYTHONPATH"] = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     work = root / "elsewhere"
     work.mkdir()
@@ -97,7 +103,7 @@ def test_wheel_builds_without_warnings_and_carries_configs(installed):
 def test_installed_wheel_trains_and_scores_zero_shot(installed):
     work = installed["work"]
     shape = ",".join(map(str, COHORT_SHAPE))
-    _volumevlm(installed, "synth", "--out", "cohort", "--n", "12", "--seed", "0", "--shape", shape)
+    _volumevlm(installed, "synth", "--out", "cohort", "--n", "12", "--seed", "0", "--shape", shape, "--no-progress")
     shrink = [o for o in SHRINK if not o.startswith("~callbacks")]
     out = _volumevlm(installed, "train", "experiment=demo", "data.root=cohort", "output_dir=run", "debug=fdr", *shrink,
                      "~callbacks.rich_progress_bar")
@@ -113,3 +119,41 @@ def test_installed_wheel_trains_and_scores_zero_shot(installed):
     bundled = yaml.safe_load((installed["target"] / "volumevlm" / "conf" / "prompts" / "synthetic.yaml").read_text())
     assert list(probabilities) == list(bundled["findings"])
     assert all(0.0 <= p <= 1.0 for p in probabilities.values())
+
+    # Evaluation from the installed package: every protocol the checkpoint supports.
+    _volumevlm(installed, "evaluate", "--checkpoint", str(model_dir), "--data", "cohort", "--out", "eval",
+               "--split", "train,val,test", "--no-progress")
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert metrics["n_cases"] == 12 and metrics["synthetic"]
+    assert 0.0 <= metrics["zero_shot"]["macro_auroc"] <= 1.0
+    assert metrics["zero_shot"]["prompt_set"] == "synthetic"
+
+    # The HTTP service from the installed package answers what the command line answered.
+    command = [sys.executable, "-S", "-m", "volumevlm.cli", "serve", "--checkpoint", str(model_dir), "--port", "0",
+               "--log-level", "warning"]
+    with open(work / "server.log", "w") as log:
+        server = subprocess.Popen(command, cwd=work, env=installed["env"], stdout=subprocess.PIPE, stderr=log, text=True,
+                                  encoding="utf-8")
+        try:
+            first = server.stdout.readline()
+            assert first.startswith("volumevlm serve: http://127.0.0.1:"), first + (work / "server.log").read_text()
+            url = first.split()[2]
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    assert httpx.get(url + "/healthz").status_code == 200
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, (work / "server.log").read_text()
+                    time.sleep(0.1)
+            answer = httpx.post(url + "/v1/zero-shot", files={"file": (image.name, image.read_bytes())}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            served = answer.json()["probabilities"]
+            assert list(served) == list(probabilities)
+            assert max(abs(served[k] - probabilities[k]) for k in served) < 1e-5
+            server.send_signal(signal.SIGINT)
+            assert server.wait(30) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
