@@ -338,9 +338,8 @@ def _flex_create_block_mask(layout, device):
 def make_flex(layout, device, dtype=torch.bfloat16, dim=64):
     """(compiled flex attention f(q, k, v) -> out, {"config", "tried"}), or (None, info)
     when no configuration compiles forward and backward on this torch/GPU."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
 
     # One compiled function per grid and per grad mode: the default limit (8) makes
     # dynamo fall back to flex's unfused eager path, which would time the wrong thing.
@@ -456,7 +455,7 @@ def run_gpu(args) -> dict:
                 return F.scaled_dot_product_attention(q, k, v)
 
         methods = {
-            "ours (triton)": (lambda q, k, v: sparse_attention(q, k, v, layout, backend="triton"), (q, k, v, do), flops),
+            "ours (triton)": (lambda q, k, v, layout=layout: sparse_attention(q, k, v, layout, backend="triton"), (q, k, v, do), flops),
             "sdpa dense (flash)": (sdpa, (qd, kd, vd, dod), dense_flops),
             "sdpa dense (cudnn)": (sdpa_cudnn, (qd, kd, vd, dod), dense_flops),
         }
@@ -475,7 +474,7 @@ def run_gpu(args) -> dict:
                         with torch.inference_mode():
                             ms, mib = _gpu_time_and_memory(call, None, args.repeats)
                     else:
-                        call = lambda fn=fn, g=g: fn(*leaves).backward(g)  # noqa: E731
+                        call = lambda fn=fn, g=g, leaves=leaves: fn(*leaves).backward(g)  # noqa: E731
                         ms, mib = _gpu_time_and_memory(call, leaves, args.repeats)
                     factor = 1.0 if mode == "fwd" else 3.5
                     entry[mode] = {

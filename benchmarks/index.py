@@ -65,7 +65,6 @@ import torch.nn.functional as F
 from volumevlm.inference.index import DEFAULT_CHUNK_SIZE, DTYPES, INDEX_NAME, IndexWriter, RetrievalIndex
 from volumevlm.provenance import cpu_name, package_versions
 
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCRIPT = Path(__file__).resolve()
 CHILD_FLAG = "--child-phase"

@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         B, H = args.batch, args.heads
         q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=dtype, generator=g) for _ in range(4))
         o, lse = block_sparse_attention_forward(q, k, v, lists, kv, qv, T, scale)
-        t_fwd = do_bench(lambda: block_sparse_attention_forward(q, k, v, lists, kv, qv, T, scale))
-        t_bwd = do_bench(lambda: block_sparse_attention_backward(do, q, k, v, o, lse, lists, kv, T, scale))
+        t_fwd = do_bench(lambda q=q, k=k, v=v: block_sparse_attention_forward(q, k, v, lists, kv, qv, T, scale))
+        t_bwd = do_bench(
+            lambda do=do, q=q, k=k, v=v, o=o, lse=lse: block_sparse_attention_backward(do, q, k, v, o, lse, lists, kv, T, scale)
+        )
         flops = B * H * pairs * D
         line = (
             f"[{str(dtype)[6:]}] B={B} H={H} D={D}: forward {t_fwd:.3f} ms = {4 * flops / t_fwd / 1e9:.1f} TFLOP/s useful, "
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
                 f = torch.nn.functional.scaled_dot_product_attention
-                t_dense = do_bench(lambda: f(q, k, v, scale=scale))
+                t_dense = do_bench(lambda f=f, q=q, k=k, v=v: f(q, k, v, scale=scale))
             dense_flops = 4 * B * H * N * N * D
             line += f"; dense SDPA forward {t_dense:.3f} ms ({dense_flops / t_dense / 1e9:.1f} TFLOP/s dense)"
         print(line)

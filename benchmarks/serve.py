@@ -50,7 +50,6 @@ from pathlib import Path
 
 from volumevlm.provenance import cpu_name, package_versions
 
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENDPOINTS = {
     "zero-shot": "/v1/zero-shot",
@@ -241,7 +240,10 @@ def summarise(endpoint: str, records: list, elapsed: float, before: dict, after:
     errors = [outcome for _, _, outcome in records if outcome != 200]
     batches = after["batching"]["batches"] - before["batching"]["batches"]
     jobs = after["batching"]["jobs"] - before["batching"]["jobs"]
-    pct = (lambda q: float(np.percentile(latencies, q)) if latencies.size else None)
+
+    def pct(q):
+        return float(np.percentile(latencies, q)) if latencies.size else None
+
     # The well-behaved clients' own window: a slow hostile upload may end after theirs.
     window = max((start + latency for start, latency, _ in records), default=elapsed)
     return {
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("error: the server does not answer /healthz")
+                    raise SystemExit("error: the server does not answer /healthz") from None
                 time.sleep(0.2)
         info = httpx.get(url + "/v1/model", headers=headers, timeout=60).json()
         payload = upload.read_bytes()

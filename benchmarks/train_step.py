@@ -180,7 +180,7 @@ def time_training(make_model, batch: int, shape, device, dtype, steps: int, warm
     _sync(device)
     elapsed = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del model, optimizer, x
+    model = optimizer = x = None  # drop the references (step() shares them) before the next size
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -212,10 +212,13 @@ def ct_rate_root(tmp_path) -> Path:
         ["VolumeName", *CT_RATE_FINDINGS],
         [[name, *(int(f in on) for f in CT_RATE_FINDINGS)] for name, on in flags.items()],
     )
-    meta_header = ["VolumeName", "Manufacturer", "PatientSex", "PatientAge", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept", "Rows"]
+    meta_header = ["VolumeName", "Manufacturer", "PatientSex", "PatientAge", "XYSpacing", "ZSpacing",
+                   "RescaleSlope", "RescaleIntercept", "Rows"]
     _write_csv(base / "metadata" / "train_metadata.csv", meta_header, [
         [name, "SIEMENS", sex, age, "[0.8, 0.7]", "2.0", "1", "-1024", "16"]
-        for name, sex, age in (("train_1_a_1.nii.gz", "M", "065Y"), ("train_1_a_2.nii.gz", "F", "070Y"), ("valid_1_a_1.nii.gz", "F", "048Y"))
+        for name, sex, age in (
+            ("train_1_a_1.nii.gz", "M", "065Y"), ("train_1_a_2.nii.gz", "F", "070Y"), ("valid_1_a_1.nii.gz", "F", "048Y")
+        )
     ])
     return root
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from volumevlm.errors import VolumeVLMError
-from volumevlm.eval.metrics import (
+from volumevlm.metrics import (
     auroc,
     dice_per_label,
     hd95_per_label,
@@ -50,7 +50,7 @@ def test_auroc_matches_pair_counting_and_torchmetrics():
     from torchmetrics.functional.classification import binary_auroc
 
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _ in range(20):
         n = int(rng.integers(5, 60))
         scores = np.round(rng.normal(size=n), 1)  # rounding makes ties
         targets = rng.integers(0, 2, size=n)

@@ -26,9 +26,9 @@ from volumevlm.data.manifest import read_manifest
 from volumevlm.data.synthetic.codes import FINDING_CODES
 from volumevlm.data.transforms import preprocess
 from volumevlm.eval.evaluate import METRICS_NAME, evaluate
-from volumevlm.eval.metrics import dice_per_label, macro_auroc, macro_auroc_interval, per_finding_auroc, pool_recall, recall_at_k
-from volumevlm.eval.report_metrics import report_metrics
 from volumevlm.io import read_volume
+from volumevlm.metrics import dice_per_label, macro_auroc, macro_auroc_interval, per_finding_auroc, pool_recall, recall_at_k
+from volumevlm.metrics.report import report_metrics
 from volumevlm.text.phecodes import icd10_to_phecodes
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
 
@@ -186,7 +186,7 @@ def test_segmentation_dice_is_measured_in_each_cases_own_geometry(evaluated, by_
 def test_report_and_label_efficiency_sections(evaluated, runs):
     metrics, out = evaluated
     samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
-    from volumevlm.train.report import _scored_findings
+    from volumevlm.text.labeler import scored_findings as _scored_findings
 
     model = volumevlm.load(runs["full"])
     expected = report_metrics([s["generated"] for s in samples], [s["reference"] for s in samples],

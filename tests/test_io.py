@@ -77,7 +77,8 @@ def test_nifti_round_trip_float_scaled_and_label(tmp_path, ct_phantom, name):
 @pytest.mark.parametrize("name", list(AFFINES))
 def test_dicom_round_trip_any_orientation(tmp_path, ct_phantom, name):
     hu, _, affine = ct_phantom(affine=AFFINES[name])
-    folder = write_dicom_series(tmp_path / "series", hu, affine, patient_id="phantom-1", study_uid="1.2.826.0.1.3680043.10.1", series_uid="1.2.826.0.1.3680043.10.1.2")
+    folder = write_dicom_series(tmp_path / "series", hu, affine, patient_id="phantom-1",
+                                study_uid="1.2.826.0.1.3680043.10.1", series_uid="1.2.826.0.1.3680043.10.1.2")
     assert len(os.listdir(folder)) == hu.shape[2]
     vol = read_volume(folder)
     assert vol.meta["format"] == "dicom" and vol.meta["modality"] == "CT"

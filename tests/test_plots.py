@@ -9,7 +9,6 @@ import pytest
 from matplotlib.image import imread
 
 from volumevlm.errors import VolumeVLMError
-from volumevlm.eval.metrics import pool_recall
 from volumevlm.eval.plots import (
     _slice_indices,
     plot_dice_boxplot,
@@ -18,6 +17,7 @@ from volumevlm.eval.plots import (
     plot_roc_curves,
     plot_segmentation_overlay,
 )
+from volumevlm.metrics import pool_recall
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

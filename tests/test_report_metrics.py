@@ -1,4 +1,4 @@
-"""Report-generation figures (volumevlm.eval.report_metrics) against hand-computed values."""
+"""Report-generation figures (volumevlm.metrics.report) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from volumevlm.errors import VolumeVLMError
-from volumevlm.eval.report_metrics import (
+from volumevlm.metrics.report import (
     bleu_statistics,
     clinical_efficacy,
     corpus_bleu,

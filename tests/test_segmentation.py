@@ -47,7 +47,6 @@ from volumevlm.train.segment import (
 )
 from volumevlm.train.train import train
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

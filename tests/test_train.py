@@ -15,8 +15,8 @@ import torch
 import volumevlm
 from pretrain_helpers import make_cohort, shrunk_config
 from volumevlm.errors import VolumeVLMError
+from volumevlm.metrics import macro_auroc, retrieval_recall
 from volumevlm.train.cli import compose_config, conf_dir
-from volumevlm.train.metrics import macro_auroc, retrieval_recall
 from volumevlm.train.module import lr_factor
 from volumevlm.train.train import train
 

@@ -11,12 +11,18 @@ __version__ = "0.1.0"
 
 NOT_FOR_CLINICAL_USE = "Research software: not for clinical use."
 
+# The public API: name -> (module, attribute; None for the module itself).
 _LAZY = {
+    "load": ("volumevlm.inference.checkpoint", "load"),
+    "VolumeVLM": ("volumevlm.inference.checkpoint", "VolumeVLM"),
+    "available_sizes": ("volumevlm.models.registry", "available_sizes"),
     "preprocess": ("volumevlm.data.transforms", "preprocess"),
     "read_volume": ("volumevlm.io", "read_volume"),
+    "VolumeVLMError": ("volumevlm.errors", "VolumeVLMError"),
     "ops": ("volumevlm.ops", None),
-    "load": ("volumevlm.inference.checkpoint", "load"),
 }
+
+__all__ = ["__version__", "NOT_FOR_CLINICAL_USE", *_LAZY]
 
 
 def __getattr__(name: str):

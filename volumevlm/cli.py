@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from volumevlm import __version__
 from volumevlm.errors import VolumeVLMError
 
 # name -> (where add_arguments(parser) and run(args) -> int live, help). "module" names a
@@ -46,6 +47,7 @@ def load_command(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="volumevlm", description=__doc__.splitlines()[0])
+    parser.add_argument("-V", "--version", action="version", version=f"volumevlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         # Parsers are built lazily per command so a broken optional dependency of one
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"volumevlm {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

@@ -54,6 +54,7 @@ import numpy as np
 from volumevlm.data.labels import LABELS, label_for_structure
 from volumevlm.data.manifest import write_manifest
 from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.text.findings import CT_RATE_FINDING_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def merlin_rows(
             key: _find_column(header, ((columns[key],) if key in columns else ()) + names)
             for key, names in MERLIN_COLUMNS.items()
         }
-        for key, name in columns.items():
+        for name in columns.values():
             if tables is not None and _find_column(header, (name,)) is None:
                 raise InputError(table_path, f"no column {name!r} (columns: {', '.join(header)})")
         id_column = found.pop("id")
@@ -337,26 +338,8 @@ def merlin_rows(
 
 # --------------------------------------------------------------------------- CT-RATE
 
-CT_RATE_FINDINGS: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+# The column headers of CT-RATE's multi-abnormality labels CSV (the finding registry's).
+CT_RATE_FINDINGS: tuple[str, ...] = CT_RATE_FINDING_NAMES
 CT_RATE_REPORT_SECTIONS = (
     ("ClinicalInformation_EN", "CLINICAL INFORMATION"),
     ("Technique_EN", "TECHNIQUE"),

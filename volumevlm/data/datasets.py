@@ -33,10 +33,10 @@ from monai.data import PersistentDataset
 
 from volumevlm.data.manifest import Manifest, read_manifest
 from volumevlm.data.transforms import PreprocessConfig, pipeline, transform_specs
-from volumevlm.io.writers import write_text_atomic
 from volumevlm.errors import ManifestError, VolumeVLMError
 from volumevlm.io import Volume, check_same_geometry
 from volumevlm.io.readers import VolumeWarning, hu_problem, read_volume
+from volumevlm.io.writers import write_text_atomic
 
 log = logging.getLogger(__name__)
 

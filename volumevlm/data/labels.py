@@ -27,6 +27,10 @@ LABELS: dict[int, str] = {
 
 LABEL_INDEX: dict[str, int] = {name: index for index, name in LABELS.items()}
 
+# The large organs, over which segmentation figures are also averaged ("mean_dice_large"):
+# the quality bar is stated on these.
+LARGE_ORGANS: tuple[str, ...] = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "lung_left", "lung_right")
+
 # TotalSegmentator splits some of our structures into parts; these prefixes fold the
 # parts back into our label (e.g. "vertebrae_L1" -> vertebrae, "lung_lower_lobe_left" -> lung_left).
 TOTALSEGMENTATOR_ALIASES: dict[str, str] = {

@@ -166,7 +166,7 @@ def _progress(enabled: bool):
 def report_embeddings(model, reports: Sequence[str]) -> torch.Tensor:
     """Unit report embeddings [B, E] as pretraining validated them: the whole report, or
     (a text tower trained on sections) the re-normalised mean of its section embeddings."""
-    from volumevlm.train.module import report_sections
+    from volumevlm.text.sections import report_sections
 
     if not getattr(model.text_config, "sections", False):
         return model.encode_text(list(reports)).float()
@@ -225,9 +225,9 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
 
 def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool) -> tuple[dict[str, Any], str | None]:
-    from volumevlm.eval.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
     from volumevlm.eval.plots import plot_roc_curves
-    from volumevlm.inference.pipeline import resolve_prompt_set, zero_shot_from_embeddings
+    from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
+    from volumevlm.models.zero_shot import resolve_prompt_set, zero_shot_from_embeddings
 
     prompt_set = resolve_prompt_set(prompts, model)
     labelled = {str(k) for row in rows for k in (row.get("findings") or {})}
@@ -257,7 +257,7 @@ def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool)
 
 
 def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None = None) -> dict[str, Any]:
-    from volumevlm.eval.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
+    from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
 
     vocab = model.phecode_vocab
     codes = list(vocab.codes)
@@ -312,8 +312,8 @@ def visible_phecodes(option: str | None, synthetic: bool) -> list[str] | None:
 
 
 def retrieval_section(encoded, out: Path, synthetic: bool) -> tuple[dict[str, Any], list[str]]:
-    from volumevlm.eval.metrics import pool_recall, recall_at_k
     from volumevlm.eval.plots import plot_retrieval_recall
+    from volumevlm.metrics import pool_recall, recall_at_k
 
     mask = encoded["has_report"]
     n = int(mask.sum())
@@ -355,9 +355,9 @@ def segmentation_section(model, rows, out: Path, synthetic: bool, progress=None)
     import nibabel as nib
 
     from volumevlm.data.datasets import load_case_volume
-    from volumevlm.eval.metrics import dice_per_label, hd95_per_label
     from volumevlm.eval.plots import plot_dice_boxplot, plot_segmentation_overlay
     from volumevlm.io import check_same_geometry
+    from volumevlm.metrics import dice_per_label, hd95_per_label
     from volumevlm.models.segmentation import segment_to_input
 
     net = model.head("segmentation")
@@ -420,9 +420,9 @@ def segmentation_section(model, rows, out: Path, synthetic: bool, progress=None)
 
 
 def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
-    from volumevlm.eval.report_metrics import report_metrics
     from volumevlm.io.writers import write_text_atomic
-    from volumevlm.train.report import _scored_findings
+    from volumevlm.metrics.report import report_metrics
+    from volumevlm.text.labeler import scored_findings
 
     head = model.head("report")
     keep = [i for i, flag in enumerate(encoded["has_report"].tolist()) if flag]
@@ -430,7 +430,7 @@ def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
         return {"skipped": "no case of the split has a reference report"}
     generated = [encoded["generated"][i] for i in keep]
     references = [head.reference_text(rows[i]["report"]) for i in keep]
-    figures = report_metrics(generated, references, findings=_scored_findings(model.findings))
+    figures = report_metrics(generated, references, findings=scored_findings(model.findings))
     lines = [json.dumps({"id": str(rows[i].get("id", i)), "reference": ref, "generated": gen})
              for i, ref, gen in zip(keep, references, generated)]
     write_text_atomic(out / SAMPLES_NAME, "\n".join(lines) + "\n")
@@ -490,13 +490,14 @@ def evaluate(
     plots; return the metrics dict (as written)."""
     import volumevlm
     from volumevlm.io.writers import write_text_atomic
+    from volumevlm.models.vlm import VolumeVLM
 
     started = time.perf_counter()
     if int(batch_size) < 1:
         raise VolumeVLMError(f"--batch-size: must be at least 1, got {batch_size}")
     data, out = Path(data).expanduser(), Path(out).expanduser()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = volumevlm.load(checkpoint, device=device)
+    model = VolumeVLM.from_pretrained(checkpoint, device=device)  # what volumevlm.load does
     rows = read_split(data, split)
     synthetic = is_synthetic(data, rows)
     out.mkdir(parents=True, exist_ok=True)

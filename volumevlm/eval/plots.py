@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from volumevlm.errors import VolumeVLMError  # noqa: E402
-from volumevlm.eval.metrics import _array, auroc, roc_curve_points  # noqa: E402
+from volumevlm.metrics import _array, auroc, roc_curve_points  # noqa: E402
 
 SYNTHETIC_NOTE = "synthetic data, not clinical"
 DPI = 120
@@ -144,7 +144,7 @@ def plot_retrieval_recall(
 ) -> Path:
     """Recall@k against pool size, one line per k.
 
-    results: {"r{k}_pool{P}": float in [0, 1] or None} as :func:`volumevlm.eval.metrics.pool_recall`
+    results: {"r{k}_pool{P}": float in [0, 1] or None} as :func:`volumevlm.metrics.pool_recall`
     returns; None entries (pool larger than the test set) are left out.
     """
     if not isinstance(results, Mapping) or not results:

@@ -408,7 +408,6 @@ def _metrics_provenance(provenance: Mapping[str, Any], checkpoint: Path, task: s
 def metadata_dict(model, task: str, checkpoint: Path, torchscript_note: str) -> dict[str, Any]:
     """configs/metadata.json for ``task`` (see the module docstring)."""
     import volumevlm
-
     from volumevlm.provenance import package_versions
 
     # All are volumevlm's dependencies; "not installed" only for a broken environment.
@@ -856,8 +855,9 @@ def export_bundle(
     checkpoint without the head the task needs, or an ``out`` that is not a bundle.
     ``log`` receives one-line notes (e.g. why model.ts is left out); default: stderr.
     """
-    import volumevlm
     from monai.data import save_net_with_metadata
+
+    import volumevlm
 
     if task not in TASKS:
         raise VolumeVLMError(f"export-bundle: unknown task {task!r}; choose from {', '.join(TASKS)}")

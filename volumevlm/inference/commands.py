@@ -9,7 +9,7 @@
 
 IN is anything :func:`volumevlm.io.read_volume` reads: NIfTI, NRRD / MHA, a DICOM series
 folder or a ``.zip`` of one (``-i`` takes several, or repeat it). Each verb calls the
-:class:`~volumevlm.models.vlm.VolumeVLM` method of its name on the inputs in the order
+:class:`~volumevlm.inference.checkpoint.VolumeVLM` method of its name on the inputs in the order
 given and names each result by the input as typed. Every file is written atomically
 (a temporary file beside it, then renamed, so an older output is replaced whole) and
 every JSON document carries the not-for-clinical-use statement under "note". Problems

@@ -1,7 +1,8 @@
 """The inference verbs on any CT input: embed, zero-shot, phenotypes, similarity maps,
 segmentation and report generation.
 
-The :class:`~volumevlm.models.vlm.VolumeVLM` methods of the same names delegate here::
+The :class:`~volumevlm.inference.checkpoint.VolumeVLM` methods of the same names (the model
+:func:`volumevlm.load` returns) delegate here::
 
     model = volumevlm.load("demo-output/model")
     model.embed("case.nii.gz")                       # float [E], unit length
@@ -37,8 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.errors import InputError, VolumeVLMError, one_line
-from volumevlm.models.vlm import DEFAULT_PROMPT_SET, PROMPT_SET_KEY
+from volumevlm.models.zero_shot import (  # noqa: F401 (default_prompt_set, with_findings: public here too)
+    default_prompt_set,
+    inference_mode,
+    resolve_prompt_set,
+    with_findings,
+    zero_shot_from_embeddings,
+)
 
 UPSAMPLE_MODES = ("linear", "nearest")
 # A preprocessed tensor holds [0, 1]; this much float slack is tolerated.
@@ -180,18 +186,6 @@ def iter_items(x: Any, model, preprocess_image: bool = True) -> tuple[Iterator[I
     return (prepare(entry, model, preprocess_image) for entry in inputs), many
 
 
-@contextmanager
-def inference_mode(module: torch.nn.Module):
-    """Eval mode and no autograd for the duration; the module's mode is restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield module
-    finally:
-        module.train(was_training)
-
-
 def _batch(item: Item, model) -> torch.Tensor:
     image = item.image.as_tensor() if hasattr(item.image, "as_tensor") else item.image
     return image[None].to(device=model.device, dtype=torch.float32)
@@ -211,110 +205,6 @@ def embed(model, x: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- prompts / zero-shot
-
-
-def _snake(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(text).strip().lower()).strip("_")
-
-
-def default_prompt_set(model):
-    """The checkpoint's own prompt set (config.json ``prompt_set``, or a ``prompt_set``
-    attribute set on the model) when it has one, else the bundled ``synthetic`` set."""
-    from volumevlm.text.prompts import PromptSet, load_prompt_set
-
-    attached = getattr(model, "prompt_set", None)
-    if attached is not None:
-        return resolve_prompt_set(attached, model)
-    source = getattr(model, "source", None)
-    if source is not None:
-        path = Path(source) / "config.json"
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8")).get(PROMPT_SET_KEY)
-        except (OSError, ValueError, AttributeError):
-            saved = None
-        if isinstance(saved, Mapping):
-            return PromptSet.from_dict(saved, source=f"{path}:{PROMPT_SET_KEY}")
-        if isinstance(saved, str) and saved.strip():
-            return load_prompt_set(saved)
-    return load_prompt_set(DEFAULT_PROMPT_SET)
-
-
-def resolve_prompt_set(prompts: Any, model):
-    """A PromptSet from: None (:func:`default_prompt_set`), a PromptSet, a bundled name or
-    YAML path, PromptSet data (a mapping), or a (present, absent) pair of templates holding
-    ``{finding}`` (applied to the model's findings, like ``zero_shot_scores``)."""
-    from volumevlm.models.vlm import finding_text
-    from volumevlm.text.prompts import PromptSet, load_prompt_set
-
-    if prompts is None:
-        return default_prompt_set(model)
-    if isinstance(prompts, PromptSet):
-        return prompts
-    if isinstance(prompts, (str, os.PathLike)):
-        return load_prompt_set(prompts)
-    if isinstance(prompts, Mapping):
-        return PromptSet.from_dict(prompts, source="<prompts>")
-    if isinstance(prompts, Sequence) and len(prompts) == 2 and all(isinstance(p, str) for p in prompts):
-        return PromptSet(
-            name="templates",
-            description="a (present, absent) template pair given at call time",
-            templates={"positive": [prompts[0]], "negative": [prompts[1]]},
-            findings={key: {"name": finding_text(key)} for key in model.findings},
-            source="<prompts>",
-        )
-    raise VolumeVLMError(
-        f"prompts: expected a prompt-set name, a YAML path, a PromptSet or a (present, absent) template pair, got {type(prompts).__name__}"
-    )
-
-
-def with_findings(prompt_set, findings: Sequence[str] | None) -> tuple[Any, list[str], list[str]]:
-    """(prompt set, keys to score, names to report them under).
-
-    findings None: every finding of the set. A requested finding that is not a key of the
-    set is scored with the set's generic templates only, its name spelled from the request
-    ("pleural effusion" or "pleural_effusion" -> "pleural effusion"): zero-shot is
-    open-vocabulary, the prompt set only adds phrasings."""
-    from volumevlm.text.prompts import PromptSet
-
-    if findings is None:
-        return prompt_set, prompt_set.keys, prompt_set.keys
-    if isinstance(findings, str):
-        findings = [findings]
-    requested = [str(f) for f in findings]
-    if not requested:
-        raise VolumeVLMError("findings: an empty list (give None for every finding of the prompt set)")
-    data = prompt_set.to_dict()
-    keys = []
-    for name in requested:
-        key = name if name in prompt_set.findings else _snake(name)
-        if not key or not key[0].isalpha():
-            raise VolumeVLMError(f"findings: {name!r} is not a usable finding name")
-        if key not in data["findings"]:
-            data["findings"][key] = {"name": name.replace("_", " ").strip()}
-        keys.append(key)
-    if len(data["findings"]) != len(prompt_set.findings):
-        prompt_set = PromptSet.from_dict(data, source=f"{prompt_set.source} + requested findings")
-    return prompt_set, keys, requested
-
-
-def _text_encoder(model):
-    def encode(texts: list[str]) -> torch.Tensor:
-        return model.encode_text(texts).float()
-
-    return encode
-
-
-def zero_shot_from_embeddings(model, image_emb: torch.Tensor, prompts: Any = None,
-                              findings: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
-    """(P(present) float32 [B, F], names) of unit image embeddings [B, E] with a prompt set
-    (template-averaged, pairwise softmax: :func:`volumevlm.text.prompts.zero_shot_probabilities`)."""
-    from volumevlm.text.prompts import zero_shot_probabilities
-
-    prompt_set, keys, names = with_findings(resolve_prompt_set(prompts, model), findings)
-    with inference_mode(model):
-        probs = zero_shot_probabilities(image_emb.to(model.device), _text_encoder(model), prompt_set, keys,
-                                        logit_scale=model.scale())
-    return probs.float().cpu(), names
 
 
 def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any = None):

@@ -126,7 +126,8 @@ class ReportConfig:
                 raise VolumeVLMError(f"report config: {name} must be a positive integer, got {value!r}")
         if self.resampler_dim is not None and (self.resampler_dim < 1 or self.resampler_dim % self.resampler_heads):
             raise VolumeVLMError(
-                f"report config: resampler_dim {self.resampler_dim} must be positive and divisible by resampler_heads {self.resampler_heads}"
+                f"report config: resampler_dim {self.resampler_dim} must be positive "
+                f"and divisible by resampler_heads {self.resampler_heads}"
             )
         if self.n_embd % self.n_head:
             raise VolumeVLMError(f"report config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
@@ -660,7 +661,8 @@ class ReportGenerator(nn.Module):
                 new_tokens = limit - inputs.shape[1]
                 if new_tokens < 1:
                     raise VolumeVLMError(
-                        f"report generation: the prompt ({inputs.shape[1]} positions with the visual prefix) fills the decoder's {limit} positions"
+                        f"report generation: the prompt ({inputs.shape[1]} positions with the visual prefix) "
+                        f"fills the decoder's {limit} positions"
                     )
             generated = self._hf_generate(inputs, new_tokens, settings)
             for row, seq in zip(rows, generated.tolist()):

@@ -20,6 +20,10 @@ that loads with no network, no Hydra run directory and no pickle::
     phecodes.json      the phecode vocabulary (order = phenotype logit columns)
     heads/<name>/      extra files of a downstream head, if it has any
 
+The verbs on any CT input (``embed``, ``zero_shot``, ``segment``, ...) are added by
+:class:`volumevlm.inference.checkpoint.VolumeVLM`, the subclass :func:`volumevlm.load`
+returns: this class is the network, that one the user-facing model.
+
 Downstream heads (segmentation, report generation) are attached with
 :meth:`VolumeVLM.attach_head`; config.json lists them under ``"heads"`` (type + config)
 and their weights live in model.safetensors under ``heads.<name>.``, so one directory
@@ -45,6 +49,8 @@ from torch import nn
 from volumevlm.data.transforms import PreprocessConfig
 from volumevlm.errors import VolumeVLMError, one_line
 from volumevlm.io.writers import _replace_folder
+from volumevlm.models.zero_shot import DEFAULT_PROMPT_SET, PROMPT_SET_KEY  # noqa: F401 (public here too)
+from volumevlm.text.findings import FINDING_SETS, finding_text  # noqa: F401 (finding_text: public here too)
 
 CHECKPOINT_FORMAT = "volumevlm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -69,18 +75,8 @@ HEAD_RECIPES: dict[str, str] = {
 # A (present, absent) template pair any zero-shot call accepts as ``prompts``; {finding} is
 # the plain-English name. Without ``prompts`` the model's prompt set is used.
 DEFAULT_PROMPTS: tuple[str, str] = ("{finding} is present.", "No {finding}.")
-# config.json key under which a checkpoint carries its zero-shot prompt set (a bundled
-# set's name, a YAML path, or the set itself as PromptSet.to_dict() data), and the set a
-# new checkpoint names (conf/prompts/synthetic.yaml).
-PROMPT_SET_KEY = "prompt_set"
-DEFAULT_PROMPT_SET = "synthetic"
 
 
-def finding_text(name: str) -> str:
-    """Plain-English name of a finding key ("renal_cyst" -> "renal cyst")."""
-    from volumevlm.data.synthetic.findings import FINDING_NAMES
-
-    return FINDING_NAMES.get(name, name.replace("_", " "))
 
 
 class VolumeVLM(nn.Module):
@@ -115,9 +111,7 @@ class VolumeVLM(nn.Module):
         from volumevlm.models.text import TextTower
 
         if findings is None:
-            from volumevlm.data.synthetic.findings import FINDINGS
-
-            findings = FINDINGS
+            findings = FINDING_SETS["synthetic"]
         self.encoder_config = encoder_config
         self.text_config = text_config
         self.tokenizer = tokenizer
@@ -213,12 +207,12 @@ class VolumeVLM(nn.Module):
     ) -> torch.Tensor:
         """P(finding present) [B, F] (on image_emb's device) from unit image embeddings [B, E].
 
-        The one zero-shot rule (:func:`volumevlm.inference.pipeline.zero_shot_from_embeddings`),
+        The one zero-shot rule (:func:`volumevlm.models.zero_shot.zero_shot_from_embeddings`),
         so training's validation, ``volumevlm evaluate`` and the API agree: prompts None is the
         model's prompt set (the bundled ``synthetic`` set unless the checkpoint names one),
         or a set's name / YAML path / a (present, absent) template pair such as DEFAULT_PROMPTS.
         Runs in eval mode without autograd (the module's mode is restored)."""
-        from volumevlm.inference.pipeline import zero_shot_from_embeddings
+        from volumevlm.models.zero_shot import zero_shot_from_embeddings
 
         probs, _ = zero_shot_from_embeddings(self, image_emb, prompts, list(findings or self.findings))
         return probs.to(image_emb.device)
@@ -229,52 +223,6 @@ class VolumeVLM(nn.Module):
     ) -> torch.Tensor:
         """P(finding present) [B, F] for preprocessed images x [B, 1, X, Y, Z]."""
         return self.zero_shot_from_embeddings(self.encode_image(x), findings, prompts)
-
-    # ------------------------------------------------------------------ pipeline verbs
-    # On any input (path, DICOM folder/zip, nibabel image, (array, affine), preprocessed
-    # tensor, or a list of them); volumevlm.inference.pipeline holds the implementations.
-
-    def embed(self, x: Any) -> torch.Tensor:
-        """Unit image embedding float32 [E] of one input ([N, E] for a list)."""
-        from volumevlm.inference import pipeline
-
-        return pipeline.embed(self, x)
-
-    def retrieve(self, x: Any, k: int = 5, index: Any = None, kind: str | None = "report"):
-        """Nearest entries of a retrieval index (`volumevlm index build`) to x, best first."""
-        from volumevlm.inference.index import retrieve
-
-        return retrieve(self, x, k=k, index=index, kind=kind)
-
-    def zero_shot(self, x: Any, findings: Sequence[str] | None = None, prompts: Any = None):
-        """{finding: P(present)} with a prompt set (default: the checkpoint's, else "synthetic")."""
-        from volumevlm.inference import pipeline
-
-        return pipeline.zero_shot(self, x, findings=findings, prompts=prompts)
-
-    def phenotypes(self, x: Any, top_k: int | None = 10):
-        """[(phecode, description, probability)], most likely first."""
-        from volumevlm.inference import pipeline
-
-        return pipeline.phenotypes(self, x, top_k=top_k)
-
-    def similarity_map(self, x: Any, finding: str, prompts: Any = None, upsample: str = "linear", out=None):
-        """Patch-level cosine map of ``finding`` as a float nibabel image in x's own geometry."""
-        from volumevlm.inference import pipeline
-
-        return pipeline.similarity_map(self, x, finding, prompts=prompts, upsample=upsample, out=out)
-
-    def segment(self, x: Any, out=None):
-        """Label image (names in its header) in x's own geometry; needs the segmentation head."""
-        from volumevlm.inference import pipeline
-
-        return pipeline.segment(self, x, out=out)
-
-    def generate_report(self, x: Any, **generation: Any):
-        """Report text by organ system; needs the report head."""
-        from volumevlm.inference import pipeline
-
-        return pipeline.generate_report(self, x, **generation)
 
     # ------------------------------------------------------------------ checkpoint directory
 

@@ -4,7 +4,7 @@
 finding it knows that the text mentions, whether the report affirms it
 (``"positive"``), denies it (``"negative"``) or hedges (``"uncertain"``). Findings the
 text does not mention are left out of the result. It is the labeler behind the
-clinical-efficacy report metrics (:mod:`volumevlm.eval.report_metrics`) and can label
+clinical-efficacy report metrics (:mod:`volumevlm.metrics.report`) and can label
 a training corpus; it is a set of regular expressions, not a clinical tool.
 
 Known findings (:data:`KNOWN_FINDINGS`, snake_case keys):
@@ -79,37 +79,18 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from volumevlm.errors import VolumeVLMError
+from volumevlm.text.findings import FINDING_SETS
 
 POSITIVE, NEGATIVE, UNCERTAIN = "positive", "negative", "uncertain"
 _RANK = {NEGATIVE: 0, UNCERTAIN: 1, POSITIVE: 2}
 
-# Same keys and order as volumevlm.data.synthetic.findings.FINDINGS (checked by the tests);
-# spelled out here so the text package does not import the synthetic data generator.
-SYNTHETIC_FINDINGS: tuple[str, ...] = (
-    "hepatic_steatosis", "hepatomegaly", "cirrhosis", "liver_lesion", "splenomegaly", "gallstones",
-    "renal_cyst", "kidney_stone", "hydronephrosis", "abdominal_aortic_aneurysm", "atherosclerosis",
-    "ascites", "pleural_effusion", "lymphadenopathy", "bowel_obstruction",
-    "vertebral_compression_fracture", "osteopenia", "cardiomegaly",
-)
-
-# Merlin's 30 abdominal findings, in the order of their published list.
-MERLIN_FINDINGS: tuple[str, ...] = (
-    "biliary_ductal_dilation", "hepatomegaly", "hepatic_steatosis", "surgically_absent_gallbladder",
-    "gallstones", "pancreatic_atrophy", "splenomegaly", "renal_cyst", "renal_hypodensity",
-    "hydronephrosis", "prostatomegaly", "hiatal_hernia", "submucosal_edema", "bowel_obstruction",
-    "appendicitis", "free_air", "ascites", "anasarca", "atherosclerosis", "thrombosis",
-    "abdominal_aortic_aneurysm", "coronary_calcification", "aortic_valve_calcification", "fracture",
-    "osteopenia", "lymphadenopathy", "metastatic_disease", "atelectasis", "pleural_effusion", "cardiomegaly",
-)
-
-# CT-RATE's 18 chest findings, in the order of their published list.
-CT_RATE_FINDINGS: tuple[str, ...] = (
-    "medical_material", "arterial_wall_calcification", "cardiomegaly", "pericardial_effusion",
-    "coronary_calcification", "hiatal_hernia", "lymphadenopathy", "emphysema", "atelectasis",
-    "lung_nodule", "lung_opacity", "pulmonary_fibrotic_sequela", "pleural_effusion",
-    "mosaic_attenuation_pattern", "peribronchial_thickening", "consolidation", "bronchiectasis",
-    "interlobular_septal_thickening",
-)
+# The finding sets come from the one registry (volumevlm.text.findings). The labeler reads
+# CT-RATE's "coronary artery wall calcification" as Merlin's coronary_calcification: one
+# concept, one labeler key (the alias below maps the CT-RATE spelling to it).
+SYNTHETIC_FINDINGS: tuple[str, ...] = FINDING_SETS["synthetic"]
+MERLIN_FINDINGS: tuple[str, ...] = FINDING_SETS["merlin30"]
+_LABELER_KEYS = {"coronary_artery_wall_calcification": "coronary_calcification"}
+CT_RATE_FINDINGS: tuple[str, ...] = tuple(_LABELER_KEYS.get(key, key) for key in FINDING_SETS["ctrate18"])
 
 # Sections whose text is about the request, not about the images.
 SKIPPED_SECTIONS: frozenset[str] = frozenset({
@@ -122,7 +103,8 @@ SKIPPED_SECTIONS: frozenset[str] = frozenset({
 # Pattern pieces. Every pattern runs on lower-cased text whose whitespace is collapsed to
 # single spaces; clauses are joined with "\n", which no pattern crosses.
 
-_ADV = r"(?:(?:mildly|moderately|markedly|massively|severely|slightly|minimally|significantly|diffusely|borderline|again|still|now|also|somewhat|grossly|overall|newly|visibly) ){0,2}"
+_ADV = (r"(?:(?:mildly|moderately|markedly|massively|severely|slightly|minimally|significantly|diffusely|borderline"
+        r"|again|still|now|also|somewhat|grossly|overall|newly|visibly) ){0,2}")
 _COP = r"(?:is|are|appears?|remains?|seems?)"
 _W = r"[\w-]+ "  # one word and its trailing space
 # Nouns naming an aspect of an organ ("normal hepatic *attenuation*"): a normal statement
@@ -474,6 +456,22 @@ def resolve_findings(findings: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def scored_findings(findings: Sequence[str]) -> list[str] | None:
+    """The labeler keys of those ``findings`` it knows, in order (the columns of a report's
+    clinical F1); names it does not know are left out; None when it knows none of them
+    (then every finding it knows is scored)."""
+    known = set(KNOWN_FINDINGS)
+    keys = []
+    for name in findings:
+        try:
+            key = resolve_findings([name])[0]
+        except VolumeVLMError:
+            continue
+        if key in known:
+            keys.append(key)
+    return keys or None
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiled once at import.
 
@@ -622,7 +620,8 @@ def _mask(match: re.Match) -> str:
 # can be proven (or the parser is unavailable) the pattern runs on every clause.
 
 try:  # the stdlib regex parser: private, so any failure just disables the prefilter
-    from re import _constants as _sre_c, _parser as _sre_p  # type: ignore[attr-defined]
+    from re import _constants as _sre_c  # type: ignore[attr-defined]
+    from re import _parser as _sre_p
 except ImportError:  # pragma: no cover - Python 3.10
     try:
         import sre_constants as _sre_c  # type: ignore[no-redef]
@@ -886,4 +885,5 @@ __all__ = [
     "label_reports",
     "report_sentences",
     "resolve_findings",
+    "scored_findings",
 ]

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.resources import PROMPTS_SUBDIR, prompts_dir  # noqa: F401 (public names of this module too)
 
-PROMPTS_SUBDIR = "prompts"
 PLACEHOLDER = "finding"
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 _TOP_KEYS = ("name", "description", "templates", "findings")
@@ -63,7 +63,8 @@ def _check_text(source: str, where: str, text: Any, *, need_placeholder: bool) -
         if name != PLACEHOLDER:
             raise InputError(source, f"{where}: unknown template field {{{name}}} in {text!r}; only {{{PLACEHOLDER}}} is allowed")
         if spec or conv:
-            raise InputError(source, f"{where}: write the placeholder plainly as {{{PLACEHOLDER}}} (no conversion or format spec) in {text!r}")
+            raise InputError(source, f"{where}: write the placeholder plainly as {{{PLACEHOLDER}}} "
+                                     f"(no conversion or format spec) in {text!r}")
     if need_placeholder and not fields:
         raise InputError(source, f"{where}: template {text!r} lacks the {{{PLACEHOLDER}}} placeholder")
     return text
@@ -233,13 +234,6 @@ def _yaml_loader():
 
     _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
     return _Loader
-
-
-def prompts_dir() -> Path:
-    """The folder of the bundled prompt sets: ``conf_dir()/prompts``."""
-    from volumevlm.train.cli import conf_dir
-
-    return conf_dir() / PROMPTS_SUBDIR
 
 
 def available_prompt_sets() -> list[str]:

@@ -55,3 +55,10 @@ def split_report(text: str) -> dict[str, str]:
             continue
         out[name] = f"{out[name]} {body}".strip() if name in out else body
     return out
+
+
+def report_sections(report: str) -> list[str]:
+    """The organ-system sections of a report, each as "HEADER: text" (the whole report
+    when it has none): what a text tower trained on sections reads."""
+    parts = [f"{header}: {text}" for header, text in split_report(report).items() if text.strip()]
+    return parts or [report]

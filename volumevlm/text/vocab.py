@@ -181,7 +181,8 @@ class PhecodeVocabulary:
         try:
             data = json.loads(text)
         except (TypeError, ValueError) as err:
-            raise VolumeVLMError(f"phecode vocabulary JSON: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise VolumeVLMError(f"phecode vocabulary JSON: unreadable ({reason})") from None
         if not isinstance(data, dict):
             raise VolumeVLMError("phecode vocabulary JSON: expected an object with 'codes'")
         if data.get("format", VOCAB_FORMAT) != VOCAB_FORMAT:

@@ -6,9 +6,9 @@ Arguments are Hydra overrides of ``conf/train.yaml``, e.g.::
     volumevlm train experiment=merlin_like data.root=DIR trainer.devices=2 trainer=ddp
     volumevlm train experiment=demo data.root=DIR debug=fdr        # fast_dev_run smoke test
 
-The config folder is found, in order, at ``$VOLUMEVLM_CONF``, inside the installed
-package (``volumevlm/conf``), or next to the package (the repository's top-level
-``conf/`` of an editable install). The composed config is printed with ``--print-config``.
+The config folder is :func:`volumevlm.resources.conf_dir` (``$VOLUMEVLM_CONF``, else the
+installed package's ``volumevlm/conf``, else the repository's top-level ``conf/``). The
+composed config is printed with ``--print-config``.
 """
 
 from __future__ import annotations
@@ -19,24 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from volumevlm.errors import VolumeVLMError
+from volumevlm.resources import CONF_ENV, TRAIN_CONFIG_NAME, conf_dir  # noqa: F401 (CONF_ENV: public here too)
 
-CONF_ENV = "VOLUMEVLM_CONF"
-CONFIG_NAME = "train"
-
-
-def conf_dir() -> Path:
-    """The Hydra config folder (see the module docstring for the search order)."""
-    env = os.environ.get(CONF_ENV)
-    if env:
-        folder = Path(env).expanduser().resolve()
-        if not (folder / f"{CONFIG_NAME}.yaml").is_file():
-            raise VolumeVLMError(f"{folder}: ${CONF_ENV} names no folder holding {CONFIG_NAME}.yaml")
-        return folder
-    package = Path(__file__).resolve().parents[1]
-    for folder in (package / "conf", package.parent / "conf"):
-        if (folder / f"{CONFIG_NAME}.yaml").is_file():
-            return folder
-    raise VolumeVLMError(f"{package}: no Hydra config folder found; set ${CONF_ENV} to the repository's conf/ folder")
+CONFIG_NAME = TRAIN_CONFIG_NAME
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None):
@@ -94,7 +79,8 @@ def run_task(cfg) -> tuple[dict, dict]:
     if task not in TASKS:
         raise VolumeVLMError(f"task={task}: unknown task (known: {', '.join(TASKS)})")
     if task != "pretrain" and not cfg.get("init_from"):
-        raise VolumeVLMError(f"task={task}: init_from is not set; give the pretrained checkpoint directory, e.g. init_from=demo-output/model")
+        raise VolumeVLMError(f"task={task}: init_from is not set; "
+                             "give the pretrained checkpoint directory, e.g. init_from=demo-output/model")
     module_name, function_name = TASKS[task].split(":")
     return getattr(importlib.import_module(module_name), function_name)(cfg)
 

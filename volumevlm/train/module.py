@@ -29,7 +29,8 @@ import lightning as L
 import torch
 
 from volumevlm.errors import VolumeVLMError
-from volumevlm.train.metrics import macro_auroc, retrieval_recall
+from volumevlm.metrics import macro_auroc, retrieval_recall
+from volumevlm.text.sections import report_sections
 
 OBJECTIVE_DEFAULTS: dict[str, Any] = {
     "clip_weight": 1.0,
@@ -127,15 +128,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def report_sections(report: str) -> list[str]:
-    """The organ-system sections of a report, each as "HEADER: text" (the whole report
-    when it has none)."""
-    from volumevlm.text.sections import split_report
-
-    parts = [f"{header}: {text}" for header, text in split_report(report).items() if text.strip()]
-    return parts or [report]
 
 
 class PretrainModule(L.LightningModule):

@@ -13,7 +13,7 @@ cohorts whose tokens do not fit in memory).
 
 Everything goes under ``cfg.output_dir``: checkpoints/ (Lightning state, resumed on a
 rerun), csv/ and tensorboard/ logs (train/loss, val/loss and, from the generated
-validation reports (:mod:`volumevlm.eval.report_metrics`), val/clinical_f1 (macro F1
+validation reports (:mod:`volumevlm.metrics.report`), val/clinical_f1 (macro F1
 over the checkpoint's findings), val/clinical_f1_micro, val/bleu4, val/rouge_l,
 val/distinct_ratio), report_samples.jsonl (every validation case: reference and generated report),
 metrics.json, and ``cfg.model_dir``: the SAME VolumeVLM with the report head attached.
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from volumevlm import NOT_FOR_CLINICAL_USE
 from volumevlm.errors import InputError, VolumeVLMError
 from volumevlm.io.writers import write_text_atomic
+from volumevlm.text.labeler import scored_findings
 from volumevlm.train.module import OPTIMIZER_DEFAULTS, configure_adamw, total_optimizer_steps
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,11 @@ def precompute_tokens(encoder, dataset, batch_size: int, device: torch.device | 
 
 def report_scores(generated: Sequence[str], references: Sequence[str], findings: Sequence[str] | None = None) -> dict[str, float]:
     """Figures of generated vs reference reports
-    (:func:`volumevlm.eval.report_metrics.report_metrics`): clinical_f1 (macro over
+    (:func:`volumevlm.metrics.report.report_metrics`): clinical_f1 (macro over
     ``findings``; None = every finding the labeler knows), clinical_f1_micro, bleu4,
     rouge_l, distinct_ratio, cases. The references should already be in the
     generator's layout (:meth:`ReportGenerator.reference_text`). {} for no cases."""
-    from volumevlm.eval.report_metrics import report_metrics
+    from volumevlm.metrics.report import report_metrics
 
     generated, references = list(generated), list(references)
     if not generated:
@@ -284,22 +285,6 @@ class ReportModule(L.LightningModule):
 # ---------------------------------------------------------------------- the run
 
 
-def _scored_findings(findings: Sequence[str]) -> list[str] | None:
-    """The checkpoint's findings the labeler knows (clinical F1 columns); None: all the labeler knows."""
-    from volumevlm.text.labeler import KNOWN_FINDINGS, resolve_findings
-
-    known = set(KNOWN_FINDINGS)
-    keys = []
-    for name in findings:
-        try:
-            key = resolve_findings([name])[0]
-        except VolumeVLMError:
-            continue
-        if key in known:
-            keys.append(key)
-    return keys or None
-
-
 def _rows_with_reports(rows: Sequence[dict], split: str) -> list[dict]:
     return [row for row in rows if row.get("split") == split and isinstance(row.get("report"), str) and row["report"].strip()]
 
@@ -382,7 +367,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
                              persistent_workers=workers > 0) if val_set else None)
     module = ReportModule(generator, encoder=module_encoder, optimizer=settings["optimizer"],
                           generate_cases=settings["generate_cases"], log_samples=settings["log_samples"],
-                          findings=_scored_findings(model.findings))
+                          findings=scored_findings(model.findings))
 
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))
     last = checkpoint_dir(cfg) / LAST_CHECKPOINT

@@ -33,11 +33,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from volumevlm.data.labels import LARGE_ORGANS  # noqa: F401 (public here too)
 from volumevlm.errors import InputError, VolumeVLMError
+from volumevlm.metrics import (  # noqa: F401 (dice_from_counts: public here too)
+    dice_counts,
+    dice_from_counts,
+    hd95_per_class,
+    summarize_dice,
+    summarize_hd95,
+)
 
 MANIFEST_NAME = "manifest.jsonl"
-# The issue's bar is on these (large) structures.
-LARGE_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "lung_left", "lung_right")
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "weight_decay": 1e-4,
@@ -47,108 +53,6 @@ OPTIMIZER_DEFAULTS: dict[str, Any] = {
     # The pretrained encoder's learning rate relative to the decoder's.
     "encoder_lr_ratio": 1.0,
 }
-
-
-# ---------------------------------------------------------------------- metrics
-
-
-def dice_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-case overlap counts: float64 [B, K, 3] = (|pred & target|, |pred|, |target|)
-    for each class k of integer label maps pred, target [B, ...] (same shape)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"dice_counts: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    b = pred.shape[0]
-    pred, target = pred.reshape(b, -1).long(), target.reshape(b, -1).long()
-    classes = torch.arange(num_classes, device=pred.device)[None, :, None]
-    p = pred[:, None, :] == classes  # [B, K, N] bool
-    t = target[:, None, :] == classes
-    return torch.stack(((p & t).sum(-1), p.sum(-1), t.sum(-1)), dim=-1).double()
-
-
-def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Dice float64 [B, K] from :func:`dice_counts`; NaN where a class is absent from
-    both prediction and target (no evidence either way)."""
-    inter, p, t = counts.unbind(-1)
-    denom = p + t
-    dice = torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan")))
-    return dice
-
-
-def hd95_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int, spacing: Sequence[float]) -> torch.Tensor:
-    """95th-percentile symmetric Hausdorff distance in mm, float64 [B, K], of integer
-    label maps pred, target [B, X, Y, Z] (or [B, 1, X, Y, Z]) on a grid of ``spacing``
-    mm per array axis (MONAI ``compute_hausdorff_distance``, percentile 95, over the
-    structures' surface voxels). NaN for the background (k = 0) and wherever the class
-    is missing from the prediction or the target: a missed structure has no distance
-    (its Dice, 0, says it was missed)."""
-    import warnings
-
-    from monai.metrics import compute_hausdorff_distance
-
-    if pred.shape != target.shape:
-        raise ValueError(f"hd95_per_class: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    if pred.dim() == 5:
-        pred, target = pred[:, 0], target[:, 0]
-    if pred.dim() != 4:
-        raise ValueError(f"hd95_per_class: expected [B, X, Y, Z] label maps, got {tuple(pred.shape)}")
-    spacing = [float(v) for v in spacing]
-    out = torch.full((pred.shape[0], num_classes), float("nan"), dtype=torch.float64)
-    pred, target = pred.long().cpu(), target.long().cpu()
-    for b in range(pred.shape[0]):
-        for k in range(1, num_classes):
-            p, t = pred[b] == k, target[b] == k
-            if not (bool(p.any()) and bool(t.any())):
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # MONAI warns about empty inputs; excluded above
-                value = compute_hausdorff_distance(
-                    p[None, None], t[None, None], include_background=True, percentile=95, spacing=spacing
-                )
-            out[b, k] = float(value.reshape(-1)[0])
-    return out
-
-
-def summarize_hd95(hd95: torch.Tensor, label_names: Mapping[int, str]) -> dict[str, float]:
-    """{"hd95_<name>": mean over the cases with a distance, "mean_hd95": mean over
-    labels, "mean_hd95_large": mean over :data:`LARGE_ORGANS`} from hd95 [N, K] (mm)."""
-    out: dict[str, float] = {}
-    per_label: dict[str, float] = {}
-    for k in range(1, hd95.shape[1]):
-        column = hd95[:, k]
-        column = column[torch.isfinite(column)]
-        if column.numel():
-            name = label_names.get(k, f"label_{k}")
-            per_label[name] = float(column.mean())
-            out[f"hd95_{name}"] = per_label[name]
-    if per_label:
-        out["mean_hd95"] = sum(per_label.values()) / len(per_label)
-    large = [per_label[name] for name in LARGE_ORGANS if name in per_label]
-    if large:
-        out["mean_hd95_large"] = sum(large) / len(large)
-    return out
-
-
-def summarize_dice(counts: torch.Tensor, label_names: Mapping[int, str]) -> dict[str, float]:
-    """{"dice_<name>": mean over cases, "mean_dice": mean over foreground labels,
-    "mean_dice_large": mean over :data:`LARGE_ORGANS`} from counts [N, K, 3]; labels
-    absent from every case (prediction and target) are left out."""
-    dice = dice_from_counts(counts)  # [N, K]
-    out: dict[str, float] = {}
-    per_label: dict[str, float] = {}
-    for k in range(1, dice.shape[1]):
-        column = dice[:, k]
-        column = column[~torch.isnan(column)]
-        if column.numel():
-            name = label_names.get(k, f"label_{k}")
-            per_label[name] = float(column.mean())
-            out[f"dice_{name}"] = per_label[name]
-    if per_label:
-        out["mean_dice"] = sum(per_label.values()) / len(per_label)
-    large = [per_label[name] for name in LARGE_ORGANS if name in per_label]
-    if large:
-        out["mean_dice_large"] = sum(large) / len(large)
-    out["cases"] = float(counts.shape[0])
-    return out
 
 
 # ---------------------------------------------------------------------- module

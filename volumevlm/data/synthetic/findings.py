@@ -15,49 +15,13 @@ import math
 
 import numpy as np
 
-# Ordered names: the label vocabulary of zero-shot prompts and of the manifest's "findings".
-FINDINGS: tuple[str, ...] = (
-    "hepatic_steatosis",
-    "hepatomegaly",
-    "cirrhosis",
-    "liver_lesion",
-    "splenomegaly",
-    "gallstones",
-    "renal_cyst",
-    "kidney_stone",
-    "hydronephrosis",
-    "abdominal_aortic_aneurysm",
-    "atherosclerosis",
-    "ascites",
-    "pleural_effusion",
-    "lymphadenopathy",
-    "bowel_obstruction",
-    "vertebral_compression_fracture",
-    "osteopenia",
-    "cardiomegaly",
-)
+from volumevlm.text.findings import FINDING_SETS, SYNTHETIC_FINDING_NAMES
 
-# Plain-English names, e.g. for zero-shot prompts ("{name} is present.").
-FINDING_NAMES: dict[str, str] = {
-    "hepatic_steatosis": "hepatic steatosis",
-    "hepatomegaly": "hepatomegaly",
-    "cirrhosis": "cirrhosis",
-    "liver_lesion": "liver lesion",
-    "splenomegaly": "splenomegaly",
-    "gallstones": "gallstones",
-    "renal_cyst": "renal cyst",
-    "kidney_stone": "kidney stone",
-    "hydronephrosis": "hydronephrosis",
-    "abdominal_aortic_aneurysm": "abdominal aortic aneurysm",
-    "atherosclerosis": "atherosclerosis",
-    "ascites": "ascites",
-    "pleural_effusion": "pleural effusion",
-    "lymphadenopathy": "lymphadenopathy",
-    "bowel_obstruction": "bowel obstruction",
-    "vertebral_compression_fracture": "vertebral compression fracture",
-    "osteopenia": "osteopenia",
-    "cardiomegaly": "cardiomegaly",
-}
+# Ordered names: the label vocabulary of zero-shot prompts and of the manifest's "findings",
+# and their plain-English names, e.g. for zero-shot prompts ("{name} is present."): the
+# registry's synthetic set (volumevlm.text.findings).
+FINDINGS: tuple[str, ...] = FINDING_SETS["synthetic"]
+FINDING_NAMES: dict[str, str] = SYNTHETIC_FINDING_NAMES
 
 CONTRAST_PHASES: tuple[str, ...] = ("non-contrast", "arterial", "portal venous")
 

@@ -396,8 +396,8 @@ def render_phantom(case: dict, shape: tuple[int, int, int], rng: np.random.Gener
     slen = rng.uniform(85, 120)
     if f["splenomegaly"]:
         slen = x["splenomegaly"]["length_mm"]
-    sp = _Shape(rng, (-0.62 * ai, -0.3 * bi, zl - 16 - slen / 2), (0.17 * ai * (slen / 100) ** 0.5, 0.35 * bi * (slen / 100) ** 0.5, slen / 2),
-                rot_deg=18)
+    sp = _Shape(rng, (-0.62 * ai, -0.3 * bi, zl - 16 - slen / 2),
+                (0.17 * ai * (slen / 100) ** 0.5, 0.35 * bi * (slen / 100) ** 0.5, slen / 2), rot_deg=18)
     box = sp.box(g)
     if box:
         cv.paint(box, (sp.rho(g, box) < 1) & cavity[box] & below[box], V("spleen") + rng.normal(0, 3), L["spleen"])
@@ -456,7 +456,8 @@ def render_phantom(case: dict, shape: tuple[int, int, int], rng: np.random.Gener
         if f["kidney_stone"] and x["kidney_stone"]["laterality"] in (lat, "bilateral"):
             rng = part(name + ":stone")
             ks = x["kidney_stone"]
-            where = {"lower pole": (-side * 0.2, 0.0, -0.6), "interpolar": (-side * 0.25, 0.0, 0.0), "renal pelvis": (-side * 0.45, 0.1, 0.0)}
+            where = {"lower pole": (-side * 0.2, 0.0, -0.6), "interpolar": (-side * 0.25, 0.0, 0.0),
+                     "renal pelvis": (-side * 0.45, 0.1, 0.0)}
             for j in range(ks["count"]):
                 p = k.point(np.array(where[ks["location"]]) + rng.normal(0, 0.08, 3) * (j > 0))
                 _sphere(cv, g, rng, p, ks["size_mm"] * (1.0 if j == 0 else 0.7), ks["hu"], V("renal_sinus"), L[name])

@@ -26,10 +26,12 @@ from volumevlm.text.sections import SECTIONS
 
 # One regular expression per finding: any match is a mention of that finding.
 FINDING_CUES: dict[str, str] = {
-    "hepatic_steatosis": r"steatosis|fatty (infiltration|liver|change)|diffusely hypoattenuating|hypoattenuating liver|low attenuation of the liver",
+    "hepatic_steatosis": (r"steatosis|fatty (infiltration|liver|change)|diffusely hypoattenuating|hypoattenuating liver"
+                          r"|low attenuation of the liver"),
     "hepatomegaly": r"hepatomegaly|liver is enlarged|enlarged liver",
     "cirrhosis": r"cirrho\w*|nodular (hepatic |liver )?(contour|surface)",
-    "liver_lesion": r"(hepatic|liver) (lesions?|mass(es)?|hypodensit\w+|metasta\w+)|(lesions?|hypodensit\w+|masses) (in|within) the (liver|(right|left) hepatic lobe)",
+    "liver_lesion": (r"(hepatic|liver) (lesions?|mass(es)?|hypodensit\w+|metasta\w+)"
+                     r"|(lesions?|hypodensit\w+|masses) (in|within) the (liver|(right|left) hepatic lobe)"),
     "splenomegaly": r"splenomegaly|spleen is enlarged|enlarged spleen",
     "gallstones": r"gallstones?|cholelithiasis",
     "renal_cyst": r"(renal|kidney|cortical|simple|exophytic) cysts?|renal hypodensit\w+",
@@ -167,7 +169,8 @@ def _lower_thorax(w: _Writer, f: dict, x: dict, hedged: set) -> list[str]:
                 f"{_cap(size)} layering {side} pleural fluid, measuring up to {w.size(e['depth_mm'])} in depth.",
             ]))
     else:
-        out.append(w.pick(["No pleural effusion.", "The lung bases are clear.", "No pleural effusion or consolidation at the lung bases.", ""]))
+        out.append(w.pick(["No pleural effusion.", "The lung bases are clear.",
+                           "No pleural effusion or consolidation at the lung bases.", ""]))
     if f["cardiomegaly"]:
         c = x["cardiomegaly"]
         if "cardiomegaly" in hedged:
@@ -259,7 +262,8 @@ def _gallbladder(w: _Writer, f: dict, x: dict, hedged: set) -> list[str]:
     if g["count"] == 1:
         return [w.pick([f"A {big} calcified gallstone in the gallbladder.", f"Cholelithiasis, with a single {big} stone.",
                         f"Solitary {big} gallstone without gallbladder wall thickening."])]
-    return [w.pick([f"Multiple gallstones, the largest measuring {big}.", "Cholelithiasis without gallbladder wall thickening or pericholecystic inflammation.",
+    return [w.pick([f"Multiple gallstones, the largest measuring {big}.",
+                    "Cholelithiasis without gallbladder wall thickening or pericholecystic inflammation.",
                     f"Cholelithiasis with {_COUNT_WORDS.get(g['count'], 'numerous')} stones up to {big}."])]
 
 
@@ -293,11 +297,14 @@ def _kidneys(w: _Writer, f: dict, x: dict, hedged: set, phase: str) -> list[str]
         if "kidney_stone" in hedged:
             out.append(f"Possible punctate nonobstructing {side} renal calculus.")
         elif side == "bilateral":
-            out.append(w.pick([f"Bilateral nephrolithiasis, the largest stone measuring {size}.", f"Bilateral renal calculi up to {size}."]))
+            out.append(w.pick([f"Bilateral nephrolithiasis, the largest stone measuring {size}.",
+                               f"Bilateral renal calculi up to {size}."]))
         elif obstructing:
-            out.append(w.pick([f"{size} obstructing calculus at the {side} renal pelvis.", f"{_cap(side)} nephrolithiasis with a {size} stone at the renal pelvis."]))
+            out.append(w.pick([f"{size} obstructing calculus at the {side} renal pelvis.",
+                               f"{_cap(side)} nephrolithiasis with a {size} stone at the renal pelvis."]))
         else:
-            out.append(w.pick([f"{size} nonobstructing {side} renal calculus in the {s['location']}.", f"{_cap(side)} nephrolithiasis, measuring up to {size}.",
+            out.append(w.pick([f"{size} nonobstructing {side} renal calculus in the {s['location']}.",
+                               f"{_cap(side)} nephrolithiasis, measuring up to {size}.",
                                f"{_cap(side)} kidney stone measuring {size} in the {s['location']}."]))
     if f["hydronephrosis"]:
         h = x["hydronephrosis"]
@@ -306,7 +313,8 @@ def _kidneys(w: _Writer, f: dict, x: dict, hedged: set, phase: str) -> list[str]
             out.append(f"Possible mild {side} hydronephrosis.")
         else:
             out.append(w.pick([f"{_cap(h['grade'])} {side} hydronephrosis.",
-                               f"{_cap(h['grade'])} dilatation of the {side} renal collecting system, with the renal pelvis measuring {w.size(h['pelvis_diameter_mm'])}.",
+                               f"{_cap(h['grade'])} dilatation of the {side} renal collecting system, "
+                               f"with the renal pelvis measuring {w.size(h['pelvis_diameter_mm'])}.",
                                f"{_cap(side)} hydronephrosis, {h['grade']} in degree."]))
     negs = [n for n, k in (("hydronephrosis", "hydronephrosis"), ("kidney_stone", "nephrolithiasis")) if not f[n]]
     if len(negs) == 2:
@@ -330,7 +338,8 @@ def _gi(w: _Writer, f: dict, x: dict) -> list[str]:
         b = x["bowel_obstruction"]
         d, loc = w.size(b["max_loop_diameter_mm"]), b["transition"]
         out.append(w.pick([
-            f"Dilated fluid-filled small bowel loops measuring up to {d} with air-fluid levels and a transition point in the {loc}, consistent with small bowel obstruction.",
+            f"Dilated fluid-filled small bowel loops measuring up to {d} with air-fluid levels and a transition point in the {loc}, "
+            "consistent with small bowel obstruction.",
             f"Small bowel obstruction with a transition point in the {loc}; the colon is decompressed.",
             f"Multiple dilated loops of small bowel up to {d}, compatible with mechanical obstruction.",
         ]))
@@ -401,7 +410,8 @@ def _msk(w: _Writer, f: dict, x: dict, hedged: set) -> list[str]:
         if "vertebral_compression_fracture" in hedged:
             out.append(f"Possible mild compression deformity of {lvl}.")
         else:
-            out.append(w.pick([f"{_cap(c['acuity'])} compression fracture of {lvl} with approximately {pct:.0f}% loss of vertebral body height.",
+            out.append(w.pick([f"{_cap(c['acuity'])} compression fracture of {lvl} "
+                               f"with approximately {pct:.0f}% loss of vertebral body height.",
                                f"{lvl} compression deformity with {pct:.0f}% height loss.",
                                f"Anterior wedge deformity of {lvl}, approximately {pct:.0f}% height loss."]))
     else:
@@ -431,8 +441,10 @@ def _impression_phrase(w: _Writer, name: str, x: dict) -> str:
     d = x[name]
     side = d.get("laterality", "")
     opts = {
-        "bowel_obstruction": lambda: [f"Small bowel obstruction with transition point in the {d['transition']}.", "Findings of small bowel obstruction."],
-        "abdominal_aortic_aneurysm": lambda: [f"{w.size(d['max_diameter_mm'])} infrarenal abdominal aortic aneurysm.", "Abdominal aortic aneurysm."],
+        "bowel_obstruction": lambda: [f"Small bowel obstruction with transition point in the {d['transition']}.",
+                                      "Findings of small bowel obstruction."],
+        "abdominal_aortic_aneurysm": lambda: [f"{w.size(d['max_diameter_mm'])} infrarenal abdominal aortic aneurysm.",
+                                              "Abdominal aortic aneurysm."],
         "liver_lesion": lambda: ["Hypodense hepatic lesions; further characterization with MRI is recommended." if d["count"] > 1
                          else "Indeterminate hepatic lesion; consider MRI for characterization.",
                          f"Hepatic lesion{'s' if d['count'] > 1 else ''}, the largest {w.size(d['largest_mm'])}."],
