@@ -382,9 +382,8 @@ def test_dicom_seg_refuses_inputs_that_were_not_dicom_and_masks_off_the_grid(tmp
 
 
 def test_synthetic_cohort_writes_enhanced_ct(tmp_path):
-    from volumevlm.data.synthetic import generate_cohort
-
     from volumevlm.cli import main
+    from volumevlm.data.synthetic import generate_cohort
 
     assert main(["synth", "--out", str(tmp_path / "c"), "--n", "2", "--seed", "5", "--shape", "32,32,16",
                  "--dicom-fraction", "1", "--dicom-form", "enhanced", "--workers", "1", "--no-progress"]) == 0

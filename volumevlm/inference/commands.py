@@ -353,8 +353,8 @@ def _may_be_dicom(source: str) -> bool:
 
 
 def _segment_run(args: argparse.Namespace) -> int:
-    from volumevlm.inference.statistics import format_statistics, statistics_format, structure_statistics, write_statistics
     from volumevlm.inference.pipeline import mask_to_dicom_seg
+    from volumevlm.inference.statistics import format_statistics, statistics_format, structure_statistics, write_statistics
     from volumevlm.io import read_volume
     from volumevlm.io.dicom_seg import dicom_source_of
     from volumevlm.models.segmentation import read_label_names, save_segmentation

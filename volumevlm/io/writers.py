@@ -391,7 +391,7 @@ def write_dicom_enhanced(
         shared.CTImageFrameTypeSequence = item(FrameType=["DERIVED", "SECONDARY", "AXIAL", "NONE"])
         ds.SharedFunctionalGroupsSequence = Sequence([shared])
         frames = []
-        for f, k in enumerate(order.tolist()):
+        for k in order.tolist():
             group = Dataset()
             group.PlanePositionSequence = item(ImagePositionPatient=[_ds(v) for v in geometry.position(k)])
             group.FrameContentSequence = item(InStackPositionNumber=k + 1, StackID="1",

@@ -73,7 +73,15 @@ from volumevlm import NOT_FOR_CLINICAL_USE, __version__
 from volumevlm.errors import InputError, TooLargeError, VolumeVLMError
 from volumevlm.provenance import package_versions
 from volumevlm.serve.errors import ServiceError
-from volumevlm.serve.uploads import ACCEPTED, UPLOAD_FIELD, ReadLimits, UploadPace, check_content, receive_upload
+from volumevlm.serve.uploads import (
+    ACCEPTED,
+    DEFAULT_PACE,
+    UPLOAD_FIELD,
+    ReadLimits,
+    UploadPace,
+    check_content,
+    receive_upload,
+)
 from volumevlm.serve.worker import BatchWorker, QueueFull
 
 log = logging.getLogger("volumevlm.serve")
@@ -111,7 +119,7 @@ class Service:
     def __init__(self, model, *, index, token: str | None, max_upload_mb: float, max_voxels: int,
                  timeout_s: float, max_batch: int, batch_wait_ms: float, queue_size: int,
                  tmp_dir: str | os.PathLike | None, read_threads: int | None, checkpoint: str | None,
-                 pace: UploadPace = UploadPace(), docs: bool = True):
+                 pace: UploadPace = DEFAULT_PACE, docs: bool = True):
         from volumevlm.inference.index import model_fingerprint
         from volumevlm.inference.pipeline import default_prompt_set
 

@@ -328,7 +328,10 @@ class UploadPace:
     idle_s: float = 10.0
 
 
-async def receive_upload(request, folder: Path, *, max_bytes: int, pace: UploadPace = UploadPace(),
+DEFAULT_PACE = UploadPace()
+
+
+async def receive_upload(request, folder: Path, *, max_bytes: int, pace: UploadPace = DEFAULT_PACE,
                          field: str = UPLOAD_FIELD) -> Upload:
     """Stream the multipart body of ``request`` and save its ``field`` file in ``folder``
     as ``upload.part`` (what it is, is checked later by :func:`check_content`).
