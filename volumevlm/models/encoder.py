@@ -352,6 +352,9 @@ class VolumeEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.dim)
         self.pooled_norm = PooledBatchNorm(config.dim) if config.pooled_norm == "batch" else nn.Identity()
+        # RoPE tables per (grid, device, dtype): derived from the config alone, so they
+        # are neither parameters nor buffers (no state_dict entry, no .to() copies).
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -373,6 +376,18 @@ class VolumeEncoder(nn.Module):
             "dense": lambda: attention_layout(grid, c.tile, None, 1, c.num_registers),
         }
         return [by_pattern[p]() for p in c.patterns()]
+
+    def _rope(self, layout, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin float32 [N, P] of ``grid``'s layout on ``device``, built once per
+        (grid, device, dtype) and cached: rebuilding them on the host and copying them
+        to the device every forward cost a blocking copy per step."""
+        key = (grid, device, torch.float32)
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            cos, sin = rope_tables(layout.coords, self.config.head_dim, self.config.rope_base)
+            tables = (cos.to(device), sin.to(device))
+            self._rope_cache[key] = tables
+        return tables
 
     def _check_input(self, x: torch.Tensor) -> None:
         c = self.config
@@ -397,8 +412,8 @@ class VolumeEncoder(nn.Module):
         layouts = self.layouts(grid)
         first = layouts[0]
         tokens = first.to_layout(feats.flatten(2).transpose(1, 2), self.registers.expand(B, -1, -1).to(feats.dtype))
-        cos, sin = (t.to(x.device) for t in rope_tables(first.coords, c.head_dim, c.rope_base))
-        valid = first._index("key_valid", x.device)[None, :, None].to(tokens.dtype)
+        cos, sin = self._rope(first, grid, x.device)
+        valid = first.cached("key_valid", x.device, tokens.dtype)[None, :, None]
 
         backend = c.attention_backend
         keep = set(c.feature_layers())
