@@ -230,29 +230,46 @@ def test_bad_inputs_raise_one_line_errors(change, problem, gen):
 
 _INTERPRETER_SCRIPT = r"""
 import torch
-from volumevlm.ops import attention_layout, dense_reference, sparse_attention
+from volumevlm.ops import attention, attention_layout, dense_reference, sparse_attention
 
 def rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
+def poison(x, valid):
+    x = x.clone()
+    pad = (~valid).nonzero().flatten()
+    for j, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+        x[:, :, pad[j::3]] = value
+    return x
+
 for kw in [dict(grid=(5, 3, 6), tile=(2, 2, 4), window=1, num_global=3),
-           dict(grid=(8, 4, 4), tile=(2, 2, 4), window=(1, 0, 0), num_global=17)]:
+           dict(grid=(8, 4, 4), tile=(2, 2, 4), window=(1, 0, 0), num_global=17),
+           dict(grid=(6, 5, 9), tile=(2, 2, 4), window=1, dilation=2, num_global=4)]:
     layout = attention_layout(**kw)
     gen = torch.Generator().manual_seed(7)
-    base = [torch.randn(1, 2, layout.seq_len, 16, generator=gen) for _ in range(4)]
-    q, k, v = (x.clone() for x in base[:3])
-    for x in (q, k, v):
-        x[:, :, layout.is_padding] = float("nan")  # poisoned padding must not leak
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    base = [torch.randn(2, 2, layout.seq_len, 16, generator=gen) for _ in range(4)]
+    # Poisoned padding (NaN, +-inf) in q, k, v and in the upstream gradient: the op
+    # passes them to the kernels uncleaned, and nothing may leak into valid rows.
+    q, k, v = (poison(x, layout.key_valid).requires_grad_() for x in base[:3])
+    do = poison(base[3], layout.query_valid)
+    saved = [x.detach().clone() for x in (q, k, v, do)]
     out = sparse_attention(q, k, v, layout, backend="triton")
-    grads = torch.autograd.grad(out, (q, k, v), base[3])
+    grads = torch.autograd.grad(out, (q, k, v), do)
     r64 = [x.double().requires_grad_() for x in base[:3]]
     ref = dense_reference(*r64, layout)
-    want = torch.autograd.grad(ref, r64, base[3].double())
+    want = torch.autograd.grad(ref, r64, base[3].double() * layout.query_valid[:, None])
     assert out.dtype == torch.float32 and bool((out[:, :, layout.is_padding] == 0).all())
     errors = [rel(out, ref)] + [rel(g, w) for g, w in zip(grads, want)]
     assert max(errors) < 1e-4, (kw, errors)
     assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert all(bool((g[:, :, layout.is_padding] == 0).all()) for g in grads)
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip((q, k, v, do), saved)), "inputs modified"
+
+# The registered op with the Triton implementation: schema, fake tensors, autograd.
+layout = attention_layout((4, 2, 8), tile=(2, 2, 4), window=0, num_global=3)
+gen = torch.Generator().manual_seed(8)
+q, k, v = (torch.randn(1, 1, layout.seq_len, 16, generator=gen).requires_grad_() for _ in range(3))
+torch.library.opcheck(attention.block_sparse_attention_op, (q, k, v, layout.op_key, 0.25, "triton"))
 print("ok")
 """
 
