@@ -256,3 +256,40 @@ def test_input_windows_feed_one_embedding_channel_each_and_survive_a_round_trip(
         encoder_config("tiny", input_windows=[[-160, 240]], in_channels=2)
     with pytest.raises(VolumeVLMError, match="HU pairs"):
         encoder_config("tiny", input_windows=[[-160]])
+
+
+def test_rope_tables_are_built_once_per_grid_and_device(monkeypatch):
+    import volumevlm.models.encoder as encoder_module
+
+    built = []
+    original = encoder_module.rope_tables
+    monkeypatch.setattr(encoder_module, "rope_tables", lambda *a: built.append(1) or original(*a))
+    enc = seeded_encoder(small_config())
+    x = torch.rand(1, 1, 16, 16, 16)
+    first = enc(x).pooled
+    assert torch.equal(enc(x).pooled, first) and len(built) == 1
+    enc(torch.rand(1, 1, 16, 16, 8))  # another grid: its own tables
+    assert len(built) == 2 and len(enc._rope_cache) == 2
+    assert not any("rope" in name for name in enc.state_dict())
+
+
+def test_training_step_reads_nothing_to_the_host(monkeypatch):
+    """A training forward + backward of the encoder (sparse local and dilated layers with
+    registers and padding) makes no .item() / bool() / .tolist() / .numpy() on any tensor
+    after its first step: on CUDA each would be a device sync."""
+    enc = VolumeEncoder(small_config(image_size=(14, 12, 10), depth=3, tile=(2, 2, 2), drop_path=0.1)).train()
+    assert enc.layouts(enc.config.grid())[0].density < 1.0 and enc.layouts(enc.config.grid())[0].has_padding
+    x = torch.rand(2, 1, 14, 12, 10)
+
+    def step():
+        enc.zero_grad(set_to_none=True)
+        out = enc(x)
+        (out.pooled.square().mean() + out.tokens.mean()).backward()
+
+    step()
+    calls = []
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: calls.append(_n) or _o(self, *a, **k))
+    step()
+    assert calls == [], f"host reads in the encoder's training step: {calls}"
