@@ -157,6 +157,18 @@ class EncoderConfig:
         spatial = self.image_size if spatial is None else spatial
         return tuple(math.ceil(s / p) for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
 
+    def attention_layouts(self, grid: tuple[int, int, int] | None = None) -> list:
+        """The attention layout of every layer for a token grid (default: the nominal
+        grid), as the encoder runs them (cached by the ops)."""
+        grid = self.grid() if grid is None else grid
+        window = (self.window,) * 3
+        by_pattern = {
+            "local": lambda: attention_layout(grid, self.tile, window, 1, self.num_registers),
+            "dilated": lambda: attention_layout(grid, self.tile, window, self.dilation, self.num_registers),
+            "dense": lambda: attention_layout(grid, self.tile, None, 1, self.num_registers),
+        }
+        return [by_pattern[p]() for p in self.patterns()]
+
     @property
     def embed_channels(self) -> int:
         """Channels the patch embedding sees: one per HU window, else ``in_channels``."""
@@ -368,14 +380,7 @@ class VolumeEncoder(nn.Module):
 
     def layouts(self, grid: tuple[int, int, int]) -> list:
         """The attention layout of every layer for a token grid (cached by the ops)."""
-        c = self.config
-        window = (c.window,) * 3
-        by_pattern = {
-            "local": lambda: attention_layout(grid, c.tile, window, 1, c.num_registers),
-            "dilated": lambda: attention_layout(grid, c.tile, window, c.dilation, c.num_registers),
-            "dense": lambda: attention_layout(grid, c.tile, None, 1, c.num_registers),
-        }
-        return [by_pattern[p]() for p in c.patterns()]
+        return self.config.attention_layouts(grid)
 
     def _rope(self, layout, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin float32 [N, P] of ``grid``'s layout on ``device``, built once per

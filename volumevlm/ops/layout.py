@@ -337,7 +337,12 @@ class AttentionLayout:
         if t is None:
             idx = self.valid_index
             allowed = self.dense_mask()[idx][:, idx]
-            t = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
+            n = allowed.shape[0]
+            # Rows padded to a multiple of 16 elements: the memory-efficient kernel needs
+            # an aligned bias and would otherwise pad a copy on every call.
+            storage = torch.zeros(n, -(-n // 16) * 16, dtype=dtype)
+            storage[:, :n].masked_fill_(~allowed, float("-inf"))
+            t = storage.to(device)[:, :n]
             self._derived[key] = t
             self.device_builds += 1
         return t  # type: ignore[return-value]
