@@ -293,3 +293,14 @@ def test_training_step_reads_nothing_to_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: calls.append(_n) or _o(self, *a, **k))
     step()
     assert calls == [], f"host reads in the encoder's training step: {calls}"
+
+
+def test_inference_first_then_training_reuses_the_caches():
+    """Embedding under inference_mode first (the cached RoPE tables and layout tensors
+    are then built there), then a training step: the caches hold normal tensors."""
+    enc = VolumeEncoder(small_config(image_size=(10, 12, 14), tile=(2, 2, 2))).train()
+    x = torch.rand(2, 1, 10, 12, 14)
+    with torch.inference_mode():
+        enc(x)
+    enc(x).pooled.sum().backward()
+    assert enc.patch_embed.weight.grad is not None

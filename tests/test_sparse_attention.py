@@ -492,3 +492,23 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager(gen):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense", "triton"])
+def test_caches_built_under_inference_mode_serve_later_training_calls(backend, gen, monkeypatch):
+    """A layout first used under torch.inference_mode (an embedding call) must not cache
+    inference tensors: a later call that records gradients reuses the caches."""
+    grid = (7, 6, 5 + ["torch", "dense", "triton"].index(backend))  # a layout no other test uses
+    with torch.inference_mode():  # the layout itself is first built here too
+        layout = attention_layout(grid, tile=(4, 4, 2), window=(1, 1, 0), num_global=3)
+    assert layout.device_builds == 0
+    if backend == "triton":
+        monkeypatch.setattr(attention, "_kernels", lambda: _fake_kernels([]))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = _inputs(layout, torch.float32, gen)
+    with torch.inference_mode():
+        sparse_attention(q.detach(), k.detach(), v.detach(), layout, backend=backend)
+    assert layout.device_builds > 0
+    out = sparse_attention(q, k, v, layout, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == q.shape for g in grads)

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from volumevlm.errors import InputError, VolumeVLMError
 from volumevlm.ops import attention_layout, sparse_attention
+from volumevlm.ops.layout import cache_builder
 
 PATTERNS = ("local", "dilated", "dense")
 POOLED_NORMS = ("batch", "none")
@@ -389,8 +390,9 @@ class VolumeEncoder(nn.Module):
         key = (grid, device, torch.float32)
         tables = self._rope_cache.get(key)
         if tables is None:
-            cos, sin = rope_tables(layout.coords, self.config.head_dim, self.config.rope_base)
-            tables = (cos.to(device), sin.to(device))
+            with cache_builder():  # never inference tensors: training reuses the cache
+                cos, sin = rope_tables(layout.coords, self.config.head_dim, self.config.rope_base)
+                tables = (cos.to(device), sin.to(device))
             self._rope_cache[key] = tables
         return tables
 

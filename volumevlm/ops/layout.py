@@ -35,6 +35,7 @@ never builds a mask, copies from the host or waits on the device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -119,6 +120,15 @@ def program_order(lengths: np.ndarray) -> tuple[np.ndarray, int]:
     long_blocks = long_blocks[np.argsort(-lengths[long_blocks], kind="stable")][: max(nb - 1, 0)]
     rest = np.setdiff1d(np.arange(nb), long_blocks, assume_unique=True)
     return np.concatenate([long_blocks, rest]).astype(np.int32), int(len(long_blocks))
+
+
+@contextlib.contextmanager
+def cache_builder():
+    """The context every cached device tensor is built in: normal tensors outside
+    autograd even when the first call runs under ``torch.inference_mode`` (an inference
+    tensor in a cache would break every later call that records gradients)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 _OP_KEYS = itertools.count(1)
@@ -294,27 +304,31 @@ class AttentionLayout:
             device = torch.device("cuda", torch.cuda.current_device())
         lists = self._device_lists.get(device)
         if lists is None:
-            key_valid = self.key_valid.to(device)
-            query_valid = self.query_valid.to(device)
-            lists = BlockLists(
-                **{name: getattr(self, name).to(device).contiguous() for name in _CSR_FIELDS},
-                key_valid=key_valid,
-                query_valid=query_valid,
-                num_blocks=self.num_blocks,
-                block_size=self.block_size,
-                q2k_max=self.q2k_max,
-                k2q_max=self.k2q_max,
-                key_valid_i8=key_valid.to(torch.int8).contiguous(),
-                query_valid_i8=query_valid.to(torch.int8).contiguous(),
-                fwd_order=torch.from_numpy(self._fwd_order).to(device),
-                fwd_long=self.fwd_long,
-                bwd_order=torch.from_numpy(self._bwd_order).to(device),
-                bwd_long=self.bwd_long,
-                valid_index=self.valid_index.to(device),
-            )
+            with cache_builder():
+                lists = self._build_lists(device)
             self._device_lists[device] = lists
             self.device_builds += 1
         return lists
+
+    def _build_lists(self, device: torch.device) -> BlockLists:
+        key_valid = self.key_valid.to(device)
+        query_valid = self.query_valid.to(device)
+        return BlockLists(
+            **{name: getattr(self, name).to(device).contiguous() for name in _CSR_FIELDS},
+            key_valid=key_valid,
+            query_valid=query_valid,
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            q2k_max=self.q2k_max,
+            k2q_max=self.k2q_max,
+            key_valid_i8=key_valid.to(torch.int8).contiguous(),
+            query_valid_i8=query_valid.to(torch.int8).contiguous(),
+            fwd_order=torch.from_numpy(self._fwd_order).to(device),
+            fwd_long=self.fwd_long,
+            bwd_order=torch.from_numpy(self._bwd_order).to(device),
+            bwd_long=self.bwd_long,
+            valid_index=self.valid_index.to(device),
+        )
 
     def cached(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The CPU tensor attribute ``name`` on ``device`` (cast to ``dtype`` if given),
@@ -322,7 +336,8 @@ class AttentionLayout:
         key = f"{name}@{device}/{dtype}"
         t = self._derived.get(key)
         if t is None:
-            t = getattr(self, name).to(device=device, dtype=dtype)
+            with cache_builder():
+                t = getattr(self, name).to(device=device, dtype=dtype)
             self._derived[key] = t
             self.device_builds += 1
         return t  # type: ignore[return-value]
@@ -335,14 +350,15 @@ class AttentionLayout:
         key = f"dense_bias@{device}/{dtype}"
         t = self._derived.get(key)
         if t is None:
-            idx = self.valid_index
-            allowed = self.dense_mask()[idx][:, idx]
-            n = allowed.shape[0]
-            # Rows padded to a multiple of 16 elements: the memory-efficient kernel needs
-            # an aligned bias and would otherwise pad a copy on every call.
-            storage = torch.zeros(n, -(-n // 16) * 16, dtype=dtype)
-            storage[:, :n].masked_fill_(~allowed, float("-inf"))
-            t = storage.to(device)[:, :n]
+            with cache_builder():
+                idx = self.valid_index
+                allowed = self.dense_mask()[idx][:, idx]
+                n = allowed.shape[0]
+                # Rows padded to a multiple of 16 elements: the memory-efficient kernel needs
+                # an aligned bias and would otherwise pad a copy on every call.
+                storage = torch.zeros(n, -(-n // 16) * 16, dtype=dtype)
+                storage[:, :n].masked_fill_(~allowed, float("-inf"))
+                t = storage.to(device)[:, :n]
             self._derived[key] = t
             self.device_builds += 1
         return t  # type: ignore[return-value]
@@ -404,7 +420,8 @@ class AttentionLayout:
 
 @functools.lru_cache(maxsize=64)
 def _build(grid, tile, window, dilation, num_global) -> AttentionLayout:
-    return AttentionLayout(grid, tile, window, dilation, num_global)
+    with cache_builder():  # a layout first built under inference_mode must serve training too
+        return AttentionLayout(grid, tile, window, dilation, num_global)
 
 
 def attention_layout(grid, tile=(4, 4, 4), window=(1, 1, 1), dilation: int = 1, num_global: int = 0) -> AttentionLayout:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from volumevlm.ops.layout import AttentionLayout
+from volumevlm.ops.layout import AttentionLayout, cache_builder
 
 # Scores held per chunk (elements of the [BH, X, R, S] score tensor, at least one query
 # block's worth); bounds the working set to MiB-scale temporaries.
@@ -50,6 +50,14 @@ def _groups(layout: AttentionLayout, device: torch.device, dtype: torch.dtype) -
     cached = layout._derived.get(key)
     if cached is not None:
         return cached  # type: ignore[return-value]
+    with cache_builder():
+        groups = _build_groups(layout, device, dtype)
+    layout._derived[key] = groups
+    layout.device_builds += 1
+    return groups
+
+
+def _build_groups(layout: AttentionLayout, device: torch.device, dtype: torch.dtype) -> list[_Group]:
     nb, T = layout.num_blocks, layout.block_size
     full_ptr, full_idx = layout.q2k_full_indptr.numpy(), layout.q2k_full_idx.numpy()
     part_ptr, part_idx = layout.q2k_part_indptr.numpy(), layout.q2k_part_idx.numpy()
@@ -80,8 +88,6 @@ def _groups(layout: AttentionLayout, device: torch.device, dtype: torch.dtype) -
                 length=int(length),
             )
         )
-    layout._derived[key] = groups
-    layout.device_builds += 1
     return groups
 
 
