@@ -304,3 +304,24 @@ def test_inference_first_then_training_reuses_the_caches():
         enc(x)
     enc(x).pooled.sum().backward()
     assert enc.patch_embed.weight.grad is not None
+
+
+def test_compiled_encoder_has_no_graph_breaks_after_a_warm_up_call():
+    """After one eager call per grid (which builds the layouts, RoPE tables and masks),
+    the whole encoder compiles with fullgraph=True (attention through the registered
+    torch op) and gives eager's outputs and gradients."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = small_config(image_size=(14, 12, 10), depth=3, tile=(2, 2, 2))
+    enc = seeded_encoder(cfg).train()
+    x = torch.rand(2, 1, 14, 12, 10, generator=torch.Generator().manual_seed(4))
+    eager = enc(x)
+    (eager.pooled.square().sum() + eager.tokens.mean()).backward()
+    want = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad(set_to_none=True)
+    got = torch.compile(enc, backend="aot_eager", fullgraph=True)(x)
+    (got.pooled.square().sum() + got.tokens.mean()).backward()
+    torch.testing.assert_close(got.pooled, eager.pooled, rtol=1e-5, atol=1e-6)
+    for p, w in zip(enc.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)

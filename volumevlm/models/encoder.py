@@ -368,6 +368,7 @@ class VolumeEncoder(nn.Module):
         # RoPE tables per (grid, device, dtype): derived from the config alone, so they
         # are neither parameters nor buffers (no state_dict entry, no .to() copies).
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout_cache: dict[tuple, list] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -380,8 +381,13 @@ class VolumeEncoder(nn.Module):
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)
 
     def layouts(self, grid: tuple[int, int, int]) -> list:
-        """The attention layout of every layer for a token grid (cached by the ops)."""
-        return self.config.attention_layouts(grid)
+        """The attention layout of every layer for a token grid (cached per grid here,
+        so a compiled forward reads a dict instead of tracing the layout's construction)."""
+        layouts = self._layout_cache.get(grid)
+        if layouts is None:
+            layouts = self.config.attention_layouts(grid)
+            self._layout_cache[grid] = layouts
+        return layouts
 
     def _rope(self, layout, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin float32 [N, P] of ``grid``'s layout on ``device``, built once per
