@@ -121,10 +121,11 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
 
 
-def write_results(payload: dict, device_label: str, out_dir: Path) -> Path:
+def write_results(payload: dict, device_label: str, out_dir: Path, tag: str = "") -> Path:
     """Write JSON atomically (temp file in the same folder, then os.replace)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"attention-{device_label}-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}.json"
+    suffix = f"-{tag}" if tag else ""
+    path = out_dir / f"attention-{device_label}-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}{suffix}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".attention-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(payload, fh, indent=2)
@@ -615,8 +616,8 @@ def measure(fn, inputs, grad, mode: str, iterations: int) -> dict:
     return {"kernel_ms": kernel, "wall_ms": wall, "host_issue_ms": issue, "peak_mib": _peak_mib(call)}
 
 
-def _gpu_methods(case: dict, device, flex_kinds) -> tuple[dict, list[dict]]:
-    """name -> (fn, which inputs, executed dense FLOPs or None), and flex compile infos."""
+def _gpu_methods(case: dict) -> dict:
+    """name -> (fn, which inputs: "layout" order with padding, or "valid" tokens only)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from volumevlm.ops import attention
@@ -638,30 +639,46 @@ def _gpu_methods(case: dict, device, flex_kinds) -> tuple[dict, list[dict]]:
         methods["ours (dense+bias)"] = (lambda q, k, v: sparse_attention(q, k, v, layout, backend="dense"), "layout")
     methods["sdpa flash (valid tokens, no mask)"] = (sdpa_with(SDPBackend.FLASH_ATTENTION), "valid")
     methods["sdpa cudnn (valid tokens, no mask)"] = (sdpa_with(SDPBackend.CUDNN_ATTENTION), "valid")
-    infos = []
-    shape = (case["batch"], case["heads"], layout.seq_len, case["dim"])
-    for kind in flex_kinds:
-        flex, info = make_flex(layout, device, kind, shape)
-        infos.append(info)
-        if flex is not None:
-            methods[FLEX_LABELS[kind]] = (flex, "layout")
-    return methods, infos
+    return methods
 
 
-def run_gpu_case(case: dict, device, flex_kinds, iterations: int) -> dict:
+def run_gpu_case(case: dict, device, flex_kinds, iterations: int, save=None, record: dict | None = None) -> dict:
+    """Time one row into ``record`` (filled in place, so ``save()`` writes it as it
+    grows): our backends and the dense anchors first, then each FlexAttention kind
+    (compiled fresh for this row), saving after each."""
     layout = case["layout"]
     B, H, D = case["batch"], case["heads"], case["dim"]
     N, Nv = layout.seq_len, layout.num_valid
     dtype = torch.bfloat16
-    record = describe_case(case)
+    record = {} if record is None else record
+    record.update(describe_case(case))
     flops = useful_flops(layout, B, H, D)
     dense_flops = 4.0 * B * H * Nv**2 * D
     gen = torch.Generator(device=device).manual_seed(0)
     full = [torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen) for _ in range(4)]
     valid = [torch.randn(B, H, Nv, D, device=device, dtype=dtype, generator=gen) for _ in range(4)]
-    methods, flex_infos = _gpu_methods(case, device, flex_kinds)
-    record["flex"] = flex_infos
     record["methods"] = {}
+    record["flex"] = []
+    methods = _gpu_methods(case)
+    _time_methods(record, methods, full, valid, flops, dense_flops, iterations)
+    _compare(record)
+    if save is not None:
+        save()  # our rows and the dense anchors are kept even if a flex compile runs away
+    for kind in flex_kinds:
+        flex, info = make_flex(layout, device, kind, (B, H, N, D))
+        record["flex"].append(info)
+        if flex is not None:
+            _time_methods(record, {FLEX_LABELS[kind]: (flex, "layout")}, full, valid, flops, dense_flops, iterations)
+        _compare(record)
+        if save is not None:
+            save()
+    del full, valid
+    torch.cuda.empty_cache()
+    return record
+
+
+def _time_methods(record: dict, methods: dict, full, valid, flops: float, dense_flops: float, iterations: int) -> None:
+    B, H, N = record["batch"], record["heads"], record["tokens"]
     for name, (fn, which) in methods.items():
         q, k, v, g = full if which == "layout" else valid
         entry = {"inputs": "layout order, padding included" if which == "layout" else "valid tokens only, no mask"}
@@ -686,10 +703,6 @@ def run_gpu_case(case: dict, device, flex_kinds, iterations: int) -> dict:
                 entry[mode] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
                 torch.cuda.empty_cache()
         record["methods"][name] = entry
-    _compare(record)
-    del full, valid
-    torch.cuda.empty_cache()
-    return record
 
 
 def _compare(record: dict) -> None:
@@ -753,10 +766,11 @@ def run_gpu(args, payload: dict, save) -> dict:
     for case in cases:
         over_budget = args.flex_budget_s is not None and time.perf_counter() - started > args.flex_budget_s
         kinds = [] if over_budget else [k for k in FLEX_KINDS if k in args.flex]
-        record = run_gpu_case(case, device, kinds, args.repeats)
+        record = {"case": case["case"]}
+        results["cases"].append(record)
+        run_gpu_case(case, device, kinds, args.repeats, save=save, record=record)
         if over_budget and args.flex:
             record["flex_skipped"] = f"the run passed --flex-budget-s {args.flex_budget_s}"
-        results["cases"].append(record)
         results["tuned_configs"] = volumevlm_kernels.tuned_configs()
         save()
         print_table(
@@ -804,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flex-budget-s", type=float, default=None, help="stop compiling FlexAttention after this many s")
     parser.add_argument("--skip-correctness", action="store_true", help="GPU: skip the reference and no-sync checks")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default="", help="suffix of the results file name (attention-<device>-<date>-<tag>.json)")
     args = parser.parse_args(argv)
     if args.heads is None:
         args.heads = 2 if args.cpu else 12
@@ -831,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> Path:
         payload["wall_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
-        return write_results(payload, _device_label(args.cpu), args.out)
+        return write_results(payload, _device_label(args.cpu), args.out, args.tag)
 
     payload["results"] = run_cpu(args) if args.cpu else run_gpu(args, payload, save)
     payload["complete"] = True
