@@ -83,7 +83,7 @@ CPU_CASES = [
 
 # --------------------------------------------------------------------- helpers
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
@@ -503,6 +503,7 @@ def gpu_correctness(device, layouts=None) -> list[dict]:
                 failed |= name.startswith("ours") and not ok
     results += _sync_check(device, layouts)
     failed |= any(r["method"].startswith("no-sync") and not r["ok"] for r in results)
+    results += _compile_check(device, layouts[0])  # recorded; a failure here does not stop the timings
     print_table(
         "Correctness vs float64 dense reference (B=1, H=2, D=64), and the no-sync check",
         ["layout", "method", "dtype", "ok", "out", "dq", "dk", "dv", "error"],
@@ -517,6 +518,38 @@ def gpu_correctness(device, layouts=None) -> list[dict]:
 def _short(layout_repr: str) -> str:
     """'grid=(14, 14, 20), tile=(4, 4, 4), window=(1, 1, 1), dilation=2, num_global=4' from a layout's repr."""
     return layout_repr[len("AttentionLayout("):].split(":")[0]
+
+
+def _compile_check(device, layout) -> list[dict]:
+    """The op forced to the Triton kernels under torch.compile(fullgraph=True) (any graph
+    break fails) with aot_eager and inductor, forward + backward against eager."""
+    import torch._dynamo
+
+    out = []
+    gen = torch.Generator(device="cpu").manual_seed(99)
+    base = [torch.randn(2, 3, layout.seq_len, 64, generator=gen).to(device, torch.bfloat16) for _ in range(4)]
+
+    def f(q, k, v):
+        return sparse_attention(q, k, v, layout, backend="triton")
+
+    leaves = [x.clone().requires_grad_() for x in base[:3]]
+    want = f(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, base[3])
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        error, errs = None, {}
+        try:
+            leaves = [x.clone().requires_grad_() for x in base[:3]]
+            got = torch.compile(f, backend=backend, fullgraph=True)(*leaves)
+            grads = torch.autograd.grad(got, leaves, base[3])
+            errs = {"out": _rel(got, want)}
+            errs.update({f"d{n}": _rel(g, w) for n, g, w in zip("qkv", grads, want_grads)})
+            ok = all(e < 1e-2 for e in errs.values())
+        except Exception as exc:
+            ok, error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        out.append({"layout": repr(layout), "method": f"compile fullgraph {backend} (vs eager)", "dtype": "bfloat16",
+                    "ok": ok, "rel_errors": errs, "error": error})
+    return out
 
 
 def _sync_check(device, layouts) -> list[dict]:

@@ -270,6 +270,15 @@ layout = attention_layout((4, 2, 8), tile=(2, 2, 4), window=0, num_global=3)
 gen = torch.Generator().manual_seed(8)
 q, k, v = (torch.randn(1, 1, layout.seq_len, 16, generator=gen).requires_grad_() for _ in range(3))
 torch.library.opcheck(attention.block_sparse_attention_op, (q, k, v, layout.op_key, 0.25, "triton"))
+
+# The Triton path under torch.compile(fullgraph=True): no graph break, eager's numbers.
+def f(q, k, v):
+    return sparse_attention(q, k, v, layout, backend="triton")
+eager = f(q, k, v)
+compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+g_eager = torch.autograd.grad(eager.sum(), (q, k, v))
+g_compiled = torch.autograd.grad(compiled.sum(), (q, k, v))
+assert torch.equal(eager, compiled) and all(torch.equal(a, b) for a, b in zip(g_eager, g_compiled))
 print("ok")
 """
 
