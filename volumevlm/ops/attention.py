@@ -14,7 +14,7 @@ Backends:
 * ``"dense"``: one ``scaled_dot_product_attention`` call on the *valid* tokens only
   (padding gathered out, results scattered back). A dense layout needs no mask at all,
   so flash / cuDNN run; a sparse layout passes its cached additive bias over the valid
-  tokens (a float bias, which the memory-efficient and cuDNN kernels take).
+  tokens (a float bias: the memory-efficient kernel takes it, flash takes no mask at all).
 * ``"torch"``: the block-gathered pure-torch path (any device); layouts of density 1
   take the dense branch.
 
@@ -47,9 +47,10 @@ _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------- dispatch
 # backend=None on CUDA. The kernels run whole T x T tiles (padding included), so their
 # work relative to dense attention over the valid tokens is layout.executed_fraction.
-# Dense SDPA wins when that fraction is not clearly below 1 (flash / cuDNN run closer
-# to peak than any block-sparse kernel) or when the whole problem is so small that a
-# launch costs more than the arithmetic.
+# Dense SDPA with the layout's bias (same function, all num_valid^2 pairs computed)
+# should win when that fraction is not clearly below 1 (tuned dense kernels run closer
+# to peak than a block-sparse one) or when the whole problem is so small that launches
+# cost more than the arithmetic.
 #
 # These three numbers are first guesses, NOT measurements: they await calibration by
 # `benchmarks/attention.py` on a GPU (its "model layouts" rows time the kernels, dense

@@ -345,8 +345,9 @@ class AttentionLayout:
     def dense_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask [num_valid, num_valid] over the valid tokens (0 where attended,
         -inf elsewhere) in ``dtype`` on ``device``, cached: what dense SDPA takes for a
-        sparse layout (a float bias keeps the memory-efficient / cuDNN kernels usable,
-        unlike a boolean mask). num_valid^2 elements: small layouts only."""
+        sparse layout (built once in the query's dtype, so SDPA converts nothing per call;
+        flash takes no mask, the memory-efficient kernel takes this one).
+        num_valid^2 elements: small layouts only."""
         key = f"dense_bias@{device}/{dtype}"
         t = self._derived.get(key)
         if t is None:
