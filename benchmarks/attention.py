@@ -1,26 +1,49 @@
 """Microbenchmark of volumevlm's block-sparse 3D attention.
 
-GPU mode (default; needs CUDA): our Triton kernels vs dense SDPA (flash backend)
-vs FlexAttention (torch.compile'd, with the identical block mask built from the
-layout's lists), bf16, forward and forward+backward. It first checks our op (and
-FlexAttention) against the float64 dense reference in bf16 and fp32 and stops if
-that fails.
+GPU mode (default; needs CUDA), bf16, forward and forward+backward:
+
+1. Correctness first: our op (Triton forced, the dispatch rule, dense SDPA + bias)
+   against the float64 dense reference in bf16 and fp32 on a small layout and on the
+   `small` encoder's local and dilated layouts; then a no-sync check (forward +
+   backward under CUDA sync-debug "error" mode). The run stops here on failure.
+2. Rows: the `base` and `small` encoders' own layouts (registers, grid padded to the
+   tile, local and dilated) at their training batch and head counts, and synthetic
+   grids (window 1, no registers). Per row: ours (dispatch / Triton / dense+bias),
+   flash and cuDNN SDPA on the valid tokens without a mask (the dense anchors), and
+   FlexAttention on the same mask: ``BlockMask.from_kv_blocks`` from our 64-token
+   lists compiled with max-autotune, and a labelled ``create_block_mask`` row at
+   128-token blocks; a fresh dynamo state per row, warm-up at the timed inputs, timing
+   under ``fail_on_recompile``, and a peak-memory check that rules out flex's eager
+   (N x N) fallback.
+3. Per method: kernel time (a profiler trace: device time of the kernels one call
+   launches) and host-inclusive wall time (back-to-back calls ending in a sync)
+   separately, the host time to issue one call, and peak memory. Speed-ups are
+   against the FASTEST dense kernel of the same run (flash or cuDNN) and the best
+   FlexAttention row; the dispatch rule's choice is recorded next to the fastest of
+   the op's own backends (calibration data for its thresholds), and so are the
+   autotuner's chosen configs.
 
 CPU mode (``--cpu``): our pure-torch path vs dense SDPA (no mask, and with the
 dense boolean mask), fp32, side by side in one run, with peak memory.
+
+``--dry-run``: list the GPU rows (layouts, batch, heads, dispatch) without a GPU.
 
 FLOP convention: *useful* FLOPs count only attended (query, key) pairs of valid
 tokens: forward = 4 * B * H * pairs * D (two matmuls, 2 FLOPs per multiply-add),
 backward = 2.5 x forward (five matmuls), forward+backward = 3.5 x forward. Dense
 SDPA runs on the ``num_valid`` real tokens with no mask; its *executed* FLOPs use
-pairs = num_valid^2. "% of dense" = our useful TFLOP/s / dense SDPA executed TFLOP/s
-(throughput per useful FLOP relative to dense flash attention).
+pairs = num_valid^2. "% of fastest dense" = our useful TFLOP/s / the fastest dense
+kernel's executed TFLOP/s (throughput per useful FLOP).
 
-Results: a Rich table, and JSON in benchmarks/results/attention-<device>-<date>.json
-naming device, torch and triton versions, date and the exact command.
+Results: Rich tables, and JSON in benchmarks/results/attention-<device>-<date>.json
+naming device, torch and triton versions, date and the exact command (rewritten after
+every row, "complete": true at the end).
 
-    python benchmarks/attention.py            # GPU
-    python benchmarks/attention.py --cpu      # CPU, a couple of minutes on 2 cores
+    python benchmarks/attention.py                      # GPU: all rows
+    python benchmarks/attention.py --suite models --flex kv64 --flex-budget-s 120
+    python benchmarks/attention.py --dry-run            # the rows, no GPU needed
+    python benchmarks/attention.py --cpu                # CPU, a couple of minutes on 2 cores
+    bash scripts/gpu_check.sh                           # the prepared GPU session (< 8 min)
 """
 
 from __future__ import annotations
@@ -60,7 +83,7 @@ CPU_CASES = [
 
 # --------------------------------------------------------------------- helpers
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
@@ -98,10 +121,11 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
 
 
-def write_results(payload: dict, device_label: str, out_dir: Path) -> Path:
+def write_results(payload: dict, device_label: str, out_dir: Path, tag: str = "") -> Path:
     """Write JSON atomically (temp file in the same folder, then os.replace)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"attention-{device_label}-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}.json"
+    suffix = f"-{tag}" if tag else ""
+    path = out_dir / f"attention-{device_label}-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}{suffix}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".attention-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump(payload, fh, indent=2)
@@ -281,10 +305,71 @@ def run_cpu(args) -> dict:
 
 
 # -------------------------------------------------------------------- GPU mode
+# Rows at the models' real layouts: (label, named size, attention pattern, batch).
+# Heads, head dim, grid, tile, registers and dilation come from the size's config, so
+# the layouts are exactly the encoder's (registers first, grid padded up to the tile).
+# Batch: `small` at B=32 (the train_step benchmark's batch); `base` at B=8 by default
+# (its dense anchors at B=32 would dominate the run's time; --model-batch changes it).
+# Order: the row the issue's targets name first (base local), so a time-bounded run
+# (--flex-budget-s) spends its FlexAttention compile time there first.
+MODEL_CASES = [
+    ("base local", "base", "local", 8),
+    ("small local", "small", "local", 32),
+    ("small dilated", "small", "dilated", 32),
+    ("base dilated", "base", "dilated", 8),
+]
+FLEX_KINDS = ("kv64", "create128")
+
+
+def model_layout(size: str, pattern: str):
+    """(layout, config) of the named encoder size's ``pattern`` layers at its nominal grid."""
+    from volumevlm.models.registry import encoder_config
+
+    config = encoder_config(size)
+    layouts = dict(zip(config.patterns(), config.attention_layouts()))
+    if pattern not in layouts:
+        raise SystemExit(f"error: size {size!r} has no {pattern!r} layers ({sorted(layouts)})")
+    return layouts[pattern], config
+
+
+def gpu_cases(suite: str, grids: list | None, batch_overrides: dict, heads: int, dim: int, batch: int) -> list[dict]:
+    """The rows to time: model layouts and/or the synthetic grids (window 1, no registers)."""
+    cases = []
+    if suite in ("all", "models"):
+        for label, size, pattern, B in MODEL_CASES:
+            layout, config = model_layout(size, pattern)
+            cases.append({"case": label, "layout": layout, "batch": batch_overrides.get(size, B),
+                          "heads": config.heads, "dim": config.head_dim, "size": size, "pattern": pattern})
+    if suite in ("all", "grids"):
+        for grid in grids or GPU_GRIDS:
+            layout = attention_layout(grid, tile=(4, 4, 4), window=(1, 1, 1))
+            cases.append({"case": "x".join(map(str, grid)), "layout": layout, "batch": batch, "heads": heads, "dim": dim,
+                          "size": None, "pattern": "local"})
+    return cases
+
+
+def describe_case(case: dict) -> dict:
+    """JSON-able description of a case (what the row's numbers refer to)."""
+    from volumevlm.ops import attention
+
+    layout = case["layout"]
+    B, H, D = case["batch"], case["heads"], case["dim"]
+    return {
+        "case": case["case"], "size": case["size"], "pattern": case["pattern"], "layout": repr(layout),
+        "grid": list(layout.grid), "tile": list(layout.tile), "window": layout.window, "dilation": layout.dilation,
+        "registers": layout.num_global, "tokens": layout.seq_len, "valid_tokens": layout.num_valid,
+        "density": layout.density, "executed_fraction": layout.executed_fraction,
+        "batch": B, "heads": H, "dim": D,
+        "dispatch": attention.choose_backend(layout, B * H, D, True),
+        "dense_bias_fits": layout.num_valid**2 <= attention.DENSE_BIAS_MAX_ELEMENTS,
+    }
+
+
 def flex_block_mask(layout, device):
-    """A FlexAttention BlockMask identical to the layout: the same full and partial
-    key-block lists per query block (padded to the full block count), and a mask_mod
-    that masks padding keys inside partial blocks like our kernels do."""
+    """A FlexAttention BlockMask identical to the layout at its own 64-token blocks: the
+    same full and partial key-block lists per query block (padded to the full block
+    count), and a mask_mod that masks padding keys inside partial blocks like our
+    kernels do."""
     from torch.nn.attention.flex_attention import BlockMask
 
     nb, T, N = layout.num_blocks, layout.block_size, layout.seq_len
@@ -308,18 +393,6 @@ def flex_block_mask(layout, device):
     return BlockMask.from_kv_blocks(part_n, part_idx, full_n, full_idx, BLOCK_SIZE=T, mask_mod=mask_mod, seq_lengths=(N, N))
 
 
-# FlexAttention configurations tried in order (its defaults differ between torch
-# releases, and some reject 64-token mask blocks in the backward): the first one whose
-# compiled forward AND backward run on a probe is the one timed. kernel_options None =
-# flex's defaults.
-_FLEX_CANDIDATES = (
-    ("block mask from our lists, default tiles", "lists", None),
-    ("block mask from our lists, 64x64 tiles", "lists",
-     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}),
-    ("create_block_mask at 128-token blocks, default tiles", "create128", None),
-)
-
-
 def _flex_create_block_mask(layout, device):
     """Flex's own BlockMask (128-token blocks) from a mask_mod over our tile table:
     same attended pairs, coarser blocks (more partial blocks than our lists)."""
@@ -335,197 +408,463 @@ def _flex_create_block_mask(layout, device):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=device, BLOCK_SIZE=128)
 
 
-def make_flex(layout, device, dtype=torch.bfloat16, dim=64):
-    """(compiled flex attention f(q, k, v) -> out, {"config", "tried"}), or (None, info)
-    when no configuration compiles forward and backward on this torch/GPU."""
+FLEX_LABELS = {
+    "kv64": "flex from_kv_blocks 64 (max-autotune)",
+    "create128": "flex create_block_mask 128 (coarser blocks)",
+}
+
+
+def make_flex(layout, device, kind: str, shape: tuple[int, int, int, int], dtype=torch.bfloat16):
+    """(f(q, k, v) -> out, info) of compiled FlexAttention on the layout's mask, or (None, info).
+
+    kind "kv64": ``BlockMask.from_kv_blocks`` with our own 64-token lists, compiled with
+    max-autotune so 64-token kernel configs exist (flex's defaults failed to lower
+    there). kind "create128": flex's ``create_block_mask`` at 128-token blocks, default
+    compile (labelled: coarser blocks than ours). A fresh dynamo state per call, and a
+    warm-up at the timed shape of the inference forward and of forward + backward, so
+    every graph the timing uses is compiled before it (timed under fail_on_recompile).
+    """
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    # One compiled function per grid and per grad mode: the default limit (8) makes
-    # dynamo fall back to flex's unfused eager path, which would time the wrong thing.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-    compiled = torch.compile(flex_attention, dynamic=False)
-    info = {"config": None, "tried": []}
-    probe = [torch.randn(1, 2, layout.seq_len, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
-    for name, mask_kind, options in _FLEX_CANDIDATES:
-        try:
-            mask = flex_block_mask(layout, device) if mask_kind == "lists" else _flex_create_block_mask(layout, device)
+    torch._dynamo.reset()
+    mode = "max-autotune-no-cudagraphs" if kind == "kv64" else None
+    info = {"kind": kind, "label": FLEX_LABELS[kind], "compile_mode": mode, "error": None}
+    started = time.perf_counter()
+    try:
+        compiled = torch.compile(flex_attention, dynamic=False, mode=mode)
+        mask = flex_block_mask(layout, device) if kind == "kv64" else _flex_create_block_mask(layout, device)
 
-            def run(q, k, v, mask=mask, options=options):
-                return compiled(q, k, v, block_mask=mask, kernel_options=options)
+        def run(q, k, v):
+            return compiled(q, k, v, block_mask=mask)
 
-            run(*probe).sum().backward()
-            torch.cuda.synchronize()
-            info["config"] = name
-            info["tried"].append({"config": name, "error": None})
-            return run, info
-        except Exception as exc:  # record why, try the next configuration
-            info["tried"].append({"config": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-    return None, info
+        # The timed calls' exact input kinds (dynamo guards on requires_grad and grad mode):
+        # plain tensors under inference_mode for the forward, leaves for forward + backward.
+        x = [torch.randn(*shape, device=device, dtype=dtype) for _ in range(3)]
+        with torch.inference_mode():
+            run(*x)
+        leaves = [t.clone().requires_grad_() for t in x]
+        run(*leaves).backward(torch.randn_like(x[0]))
+        torch.cuda.synchronize()
+    except Exception as exc:  # recorded in the results, never hidden
+        info["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        return None, info
+    finally:
+        info["compile_s"] = round(time.perf_counter() - started, 1)
+    return run, info
 
 
-def gpu_correctness(device, layout=None) -> list[dict]:
-    """Our op (and FlexAttention, bf16) vs the float64 dense reference; raises SystemExit on failure."""
-    if layout is None:
-        layout = attention_layout((10, 9, 7), tile=(4, 4, 4), window=(1, 1, 1), num_global=5)
+def gpu_correctness(device, layouts=None) -> list[dict]:
+    """Our op (Triton forced, dispatch, dense) vs the float64 dense reference on a small
+    layout and the `small` encoder's (B=1, H=2); then the op's forward + backward again
+    under CUDA sync-debug "error" mode (any device sync in the call path raises). Raises
+    SystemExit when ours fails. (FlexAttention's masks are checked against the same
+    reference on the CPU, tests/test_attention_benchmark.py: compiling flex here for
+    every layout would cost minutes.)"""
+    if layouts is None:
+        layouts = [attention_layout((10, 9, 7), tile=(4, 4, 4), window=(1, 1, 1), num_global=5),
+                   model_layout("small", "local")[0], model_layout("small", "dilated")[0]]
     gen = torch.Generator(device="cpu").manual_seed(1234)
     tolerances = {torch.bfloat16: (2e-2, 5e-2), torch.float32: (5e-3, 1e-2)}
     results, failed = [], False
-    for dtype, (tol_out, tol_grad) in tolerances.items():
-        base = [torch.randn(1, 2, layout.seq_len, 64, generator=gen, dtype=torch.float64) for _ in range(4)]
-        # Upstream gradient 0 at padding rows: their outputs are discarded, and FlexAttention
-        # (whose padding queries see valid keys) would otherwise push gradient into dk, dv.
-        do64 = base[3] * layout.query_valid[:, None]
-        q, k, v = (x.to(device, dtype).requires_grad_() for x in base[:3])
-        do = do64.to(device, dtype)
-        q64, k64, v64 = (x.to(device).requires_grad_() for x in base[:3])
-        ref = dense_reference(q64, k64, v64, layout)
-        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do64.to(device))
-        candidates = {"ours (triton)": lambda q, k, v: sparse_attention(q, k, v, layout, backend="triton")}
-        if dtype == torch.bfloat16:
-            flex, flex_info = make_flex(layout, device)
-            print(f"FlexAttention configurations: {flex_info['tried']}")
-            if flex is not None:
-                candidates[f"flex ({flex_info['config']})"] = flex
-            else:
-                results.append({"method": "flex", "dtype": "bfloat16", "ok": False, "rel_errors": {},
-                                "error": "no configuration compiled: " + "; ".join(t["error"] for t in flex_info["tried"])})
-        valid = layout.query_valid.to(device)
-        for name, fn in candidates.items():
-            try:
-                out = fn(q, k, v)
-                grads = torch.autograd.grad(out, (q, k, v), do)
-                errs = {"out": _rel(out[:, :, valid], ref[:, :, valid])}
-                errs.update({f"d{n}": _rel(g, w) for n, g, w in zip("qkv", grads, ref_grads)})
-                ok = errs["out"] < tol_out and all(errs[f"d{n}"] < tol_grad for n in "qkv")
-                if name.startswith("ours"):
-                    ok = ok and bool((out[:, :, ~valid] == 0).all())
-                error = None
-            except Exception as exc:  # report, do not hide: a failing candidate is marked
-                errs, ok, error = {}, False, f"{type(exc).__name__}: {exc}"
-            results.append({"method": name, "dtype": str(dtype).replace("torch.", ""), "ok": ok, "rel_errors": errs, "error": error})
-            failed |= name.startswith("ours") and not ok
+    for layout in layouts:
+        for dtype, (tol_out, tol_grad) in tolerances.items():
+            base = [torch.randn(1, 2, layout.seq_len, 64, generator=gen, dtype=torch.float64) for _ in range(4)]
+            # Upstream gradient 0 at padding rows: their outputs are discarded, and FlexAttention
+            # (whose padding queries see valid keys) would otherwise push gradient into dk, dv.
+            do64 = base[3] * layout.query_valid[:, None]
+            q, k, v = (x.to(device, dtype).requires_grad_() for x in base[:3])
+            do = do64.to(device, dtype)
+            q64, k64, v64 = (x.to(device).requires_grad_() for x in base[:3])
+            ref = dense_reference(q64, k64, v64, layout)
+            ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do64.to(device))
+            del q64, k64, v64
+            candidates = {
+                "ours (triton)": lambda q, k, v, layout=layout: sparse_attention(q, k, v, layout, backend="triton"),
+                "ours (dispatch)": lambda q, k, v, layout=layout: sparse_attention(q, k, v, layout),
+            }
+            if layout.num_valid**2 <= 4096 * 4096:
+                candidates["ours (dense+bias)"] = lambda q, k, v, layout=layout: sparse_attention(q, k, v, layout, backend="dense")
+            valid = layout.query_valid.to(device)
+            for name, fn in candidates.items():
+                try:
+                    out = fn(q, k, v)
+                    grads = torch.autograd.grad(out, (q, k, v), do)
+                    errs = {"out": _rel(out[:, :, valid], ref[:, :, valid])}
+                    errs.update({f"d{n}": _rel(g, w) for n, g, w in zip("qkv", grads, ref_grads)})
+                    ok = errs["out"] < tol_out and all(errs[f"d{n}"] < tol_grad for n in "qkv")
+                    if name.startswith("ours"):
+                        ok = ok and bool((out[:, :, ~valid] == 0).all())
+                    error = None
+                except Exception as exc:  # report, do not hide: a failing candidate is marked
+                    errs, ok, error = {}, False, f"{type(exc).__name__}: {exc}"
+                results.append({"layout": repr(layout), "method": name, "dtype": str(dtype).replace("torch.", ""),
+                                "ok": ok, "rel_errors": errs, "error": error})
+                failed |= name.startswith("ours") and not ok
+    results += _sync_check(device, layouts)
+    failed |= any(r["method"].startswith("no-sync") and not r["ok"] for r in results)
+    results += _compile_check(device, layouts[0])  # recorded; a failure here does not stop the timings
     print_table(
-        f"Correctness vs float64 dense reference ({layout!r})",
-        ["method", "dtype", "ok", "out", "dq", "dk", "dv", "error"],
-        [[r["method"], r["dtype"], r["ok"], *[r["rel_errors"].get(k) for k in ("out", "dq", "dk", "dv")], r["error"]] for r in results],
+        "Correctness vs float64 dense reference (B=1, H=2, D=64), and the no-sync check",
+        ["layout", "method", "dtype", "ok", "out", "dq", "dk", "dv", "error"],
+        [[_short(r["layout"]), r["method"], r["dtype"], r["ok"], *[r["rel_errors"].get(k) for k in ("out", "dq", "dk", "dv")],
+          r["error"]] for r in results],
     )
     if failed:
-        raise SystemExit("error: our kernels disagree with the dense reference; no timings taken")
+        raise SystemExit("error: our op disagrees with the dense reference or syncs; no timings taken")
     return results
 
 
-def _gpu_time_and_memory(fn, grads_to_none, repeats):
-    import triton.testing
+def _short(layout_repr: str) -> str:
+    """'grid=(14, 14, 20), tile=(4, 4, 4), window=(1, 1, 1), dilation=2, num_global=4' from a layout's repr."""
+    return layout_repr[len("AttentionLayout("):].split(":")[0]
 
-    ms = triton.testing.do_bench(fn, warmup=10, rep=repeats, grad_to_none=grads_to_none, return_mode="median")
+
+def _compile_check(device, layout) -> list[dict]:
+    """The op forced to the Triton kernels under torch.compile(fullgraph=True) (any graph
+    break fails) with aot_eager and inductor, forward + backward against eager."""
+    import torch._dynamo
+
+    out = []
+    gen = torch.Generator(device="cpu").manual_seed(99)
+    base = [torch.randn(2, 3, layout.seq_len, 64, generator=gen).to(device, torch.bfloat16) for _ in range(4)]
+
+    def f(q, k, v):
+        return sparse_attention(q, k, v, layout, backend="triton")
+
+    leaves = [x.clone().requires_grad_() for x in base[:3]]
+    want = f(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, base[3])
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        error, errs = None, {}
+        try:
+            leaves = [x.clone().requires_grad_() for x in base[:3]]
+            got = torch.compile(f, backend=backend, fullgraph=True)(*leaves)
+            grads = torch.autograd.grad(got, leaves, base[3])
+            errs = {"out": _rel(got, want)}
+            errs.update({f"d{n}": _rel(g, w) for n, g, w in zip("qkv", grads, want_grads)})
+            ok = all(e < 1e-2 for e in errs.values())
+        except Exception as exc:
+            ok, error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        out.append({"layout": repr(layout), "method": f"compile fullgraph {backend} (vs eager)", "dtype": "bfloat16",
+                    "ok": ok, "rel_errors": errs, "error": error})
+    return out
+
+
+def _sync_check(device, layouts) -> list[dict]:
+    """Forward + backward of each backend after a warm-up call, with CUDA's sync debug
+    mode at "error": a host-device synchronization anywhere in the call path raises."""
+    out = []
+    for layout in layouts:
+        for backend in ("triton", None, "dense"):
+            if backend == "dense" and layout.num_valid**2 > 4096 * 4096:
+                continue
+            x = [torch.randn(2, 3, layout.seq_len, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                 for _ in range(3)]
+            g = torch.randn_like(x[0])
+
+            def step(x=x, layout=layout, backend=backend, g=g):
+                sparse_attention(*x, layout, backend=backend).backward(g)
+
+            error = None
+            try:
+                step()  # warm-up: autotuning and first-call caches may sync
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            out.append({"layout": repr(layout), "method": f"no-sync {backend or 'dispatch'}", "dtype": "bfloat16",
+                        "ok": error is None, "rel_errors": {}, "error": error})
+    return out
+
+
+def _kernel_ms(call, iterations: int) -> float:
+    """Device time of the kernels one call launches (ms): CUDA kernel, memcpy and memset
+    durations summed from a profiler trace of ``iterations`` calls (no host time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    # Without CUDA (a plumbing check of this code on the CPU) CPU op time stands in.
+    on_cuda = torch.cuda.is_available()
+    activity, device_type = (ProfilerActivity.CUDA, DeviceType.CUDA) if on_cuda else (ProfilerActivity.CPU, DeviceType.CPU)
+    torch.cuda.synchronize()
+    with profile(activities=[activity]) as prof:
+        for _ in range(iterations):
+            call()
+        torch.cuda.synchronize()
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == device_type)
+    return total_us / iterations / 1e3
+
+
+def _wall_ms(call, iterations: int) -> tuple[float, float]:
+    """(host-inclusive wall ms per call of back-to-back calls ending in a sync, median host
+    ms to issue one call). When the host is the bottleneck the first exceeds kernel time."""
+    torch.cuda.synchronize()
+    issue = []
+    start = time.perf_counter()
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        call()
+        issue.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / iterations
+    return wall * 1e3, sorted(issue)[len(issue) // 2] * 1e3
+
+
+def _peak_mib(call) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn()
+    call()
     torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_gpu(args) -> dict:
+def measure(fn, inputs, grad, mode: str, iterations: int) -> dict:
+    """Kernel ms, host-inclusive wall ms, host issue ms and peak MiB of one method."""
+    if mode == "fwd":
+
+        def call():
+            with torch.inference_mode():
+                fn(*inputs)
+    else:
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+
+        def call():
+            fn(*leaves).backward(grad)
+            for x in leaves:
+                x.grad = None
+
+    for _ in range(3):  # warm-up: autotuning, compilation, first-call caches
+        call()
+    torch.cuda.synchronize()
+    wall, issue = _wall_ms(call, iterations)
+    kernel = _kernel_ms(call, max(3, iterations // 4))
+    return {"kernel_ms": kernel, "wall_ms": wall, "host_issue_ms": issue, "peak_mib": _peak_mib(call)}
+
+
+def _gpu_methods(case: dict) -> dict:
+    """name -> (fn, which inputs: "layout" order with padding, or "valid" tokens only)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device = torch.device("cuda")
-    checks = gpu_correctness(device)
-    flex_ok = any(r["method"].startswith("flex") and r["ok"] for r in checks)
-    B, H, D = args.batch, args.heads, args.dim
+    from volumevlm.ops import attention
+
+    layout = case["layout"]
+
+    def sdpa_with(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return run
+
+    methods = {
+        "ours (dispatch)": (lambda q, k, v: sparse_attention(q, k, v, layout), "layout"),
+        "ours (triton)": (lambda q, k, v: sparse_attention(q, k, v, layout, backend="triton"), "layout"),
+    }
+    if layout.num_valid**2 <= attention.DENSE_BIAS_MAX_ELEMENTS:
+        methods["ours (dense+bias)"] = (lambda q, k, v: sparse_attention(q, k, v, layout, backend="dense"), "layout")
+    methods["sdpa flash (valid tokens, no mask)"] = (sdpa_with(SDPBackend.FLASH_ATTENTION), "valid")
+    methods["sdpa cudnn (valid tokens, no mask)"] = (sdpa_with(SDPBackend.CUDNN_ATTENTION), "valid")
+    return methods
+
+
+def run_gpu_case(case: dict, device, flex_kinds, iterations: int, save=None, record: dict | None = None) -> dict:
+    """Time one row into ``record`` (filled in place, so ``save()`` writes it as it
+    grows): our backends and the dense anchors first, then each FlexAttention kind
+    (compiled fresh for this row), saving after each."""
+    layout = case["layout"]
+    B, H, D = case["batch"], case["heads"], case["dim"]
+    N, Nv = layout.seq_len, layout.num_valid
     dtype = torch.bfloat16
-    grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")] if args.grids else GPU_GRIDS
-    rows, records = [], []
-    for grid in grids:
-        layout = attention_layout(grid, tile=(4, 4, 4), window=(1, 1, 1))
-        N, Nv = layout.seq_len, layout.num_valid
-        flops = useful_flops(layout, B, H, D)
-        dense_flops = 4.0 * B * H * Nv**2 * D
-        q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(4))
-        qd, kd, vd, dod = (torch.randn(B, H, Nv, D, device=device, dtype=dtype) for _ in range(4))
+    record = {} if record is None else record
+    record.update(describe_case(case))
+    flops = useful_flops(layout, B, H, D)
+    dense_flops = 4.0 * B * H * Nv**2 * D
+    gen = torch.Generator(device=device).manual_seed(0)
+    full = [torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen) for _ in range(4)]
+    valid = [torch.randn(B, H, Nv, D, device=device, dtype=dtype, generator=gen) for _ in range(4)]
+    record["methods"] = {}
+    record["flex"] = []
+    methods = _gpu_methods(case)
+    _time_methods(record, methods, full, valid, flops, dense_flops, iterations)
+    _compare(record)
+    if save is not None:
+        save()  # our rows and the dense anchors are kept even if a flex compile runs away
+    for kind in flex_kinds:
+        flex, info = make_flex(layout, device, kind, (B, H, N, D))
+        record["flex"].append(info)
+        if flex is not None:
+            _time_methods(record, {FLEX_LABELS[kind]: (flex, "layout")}, full, valid, flops, dense_flops, iterations)
+        _compare(record)
+        if save is not None:
+            save()
+    del full, valid
+    torch.cuda.empty_cache()
+    return record
 
-        def sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
 
-        def sdpa_cudnn(q, k, v):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
+def _time_methods(record: dict, methods: dict, full, valid, flops: float, dense_flops: float, iterations: int) -> None:
+    B, H, N = record["batch"], record["heads"], record["tokens"]
+    for name, (fn, which) in methods.items():
+        q, k, v, g = full if which == "layout" else valid
+        entry = {"inputs": "layout order, padding included" if which == "layout" else "valid tokens only, no mask"}
+        for mode in ("fwd", "fwd+bwd"):
+            try:
+                if name.startswith("flex"):
+                    # Every graph exists after the warm-up in make_flex: a recompile here
+                    # would time compilation or an eager fallback, so it is an error.
+                    with torch.compiler.set_stance("fail_on_recompile"):
+                        m = measure(fn, (q, k, v), g, mode, iterations)
+                else:
+                    m = measure(fn, (q, k, v), g, mode, iterations)
+                factor = 1.0 if mode == "fwd" else 3.5
+                seconds = max(m["kernel_ms"], 1e-9) * 1e-3
+                m["useful_tflops"] = factor * flops / seconds / 1e12 if which == "layout" else None
+                m["executed_tflops"] = factor * dense_flops / seconds / 1e12 if which == "valid" else None
+                if name.startswith("flex"):
+                    # Eager flex materialises [B, H, N, N] scores; compiled flex stays O(N).
+                    m["no_eager_fallback"] = m["peak_mib"] * 2**20 < 0.25 * B * H * N * N * 2
+                entry[mode] = m
+            except Exception as exc:  # e.g. out of memory: record it
+                entry[mode] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+                torch.cuda.empty_cache()
+        record["methods"][name] = entry
 
-        methods = {
-            "ours (triton)": (lambda q, k, v, layout=layout: sparse_attention(q, k, v, layout, backend="triton"), (q, k, v, do), flops),
-            "sdpa dense (flash)": (sdpa, (qd, kd, vd, dod), dense_flops),
-            "sdpa dense (cudnn)": (sdpa_cudnn, (qd, kd, vd, dod), dense_flops),
-        }
-        if flex_ok:
-            flex, _ = make_flex(layout, device)
-            if flex is not None:
-                methods["flex (compiled)"] = (flex, (q, k, v, do), flops)
-        case = {"grid": list(grid), "tokens": N, "valid_tokens": Nv, "density": layout.density, "methods": {}}
-        for name, (fn, (a, b, c, g), executed) in methods.items():
-            leaves = [x.clone().requires_grad_() for x in (a, b, c)]
-            entry = {}
-            for mode in ("fwd", "fwd+bwd"):
-                try:
-                    if mode == "fwd":
-                        call = lambda fn=fn, a=a, b=b, c=c: fn(a, b, c)  # noqa: E731
-                        with torch.inference_mode():
-                            ms, mib = _gpu_time_and_memory(call, None, args.repeats)
-                    else:
-                        call = lambda fn=fn, g=g, leaves=leaves: fn(*leaves).backward(g)  # noqa: E731
-                        ms, mib = _gpu_time_and_memory(call, leaves, args.repeats)
-                    factor = 1.0 if mode == "fwd" else 3.5
-                    entry[mode] = {
-                        "ms": ms,
-                        "useful_tflops": factor * flops / (ms * 1e-3) / 1e12,
-                        "executed_tflops": factor * executed / (ms * 1e-3) / 1e12,
-                        "peak_mib": mib,
-                    }
-                except Exception as exc:  # e.g. out of memory at the largest grid: record it
-                    entry[mode] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-                    torch.cuda.empty_cache()
-            case["methods"][name] = entry
-        dense = case["methods"]["sdpa dense (flash)"]
-        for name, entry in case["methods"].items():
-            for mode, m in entry.items():
-                if "ms" in m and "ms" in dense.get(mode, {}):
-                    m["pct_of_dense_throughput"] = 100.0 * m["useful_tflops"] / dense[mode]["executed_tflops"]
-                    m["speedup_vs_dense"] = dense[mode]["ms"] / m["ms"]
-                rows.append(
-                    ["x".join(map(str, grid)), N, f"{1 - layout.density:.1%}", name, mode, m.get("ms"),
-                     m.get("useful_tflops"), m.get("pct_of_dense_throughput"), m.get("speedup_vs_dense"),
-                     m.get("peak_mib"), m.get("error")]
-                )
-        records.append(case)
-        del q, k, v, do, qd, kd, vd, dod
-        torch.cuda.empty_cache()
-    print_table(
-        f"GPU bf16, B={B} H={H} D={D}, tile 4x4x4, window 1 ({_device_name(False)})",
-        ["case", "tokens", "sparsity", "method", "pass", "ms", "useful TFLOP/s", "% of dense", "x vs dense", "peak MiB", "error"],
-        rows,
-    )
-    return {"mode": "gpu", "dtype": "bfloat16", "batch": B, "heads": H, "dim": D, "tile": [4, 4, 4],
-            "window": [1, 1, 1], "correctness": checks, "cases": records}
+
+def _compare(record: dict) -> None:
+    """Anchor every row on the FASTEST dense kernel of the same run (flash or cuDNN), and
+    compare ours with FlexAttention; kernel time and wall time separately."""
+    methods = record["methods"]
+    dense_names = [n for n in methods if n.startswith("sdpa")]
+    for mode in ("fwd", "fwd+bwd"):
+        for clock in ("kernel_ms", "wall_ms"):
+            dense = [methods[n][mode] for n in dense_names if clock in methods[n].get(mode, {})]
+            best = min(dense, key=lambda m: m[clock]) if dense else None
+            flex = [methods[n][mode] for n in methods if n.startswith("flex") and clock in methods[n].get(mode, {})]
+            best_flex = min(flex, key=lambda m: m[clock]) if flex else None
+            for name, entry in methods.items():
+                m = entry.get(mode, {})
+                if clock not in m:
+                    continue
+                tag = clock.replace("_ms", "")
+                if best is not None:
+                    m[f"speedup_vs_fastest_dense_{tag}"] = best[clock] / m[clock]
+                if best_flex is not None and name.startswith("ours"):
+                    m[f"speedup_vs_best_flex_{tag}"] = best_flex[clock] / m[clock]
+                if tag == "kernel" and best is not None and m.get("useful_tflops") and best.get("executed_tflops"):
+                    m["pct_of_fastest_dense_throughput"] = 100.0 * m["useful_tflops"] / best["executed_tflops"]
+    # What the dispatch rule chose against what was fastest among the op's own backends.
+    own = {n: methods[n]["fwd+bwd"]["kernel_ms"] for n in ("ours (triton)", "ours (dense+bias)")
+           if "kernel_ms" in methods.get(n, {}).get("fwd+bwd", {})}
+    record["dispatch_check"] = {
+        "chose": record["dispatch"],
+        "fwd+bwd_kernel_ms": own,
+        "fastest": min(own, key=own.get) if own else None,
+    }
+
+
+def _rows(record: dict) -> list[list]:
+    rows = []
+    for name, entry in record["methods"].items():
+        for mode in ("fwd", "fwd+bwd"):
+            m = entry.get(mode, {})
+            rows.append([record["case"], record["valid_tokens"], f"{record['batch']}x{record['heads']}",
+                         f"{1 - record['density']:.1%}", name, mode, m.get("kernel_ms"), m.get("wall_ms"),
+                         m.get("useful_tflops") or m.get("executed_tflops"), m.get("pct_of_fastest_dense_throughput"),
+                         m.get("speedup_vs_fastest_dense_kernel"), m.get("speedup_vs_best_flex_kernel"), m.get("peak_mib"),
+                         m.get("error")])
+    return rows
+
+
+def run_gpu(args, payload: dict, save) -> dict:
+    device = torch.device("cuda")
+    grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")] if args.grids else None
+    cases = gpu_cases(args.suite, grids, args.model_batch, args.heads, args.dim, args.batch)
+    results = {"mode": "gpu", "dtype": "bfloat16", "timing": f"{args.repeats} back-to-back calls (wall) and a profiler "
+               "trace of a quarter as many (kernel), after 3 warm-up calls", "cases": []}
+    payload["results"] = results
+    if not args.skip_correctness:
+        results["correctness"] = gpu_correctness(device)
+        save()
+    started = time.perf_counter()
+    import volumevlm_kernels
+
+    for case in cases:
+        over_budget = args.flex_budget_s is not None and time.perf_counter() - started > args.flex_budget_s
+        kinds = [] if over_budget else [k for k in FLEX_KINDS if k in args.flex]
+        record = {"case": case["case"]}
+        results["cases"].append(record)
+        run_gpu_case(case, device, kinds, args.repeats, save=save, record=record)
+        if over_budget and args.flex:
+            record["flex_skipped"] = f"the run passed --flex-budget-s {args.flex_budget_s}"
+        results["tuned_configs"] = volumevlm_kernels.tuned_configs()
+        save()
+        print_table(
+            f"{record['case']}: {record['layout']} (bf16, {_device_name(False)}); dispatch -> {record['dispatch']}",
+            ["case", "valid", "BxH", "sparsity", "method", "pass", "kernel ms", "wall ms", "TFLOP/s",
+             "% fastest dense", "x fastest dense", "x best flex", "peak MiB", "error"],
+            _rows(record),
+        )
+    return results
+
+
+def dry_run(args) -> dict:
+    """The GPU rows without a GPU: which cases, layouts and methods would be timed."""
+    grids = [tuple(int(x) for x in g.split("x")) for g in args.grids.split(",")] if args.grids else None
+    cases = [describe_case(c) for c in gpu_cases(args.suite, grids, args.model_batch, args.heads, args.dim, args.batch)]
+    print_table("GPU rows (dry run: nothing timed)",
+                ["case", "tokens", "valid", "registers", "BxH", "density", "executed", "dispatch"],
+                [[c["case"], c["tokens"], c["valid_tokens"], c["registers"], f"{c['batch']}x{c['heads']}", c["density"],
+                  c["executed_fraction"], c["dispatch"]] for c in cases])
+    return {"mode": "dry-run", "cases": cases, "flex": [FLEX_LABELS[k] for k in FLEX_KINDS if k in args.flex]}
+
+
+def _batches(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        out[name.strip()] = int(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="time the torch path against dense SDPA on the CPU (fp32)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=None, help="default 12 on GPU, 2 on CPU")
+    parser.add_argument("--dry-run", action="store_true", help="list the GPU rows (layouts, dispatch) without timing")
+    parser.add_argument("--suite", choices=("all", "models", "grids"), default="all",
+                        help="GPU: the models' layouts, the synthetic grids, or both")
+    parser.add_argument("--batch", type=int, default=1, help="batch of the synthetic grids (and of --cpu)")
+    parser.add_argument("--model-batch", type=_batches, default={}, help="per-size batch, e.g. small=32,base=8")
+    parser.add_argument("--heads", type=int, default=None, help="heads of the synthetic grids: default 12 on GPU, 2 on CPU")
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=None, help="CPU: timed calls per method (min); GPU: ms of do_bench")
+    parser.add_argument("--repeats", type=int, default=None, help="CPU: timed rounds (min); GPU: timed calls per method")
     parser.add_argument("--grids", default=None, help="GPU grids, e.g. 14x14x10,28x28x20")
+    parser.add_argument("--flex", type=lambda s: [k for k in s.split(",") if k], default=list(FLEX_KINDS),
+                        help=f"FlexAttention rows to time, from {','.join(FLEX_KINDS)} (empty: none)")
+    parser.add_argument("--flex-budget-s", type=float, default=None, help="stop compiling FlexAttention after this many s")
+    parser.add_argument("--skip-correctness", action="store_true", help="GPU: skip the reference and no-sync checks")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--tag", default="", help="suffix of the results file name (attention-<device>-<date>-<tag>.json)")
     args = parser.parse_args(argv)
     if args.heads is None:
         args.heads = 2 if args.cpu else 12
     if args.repeats is None:
-        args.repeats = 3 if args.cpu else 200
+        args.repeats = 3 if args.cpu else 40
+    unknown = set(args.flex) - set(FLEX_KINDS)
+    if unknown:
+        parser.error(f"--flex: unknown {sorted(unknown)}; known {FLEX_KINDS}")
+    if args.dry_run:
+        dry_run(args)
+        return 0
     if not args.cpu and not torch.cuda.is_available():
-        print("error: no CUDA device; run with --cpu for the CPU comparison", file=sys.stderr)
+        print("error: no CUDA device; run with --cpu for the CPU comparison, or --dry-run", file=sys.stderr)
         return 2
     started = dt.datetime.now(dt.timezone.utc)
     payload = {
@@ -535,11 +874,16 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["attention.py", *argv]),
         "flop_convention": "useful = attended valid (q,k) pairs; fwd 4*B*H*pairs*D, fwd+bwd 3.5x fwd",
-        "results": run_cpu(args) if args.cpu else run_gpu(args),
+        "complete": False,
     }
-    payload["wall_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
-    path = write_results(payload, _device_label(args.cpu), args.out)
-    print(f"wrote {path}")
+
+    def save() -> Path:
+        payload["wall_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+        return write_results(payload, _device_label(args.cpu), args.out, args.tag)
+
+    payload["results"] = run_cpu(args) if args.cpu else run_gpu(args, payload, save)
+    payload["complete"] = True
+    print(f"wrote {save()}")
     return 0
 
 

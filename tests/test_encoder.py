@@ -256,3 +256,72 @@ def test_input_windows_feed_one_embedding_channel_each_and_survive_a_round_trip(
         encoder_config("tiny", input_windows=[[-160, 240]], in_channels=2)
     with pytest.raises(VolumeVLMError, match="HU pairs"):
         encoder_config("tiny", input_windows=[[-160]])
+
+
+def test_rope_tables_are_built_once_per_grid_and_device(monkeypatch):
+    import volumevlm.models.encoder as encoder_module
+
+    built = []
+    original = encoder_module.rope_tables
+    monkeypatch.setattr(encoder_module, "rope_tables", lambda *a: built.append(1) or original(*a))
+    enc = seeded_encoder(small_config())
+    x = torch.rand(1, 1, 16, 16, 16)
+    first = enc(x).pooled
+    assert torch.equal(enc(x).pooled, first) and len(built) == 1
+    enc(torch.rand(1, 1, 16, 16, 8))  # another grid: its own tables
+    assert len(built) == 2 and len(enc._rope_cache) == 2
+    assert not any("rope" in name for name in enc.state_dict())
+
+
+def test_training_step_reads_nothing_to_the_host(monkeypatch):
+    """A training forward + backward of the encoder (sparse local and dilated layers with
+    registers and padding) makes no .item() / bool() / .tolist() / .numpy() on any tensor
+    after its first step: on CUDA each would be a device sync."""
+    enc = VolumeEncoder(small_config(image_size=(14, 12, 10), depth=3, tile=(2, 2, 2), drop_path=0.1)).train()
+    assert enc.layouts(enc.config.grid())[0].density < 1.0 and enc.layouts(enc.config.grid())[0].has_padding
+    x = torch.rand(2, 1, 14, 12, 10)
+
+    def step():
+        enc.zero_grad(set_to_none=True)
+        out = enc(x)
+        (out.pooled.square().mean() + out.tokens.mean()).backward()
+
+    step()
+    calls = []
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: calls.append(_n) or _o(self, *a, **k))
+    step()
+    assert calls == [], f"host reads in the encoder's training step: {calls}"
+
+
+def test_inference_first_then_training_reuses_the_caches():
+    """Embedding under inference_mode first (the cached RoPE tables and layout tensors
+    are then built there), then a training step: the caches hold normal tensors."""
+    enc = VolumeEncoder(small_config(image_size=(10, 12, 14), tile=(2, 2, 2))).train()
+    x = torch.rand(2, 1, 10, 12, 14)
+    with torch.inference_mode():
+        enc(x)
+    enc(x).pooled.sum().backward()
+    assert enc.patch_embed.weight.grad is not None
+
+
+def test_compiled_encoder_has_no_graph_breaks_after_a_warm_up_call():
+    """After one eager call per grid (which builds the layouts, RoPE tables and masks),
+    the whole encoder compiles with fullgraph=True (attention through the registered
+    torch op) and gives eager's outputs and gradients."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = small_config(image_size=(14, 12, 10), depth=3, tile=(2, 2, 2))
+    enc = seeded_encoder(cfg).train()
+    x = torch.rand(2, 1, 14, 12, 10, generator=torch.Generator().manual_seed(4))
+    eager = enc(x)
+    (eager.pooled.square().sum() + eager.tokens.mean()).backward()
+    want = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad(set_to_none=True)
+    got = torch.compile(enc, backend="aot_eager", fullgraph=True)(x)
+    (got.pooled.square().sum() + got.tokens.mean()).backward()
+    torch.testing.assert_close(got.pooled, eager.pooled, rtol=1e-5, atol=1e-6)
+    for p, w in zip(enc.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)

@@ -36,7 +36,12 @@ LAYOUTS = {
 
 # relative RMS error bounds (output, gradients) per dtype
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5), torch.bfloat16: (2e-2, 4e-2)}
-PATHS = {"op": lambda q, k, v, layout, scale: sparse_attention(q, k, v, layout, scale=scale), "blocked": torch_block_sparse}
+PATHS = {
+    "op": lambda q, k, v, layout, scale: sparse_attention(q, k, v, layout, scale=scale),
+    "blocked": torch_block_sparse,
+    # One SDPA call on the valid tokens (with the layout's bias when it is sparse).
+    "dense": lambda q, k, v, layout, scale: sparse_attention(q, k, v, layout, backend="dense", scale=scale),
+}
 
 
 @pytest.fixture
@@ -144,13 +149,61 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(gen, monkeyp
         sparse_attention(q, k, v, layout, backend="triton")
 
 
-def test_dense_routing_decision():
-    # Only layouts where every valid pair is attended go to dense SDPA (no N x N mask).
-    assert not attention._use_dense_sdpa(attention_layout((28, 28, 20)))
-    assert not attention._use_dense_sdpa(attention_layout((16, 16, 16), window=2))  # density 0.67
-    assert attention._use_dense_sdpa(attention_layout((8, 8, 8), window=None))
+def _rule(layout, batch_heads=12, head_dim=64, on_cuda=True):
+    return attention.choose_backend(layout, batch_heads, head_dim, on_cuda)
+
+
+def test_dispatch_dense_layouts_never_go_to_the_kernels():
+    # Every valid pair attended: one dense SDPA call with no mask, on any device.
+    assert _rule(attention_layout((8, 8, 8), window=None)) == "dense"
+    assert _rule(attention_layout((28, 28, 20), window=None, num_global=4), batch_heads=384) == "dense"
     covering = attention_layout((8, 8, 8), window=1)  # 2 x 2 x 2 tiles, all neighbours
-    assert covering.density == 1.0 and attention._use_dense_sdpa(covering)
+    assert covering.density == 1.0 and _rule(covering) == "dense" and _rule(covering, on_cuda=False) == "dense"
+
+
+def test_dispatch_sparse_layouts():
+    base_local = attention_layout((28, 28, 20), tile=4, window=1, num_global=4)  # `base` encoder, local
+    assert base_local.executed_fraction < attention.SPARSE_MAX_EXECUTED_FRACTION
+    assert _rule(base_local) == "triton"
+    # CPU, or shapes the kernels do not take: the torch path.
+    assert _rule(base_local, on_cuda=False) == "torch"
+    assert _rule(base_local, head_dim=48) == "torch"
+    assert _rule(attention_layout((12, 12, 12), tile=3, window=1)) == "torch"  # 27-token blocks
+    # Executed work not clearly below dense: dense SDPA with the layout's bias.
+    wide = attention_layout((16, 16, 16), window=2)  # density 0.67, bias 4096^2
+    assert wide.executed_fraction > attention.SPARSE_MAX_EXECUTED_FRACTION and _rule(wide) == "dense"
+    # ... unless the bias would be too large: the kernels then.
+    too_big = attention_layout((20, 20, 12), window=2)  # 4,800 valid tokens
+    assert too_big.executed_fraction > attention.SPARSE_MAX_EXECUTED_FRACTION
+    assert too_big.num_valid**2 > attention.DENSE_BIAS_MAX_ELEMENTS and _rule(too_big) == "triton"
+    # A small problem goes dense even when the layout is sparse; the same layout at the
+    # training batch goes to the kernels.
+    small = attention_layout((14, 14, 20), tile=4, window=1, dilation=2, num_global=4)  # `small`, dilated
+    assert small.executed_fraction < attention.SPARSE_MAX_EXECUTED_FRACTION
+    assert 4.0 * 1 * small.num_valid**2 * 64 < attention.SMALL_PROBLEM_DENSE_FLOPS
+    assert _rule(small, batch_heads=1) == "dense"
+    assert _rule(small, batch_heads=32 * 6) == "triton"
+
+
+def test_dispatch_thresholds_are_the_named_constants(monkeypatch):
+    layout = attention_layout((28, 28, 20), tile=4, window=1, num_global=4)
+    monkeypatch.setattr(attention, "SPARSE_MAX_EXECUTED_FRACTION", layout.executed_fraction / 2)
+    monkeypatch.setattr(attention, "DENSE_BIAS_MAX_ELEMENTS", layout.num_valid**2)
+    assert _rule(layout) == "dense"
+    monkeypatch.setattr(attention, "DENSE_BIAS_MAX_ELEMENTS", layout.num_valid**2 - 1)
+    assert _rule(layout) == "triton"
+
+
+def test_backend_none_follows_the_rule_on_cpu(gen):
+    """backend=None really runs what the rule names: dense layouts take SDPA on the
+    valid tokens (never the blocked path), sparse ones the blocked path."""
+    for name, want in (("dense-padded", "dense"), ("dilation2", "torch")):
+        layout = attention_layout(**LAYOUTS[name])
+        q, k, v = (x.detach() for x in _inputs(layout, torch.float64, gen))
+        assert attention.choose_backend(layout, 4, 16, False) == want
+        got = sparse_attention(q, k, v, layout)
+        assert torch.equal(got, sparse_attention(q, k, v, layout, backend=want))
+        assert _rel(got, dense_reference(q, k, v, layout)) < 1e-10
 
 
 @pytest.mark.parametrize(
@@ -177,29 +230,55 @@ def test_bad_inputs_raise_one_line_errors(change, problem, gen):
 
 _INTERPRETER_SCRIPT = r"""
 import torch
-from volumevlm.ops import attention_layout, dense_reference, sparse_attention
+from volumevlm.ops import attention, attention_layout, dense_reference, sparse_attention
 
 def rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
+def poison(x, valid):
+    x = x.clone()
+    pad = (~valid).nonzero().flatten()
+    for j, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+        x[:, :, pad[j::3]] = value
+    return x
+
 for kw in [dict(grid=(5, 3, 6), tile=(2, 2, 4), window=1, num_global=3),
-           dict(grid=(8, 4, 4), tile=(2, 2, 4), window=(1, 0, 0), num_global=17)]:
+           dict(grid=(8, 4, 4), tile=(2, 2, 4), window=(1, 0, 0), num_global=17),
+           dict(grid=(6, 5, 9), tile=(2, 2, 4), window=1, dilation=2, num_global=4)]:
     layout = attention_layout(**kw)
     gen = torch.Generator().manual_seed(7)
-    base = [torch.randn(1, 2, layout.seq_len, 16, generator=gen) for _ in range(4)]
-    q, k, v = (x.clone() for x in base[:3])
-    for x in (q, k, v):
-        x[:, :, layout.is_padding] = float("nan")  # poisoned padding must not leak
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    base = [torch.randn(2, 2, layout.seq_len, 16, generator=gen) for _ in range(4)]
+    # Poisoned padding (NaN, +-inf) in q, k, v and in the upstream gradient: the op
+    # passes them to the kernels uncleaned, and nothing may leak into valid rows.
+    q, k, v = (poison(x, layout.key_valid).requires_grad_() for x in base[:3])
+    do = poison(base[3], layout.query_valid)
+    saved = [x.detach().clone() for x in (q, k, v, do)]
     out = sparse_attention(q, k, v, layout, backend="triton")
-    grads = torch.autograd.grad(out, (q, k, v), base[3])
+    grads = torch.autograd.grad(out, (q, k, v), do)
     r64 = [x.double().requires_grad_() for x in base[:3]]
     ref = dense_reference(*r64, layout)
-    want = torch.autograd.grad(ref, r64, base[3].double())
+    want = torch.autograd.grad(ref, r64, base[3].double() * layout.query_valid[:, None])
     assert out.dtype == torch.float32 and bool((out[:, :, layout.is_padding] == 0).all())
     errors = [rel(out, ref)] + [rel(g, w) for g, w in zip(grads, want)]
     assert max(errors) < 1e-4, (kw, errors)
     assert all(bool(torch.isfinite(g).all()) for g in grads)
+    assert all(bool((g[:, :, layout.is_padding] == 0).all()) for g in grads)
+    assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip((q, k, v, do), saved)), "inputs modified"
+
+# The registered op with the Triton implementation: schema, fake tensors, autograd.
+layout = attention_layout((4, 2, 8), tile=(2, 2, 4), window=0, num_global=3)
+gen = torch.Generator().manual_seed(8)
+q, k, v = (torch.randn(1, 1, layout.seq_len, 16, generator=gen).requires_grad_() for _ in range(3))
+torch.library.opcheck(attention.block_sparse_attention_op, (q, k, v, layout.op_key, 0.25, "triton"))
+
+# The Triton path under torch.compile(fullgraph=True): no graph break, eager's numbers.
+def f(q, k, v):
+    return sparse_attention(q, k, v, layout, backend="triton")
+eager = f(q, k, v)
+compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+g_eager = torch.autograd.grad(eager.sum(), (q, k, v))
+g_compiled = torch.autograd.grad(compiled.sum(), (q, k, v))
+assert torch.equal(eager, compiled) and all(torch.equal(a, b) for a, b in zip(g_eager, g_compiled))
 print("ok")
 """
 
@@ -261,9 +340,185 @@ def test_inference_skips_the_autograd_function_and_gives_the_same_output(name, g
     q, k, v = _inputs(layout, torch.float32, gen)
     with_grad = sparse_attention(q, k, v, layout, backend="torch")
     applied = []
-    monkeypatch.setattr(attention._TorchBlockSparse, "apply", lambda *a: applied.append(1) or None)
+    monkeypatch.setattr(attention._BlockSparse, "apply", lambda *a: applied.append(1) or None)
     with torch.no_grad():
         without_grad = sparse_attention(q, k, v, layout, backend="torch")
     assert not applied  # the autograd.Function was not used
     torch.testing.assert_close(without_grad, with_grad.detach(), rtol=0, atol=0)
     assert _rel(without_grad, dense_reference(q, k, v, layout).detach()) < 1e-5
+
+
+# ------------------------------------------------------------ the call path's cost
+
+_SYNCING = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+class _HostReads:
+    """Counts calls of the tensor methods that read a value to the host (a device sync
+    on CUDA) while active: patched on torch.Tensor, so every caller is seen."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in _SYNCING:
+            original = getattr(torch.Tensor, name)
+
+            def counting(self_, *a, _name=name, _original=original, **k):
+                self.calls.append(_name)
+                return _original(self_, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+def _fake_kernels(calls: list):
+    """The launch functions of volumevlm_kernels with the kernels replaced by zeros:
+    the op's Triton wrapper runs for real (plan, contiguity, autograd) without a GPU."""
+    from types import SimpleNamespace
+
+    import volumevlm_kernels as real
+
+    def forward_prepared(q, k, v, plan, scale):
+        calls.append("fwd")
+        assert plan.key_valid_i8.dtype == torch.int8 and plan.fwd_order.dtype == torch.int32
+        return torch.zeros_like(q), torch.zeros(q.shape[:3])
+
+    def backward_prepared(do, q, k, v, o, lse, plan, scale):
+        calls.append("bwd")
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    return SimpleNamespace(plan_from_block_lists=real.plan_from_block_lists,
+                           forward_prepared=forward_prepared, backward_prepared=backward_prepared)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense", "triton"])
+def test_call_path_reads_nothing_to_the_host_and_builds_nothing_after_the_first_call(backend, gen, monkeypatch):
+    """After a first (warm-up) call, forward and backward of the op make no .item() /
+    bool() / .tolist() / .numpy() on any tensor (each is a device sync on CUDA) and the
+    layout builds no new device data (lists, masks, indices, biases)."""
+    layout = attention_layout((10, 7, 5), tile=(4, 4, 2), window=(1, 1, 0), num_global=5)
+    assert layout.has_padding and layout.density < 1.0
+    if backend == "triton":
+        kernel_calls = []
+        monkeypatch.setattr(attention, "_kernels", lambda: _fake_kernels(kernel_calls))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the op's CPU guard; the kernels are fakes
+    q, k, v = _inputs(layout, torch.float32, gen)
+    do = torch.randn(q.shape, generator=gen)
+
+    def step():
+        out = sparse_attention(q, k, v, layout, backend=backend)
+        out.backward(do)
+        with torch.no_grad():
+            sparse_attention(q, k, v, layout, backend=backend)
+
+    step()  # first call: builds what the layout caches
+    builds = layout.device_builds
+    reads = _HostReads(monkeypatch)
+    step()
+    step()
+    assert reads.calls == [], f"host reads in the call path: {reads.calls}"
+    assert layout.device_builds == builds, "the call path built new device data after the first call"
+    if backend == "triton":
+        assert kernel_calls.count("fwd") == 6 and kernel_calls.count("bwd") == 3
+
+
+def test_host_read_counter_sees_a_sync(monkeypatch):
+    """The counter above can fail: the old dense branch's bool(valid.all()) is seen."""
+    reads = _HostReads(monkeypatch)
+    valid = torch.ones(4, dtype=torch.bool)
+    if bool(valid.all()):
+        valid.sum().item()
+    assert reads.calls == ["__bool__", "item"]
+
+
+def test_triton_path_passes_inputs_uncleaned(gen, monkeypatch):
+    """The kernels mask padding themselves: the op hands them the caller's tensors (no
+    where-copies), and never modifies them."""
+    layout = attention_layout(**LAYOUTS["globals5-padded"])
+    seen = []
+    fake = _fake_kernels([])
+    real_forward = fake.forward_prepared
+
+    def recording(q, k, v, plan, scale):
+        seen.append((q.data_ptr(), k.data_ptr(), v.data_ptr()))
+        return real_forward(q, k, v, plan, scale)
+
+    fake.forward_prepared = recording
+    monkeypatch.setattr(attention, "_kernels", lambda: fake)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = (x.detach() for x in _inputs(layout, torch.float32, gen))
+    q[:, :, layout.is_padding] = float("nan")
+    sparse_attention(q, k, v, layout, backend="triton")
+    assert seen == [(q.data_ptr(), k.data_ptr(), v.data_ptr())]
+
+
+def test_layout_caches_its_device_data_once():
+    layout = attention_layout((18, 16, 15), tile=4, window=1, num_global=2)
+    before = layout.device_builds
+    lists = layout.block_lists("cpu")
+    assert layout.block_lists("cpu") is lists and layout.device_builds == before + 1
+    assert lists.key_valid_i8.dtype == torch.int8 and torch.equal(lists.key_valid_i8.bool(), layout.key_valid)
+    # Longest-first program order: the global block (a list of every block) goes first,
+    # every block exactly once.
+    assert lists.fwd_long == 1 and lists.bwd_long == 1 and int(lists.fwd_order[0]) == 0
+    assert sorted(lists.fwd_order.tolist()) == list(range(layout.num_blocks))
+    assert sorted(lists.bwd_order.tolist()) == list(range(layout.num_blocks))
+    bias = layout.dense_bias(torch.device("cpu"), torch.float32)
+    assert layout.dense_bias(torch.device("cpu"), torch.float32) is bias
+    idx = layout.valid_index
+    assert bias.shape == (layout.num_valid, layout.num_valid)
+    assert torch.equal(bias == 0, layout.dense_mask()[idx][:, idx])
+
+
+# ---------------------------------------------------- torch.compile / torch.library
+
+
+def test_registered_op_passes_opcheck(gen):
+    """The torch.library registration (schema, fake tensors, autograd formula) of the
+    op's torch implementation; the Triton one is opchecked in the interpreter below."""
+    layout = attention_layout(**LAYOUTS["globals5-padded"])
+    q, k, v = _inputs(layout, torch.float64, gen, B=1, H=2, D=8)
+    torch.library.opcheck(attention.block_sparse_attention_op, (q, k, v, layout.op_key, 0.35, "torch"))
+
+
+def test_compiled_model_has_no_graph_breaks_and_matches_eager(gen):
+    """fullgraph=True fails on any graph break; forward and gradients equal eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    layout = attention_layout(**LAYOUTS["dilation2"])
+    dense = attention_layout(**LAYOUTS["dense-padded"])
+    proj = torch.nn.Linear(16, 16).double()
+
+    def f(q, k, v):
+        o = sparse_attention(q, k, v, layout, backend="torch")
+        return proj(o) + sparse_attention(q[:, :, : dense.seq_len], k[:, :, : dense.seq_len],
+                                          v[:, :, : dense.seq_len], dense).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    q, k, v = _inputs(layout, torch.float64, gen)
+    got = compiled(q, k, v)
+    g_got = torch.autograd.grad(got.sum(), (q, k, v))
+    want = f(q, k, v)
+    g_want = torch.autograd.grad(want.sum(), (q, k, v))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense", "triton"])
+def test_caches_built_under_inference_mode_serve_later_training_calls(backend, gen, monkeypatch):
+    """A layout first used under torch.inference_mode (an embedding call) must not cache
+    inference tensors: a later call that records gradients reuses the caches."""
+    grid = (7, 6, 5 + ["torch", "dense", "triton"].index(backend))  # a layout no other test uses
+    with torch.inference_mode():  # the layout itself is first built here too
+        layout = attention_layout(grid, tile=(4, 4, 2), window=(1, 1, 0), num_global=3)
+    assert layout.device_builds == 0
+    if backend == "triton":
+        monkeypatch.setattr(attention, "_kernels", lambda: _fake_kernels([]))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = _inputs(layout, torch.float32, gen)
+    with torch.inference_mode():
+        sparse_attention(q.detach(), k.detach(), v.detach(), layout, backend=backend)
+    assert layout.device_builds > 0
+    out = sparse_attention(q, k, v, layout, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == q.shape for g in grads)

@@ -127,6 +127,10 @@ _LAYOUTS = {
     "T64_globals": lambda s: attention_layout((5, 4, 4), tile=(4, 4, 4), window=1, num_global=2),
     "hand_empty_blocks": _hand_layout,
     "fp16_grid_not_divisible": lambda s: attention_layout((3, 3, 5), tile=(2, 2, 4), window=1, num_global=1),
+    # The encoders' patterns in miniature: 4 registers (a global block scheduled first),
+    # grids padded up to the tile, local and dilated windows, several batch-heads.
+    "model_local_registers": lambda s: attention_layout((7, 7, 10), tile=(2, 2, 4), window=1, num_global=4),
+    "model_dilated_registers": lambda s: attention_layout((6, 5, 9), tile=(2, 2, 4), window=1, dilation=2, num_global=4),
 }
 INTERP_CASES = [
     ("grid_not_divisible_T16", 2, 2, 32, "float32"),
@@ -138,7 +142,11 @@ INTERP_CASES = [
     ("T64_globals", 1, 1, 32, "float32"),
     ("hand_empty_blocks", 2, 1, 32, "float32"),
     ("fp16_grid_not_divisible", 1, 2, 32, "float16"),
+    ("model_local_registers", 1, 3, 16, "float32"),
+    ("model_dilated_registers", 2, 2, 16, "float32"),
 ]
+# Cases whose layout has blocks scheduled first (their program mapping is exercised).
+LONG_FIRST_CASES = ("model_local_registers", "model_dilated_registers")
 
 # Max |kernel - reference| / max |reference|, per output, by input dtype.
 TOLERANCE = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
@@ -182,9 +190,11 @@ def run_case(layout, B: int, H: int, D: int, dtype: torch.dtype, device, seed: i
     N, T = layout.seq_len, layout.block_size
     qv, kv = layout.query_valid.to(device), layout.key_valid.to(device)
     q, k, v, do = (torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
-    # Padding inputs hold NaN: the kernels must never let them reach a valid output.
+    # Padding inputs hold NaN and +-inf: the kernels must never let them reach a valid output.
     for x, valid in ((q, qv), (k, kv), (v, kv), (do, qv)):
-        x[:, :, ~valid] = float("nan")
+        pad = (~valid).nonzero().flatten()
+        for j, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+            x[:, :, pad[j::3]] = value
     scale = D**-0.5
     lists = layout.block_lists(device)
 
@@ -199,7 +209,9 @@ def run_case(layout, B: int, H: int, D: int, dtype: torch.dtype, device, seed: i
     s = torch.where(qv[:, None], q.double(), 0.0) @ torch.where(kv[:, None], k.double(), 0.0).transpose(-1, -2)
     lse_ref = torch.logsumexp((s * scale).masked_fill(~mask, -math.inf), -1)
 
+    lists_long = getattr(lists, "fwd_long", None)
     return {
+        "fwd_long": lists_long,
         "o": _rel(o, ref.detach(), qv),
         "lse": _rel(lse[..., None], lse_ref[..., None], qv),
         "dq": _rel(dq, q64.grad, qv),
@@ -240,8 +252,8 @@ def _child_main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = {
         "interpreting": isinstance(bsa._fwd_kernel.fn, InterpretedFunction)
-        and isinstance(bsa._bwd_dkdv_kernel.fn, InterpretedFunction),
-        "num_configs": [len(bsa._fwd_kernel.configs), len(bsa._bwd_dq_kernel.configs), len(bsa._bwd_dkdv_kernel.configs)],
+        and isinstance(bsa._bwd_kernel.fn, InterpretedFunction),
+        "num_configs": [len(bsa._fwd_kernel.configs), len(bsa._bwd_kernel.configs)],
         "cases": {},
     }
     for case_id, B, H, D, dtype_name in INTERP_CASES:
@@ -267,12 +279,19 @@ def interpreter_run() -> dict:
 def test_child_really_interprets(interpreter_run):
     assert interpreter_run["interpreting"], "TRITON_INTERPRET=1 did not reach the kernels in the child"
     # Autotuning must collapse to one config under the interpreter (it ignores warps/stages).
-    assert interpreter_run["num_configs"] == [1, 1, 1]
+    assert interpreter_run["num_configs"] == [1, 1]
 
 
 @pytest.mark.parametrize("case_id,B,H,D,dtype_name", INTERP_CASES, ids=[c[0] for c in INTERP_CASES])
 def test_interpreter_matches_dense_reference(interpreter_run, case_id, B, H, D, dtype_name):
     _check(case_id, dtype_name, interpreter_run["cases"][case_id])
+
+
+@pytest.mark.parametrize("case_id", LONG_FIRST_CASES)
+def test_long_first_program_order_is_exercised(interpreter_run, case_id):
+    """These cases schedule a global block first (a non-trivial program mapping), so
+    their exact match above covers the mapping: every (block, head) once."""
+    assert interpreter_run["cases"][case_id]["fwd_long"] >= 1
 
 
 def test_hand_layout_exercises_edge_cases():
@@ -308,8 +327,7 @@ def _compile_main() -> None:
     kernels = {
         "fwd": bsa._fwd_kernel,
         "delta": bsa._bwd_delta_kernel,
-        "dq": bsa._bwd_dq_kernel,
-        "dkdv": bsa._bwd_dkdv_kernel,
+        "bwd": bsa._bwd_kernel,
     }
     out = {}
     for dtype, d, block, warps, stages in COMPILE_CASES:
@@ -321,7 +339,7 @@ def _compile_main() -> None:
             for arg in fn.arg_names:
                 if arg in consts:
                     sig[arg] = "constexpr"
-                elif arg == "N":
+                elif arg in ("N", "NB", "BH", "N_LONG", "TUNE_N", "TUNE_BH"):
                     sig[arg] = "i32"
                 elif "scale" in arg:
                     sig[arg] = "fp32"
@@ -329,7 +347,7 @@ def _compile_main() -> None:
                     sig[arg] = "*fp32"
                 elif arg.endswith("VALID"):
                     sig[arg] = "*i8"
-                elif arg.endswith(("_PTR", "_IDX")):
+                elif arg.endswith(("_PTR", "_IDX")) or arg == "ORDER":
                     sig[arg] = "*i32"
                 else:
                     sig[arg] = "*" + dtype
@@ -370,7 +388,7 @@ def test_kernels_compile_for_h100(sm90_compile, dtype, d, block, warps, stages):
     """The interpreter cannot see GPU-only failures (layouts, shared memory, dot shapes):
     compile each kernel for sm_90 ahead of time, and check the hot loops use Hopper
     tensor cores (wgmma) at T = 64 and software-pipelined async loads."""
-    for name in ("fwd", "delta", "dq", "dkdv"):
+    for name in ("fwd", "delta", "bwd"):
         res = sm90_compile[f"{name}_{dtype}_d{d}_T{block}"]
         assert "error" not in res, f"{name} {dtype} d={d} T={block} does not compile for sm_90:\n{res.get('error')}"
         assert res["shared"] <= 227 * 1024, f"{name}: {res['shared']} B shared memory exceeds an H100's 227 KiB"

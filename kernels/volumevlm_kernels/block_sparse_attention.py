@@ -4,22 +4,36 @@ The sequence is ``num_blocks`` blocks of ``block_size`` (= T) tokens. Which key 
 each query block attends is given as CSR lists (``volumevlm.ops.layout.BlockLists``), split into
 *full* key blocks (every key valid: no per-element masking at all) and *partial*
 key blocks (some keys are padding: masked with ``key_valid``). The backward pass uses
-the transposed (key block -> query blocks) lists, so no kernel needs atomics.
+the transposed (key block -> query blocks) lists for dk/dv, so no kernel needs atomics.
 
-Kernels, each launched on the grid ``(num_blocks, B * H)`` with one program per
-block of T rows:
+Kernels (two launches per backward, one per forward), each on a 1-D grid of
+``num_blocks * B * H`` programs, one per (block of T rows, batch-head):
 
 * ``_fwd_kernel``: online softmax in base 2 (``scale * log2(e)`` folded into q),
   fp32 accumulation, writes ``o`` and the natural-log logsumexp ``lse``.
 * ``_bwd_delta_kernel``: ``delta = rowsum(do * o)`` in fp32.
-* ``_bwd_dq_kernel``: per query block, loops over its key blocks (q2k lists).
-* ``_bwd_dkdv_kernel``: per key block, keeps k and v in registers and loops over
-  the query blocks attending it (k2q lists).
+* ``_bwd_kernel``: one program per block: first dk, dv of the block as a *key* block
+  (k and v stay in registers; loops over the query blocks attending it, k2q lists),
+  then dq of the same block as a *query* block (loops over its key blocks, q2k
+  lists). The fused-attention tutorial's structure, on block lists.
+
+Program order: a program id maps to a block through ``ORDER`` (``BlockLists.fwd_order``
+/ ``bwd_order``). The few blocks with by far the longest lists (global blocks attend
+and are attended by every block) come first, one per batch-head, so they start at
+once instead of forming a tail; the other blocks follow head by head in sequence
+order, so programs running together share key blocks in L2.
 
 Padding query rows produce ``o = 0`` and ``lse = +inf``; with ``lse = +inf`` their
 probabilities in the backward are ``exp(s - inf) = 0``, so they add nothing to dk/dv
-and get ``dq = 0``. Every output element is stored by some program (blocks with
-empty lists write zeros).
+and get ``dq = 0``. Padding keys are loaded as 0 and masked, padding queries are
+loaded as 0 where they could reach another row, so whatever the inputs hold at
+padding positions (even NaN) never reaches a valid output: callers need not clean
+them. Every output element is stored by some program (blocks with empty lists write
+zeros).
+
+Autotuning is keyed by the block size, head dim and power-of-two buckets of the
+sequence length and of B * H, so a config tuned on a small layout is not reused at
+15k or 125k tokens; :func:`tuned_configs` reports what was chosen.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels
 run on CPU tensors through Triton's interpreter; autotuning is then reduced to a
@@ -42,8 +56,14 @@ if TYPE_CHECKING:  # the one definition of the lists lives with the layouts
 
 __all__ = [
     "KernelArgumentError",
-    "block_sparse_attention_forward",
+    "LaunchPlan",
+    "backward_prepared",
     "block_sparse_attention_backward",
+    "block_sparse_attention_forward",
+    "forward_prepared",
+    "plan_from_block_lists",
+    "plan_from_lists",
+    "tuned_configs",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -68,9 +88,31 @@ def _autotune_configs(options: list[tuple[int, int]]) -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in options]
 
 
+# (num_warps, num_stages) candidates. The backward (five dots per iteration) is offered
+# deeper pipelines too (it used to try only 1-2 stages); the benchmark records the pick.
 _FWD_CONFIGS = _autotune_configs([(4, 2), (4, 3), (8, 2), (8, 3), (4, 4)])
-_BWD_CONFIGS = _autotune_configs([(4, 1), (4, 2), (8, 1), (8, 2)])
-_TUNE_KEY = ["BLOCK", "HEAD_DIM"]
+_BWD_CONFIGS = _autotune_configs([(4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 2), (8, 3)])
+# TUNE_N / TUNE_BH: power-of-two buckets of the sequence length and of B * H (plain
+# int arguments the kernels ignore), so each size class is tuned at its own shape.
+_TUNE_KEY = ["BLOCK", "HEAD_DIM", "TUNE_N", "TUNE_BH"]
+
+
+def _bucket(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@triton.jit
+def _program_block(pid, ORDER, NB, BH, N_LONG):
+    """(block, batch-head) of program ``pid``: the N_LONG long blocks first (all heads of
+    one block together), then per batch-head the other blocks in ``ORDER``."""
+    n_first = N_LONG * BH
+    n_rest = tl.maximum(NB - N_LONG, 1)
+    rest = tl.maximum(pid - n_first, 0)
+    first = pid < n_first
+    rank = tl.where(first, pid // BH, N_LONG + rest % n_rest)
+    bh = tl.where(first, pid % BH, rest // n_rest)
+    return tl.load(ORDER + rank), bh.to(tl.int64)
 
 
 # ---------------------------------------------------------------------------------
@@ -122,17 +164,18 @@ def _fwd_inner(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KVALID, QVALID,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
-    N, qk_scale,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, ORDER,
+    N, NB, BH, N_LONG, qk_scale, TUNE_N, TUNE_BH,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    qb, bh = _program_block(tl.program_id(0), ORDER, NB, BH, N_LONG)
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     base = bh * N * HEAD_DIM
 
+    # Query rows are row-local here: a padding row's garbage stays in its own row,
+    # which is overwritten below.
     q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
     q = (q.to(tl.float32) * qk_scale).to(q.dtype)
 
@@ -173,11 +216,11 @@ def _bwd_delta_kernel(O, DO, LSE, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK: tl.co
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     ptrs = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + ptrs).to(tl.float32)
-    do = tl.load(DO + ptrs).to(tl.float32)
     # Padding rows (lse = +inf) get delta = 0 even if do holds NaN there.
     qvalid = tl.load(LSE + bh * N + offs_m) != float("inf")
-    tl.store(DELTA + bh * N + offs_m, tl.where(qvalid, tl.sum(o * do, 1), 0.0))
+    o = tl.load(O + ptrs, mask=qvalid[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=qvalid[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, 1))
 
 
 @triton.jit
@@ -204,45 +247,6 @@ def _bwd_dq_inner(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     return dq
-
-
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KVALID,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
-    N, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = bh * N * HEAD_DIM
-    tile = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-
-    q = tl.load(Q + tile)
-    q = (q.to(tl.float32) * qk_scale).to(q.dtype)
-    do = tl.load(DO + tile)
-    # lse is natural-log; scores are base-2 logits. Padding rows: lse = +inf -> p = 0.
-    lse2 = tl.load(LSE + bh * N + offs_m) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * N + offs_m)
-    dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, K + base, V + base, KVALID, FULL_IDX,
-        tl.load(FULL_PTR + qb), tl.load(FULL_PTR + qb + 1), offs_n, offs_d,
-        HEAD_DIM, BLOCK, False, PRECISION,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, K + base, V + base, KVALID, PART_IDX,
-        tl.load(PART_PTR + qb), tl.load(PART_PTR + qb + 1), offs_n, offs_d,
-        HEAD_DIM, BLOCK, True, PRECISION,
-    )
-    # Padding rows (lse = +inf) are row-local garbage if q/do hold NaN there: write 0.
-    dq = tl.where((lse2 != float("inf"))[:, None], dq * scale, 0.0)
-    tl.store(DQ + tile, dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -279,39 +283,61 @@ def _bwd_dkdv_inner(
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KVALID,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
-    N, qk_scale, scale,
+def _bwd_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE, DELTA, KVALID,
+    Q2K_FULL_PTR, Q2K_FULL_IDX, Q2K_PART_PTR, Q2K_PART_IDX,
+    K2Q_FULL_PTR, K2Q_FULL_IDX, K2Q_PART_PTR, K2Q_PART_IDX, ORDER,
+    N, NB, BH, N_LONG, qk_scale, scale, TUNE_N, TUNE_BH,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    kb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
-    offs_m = tl.arange(0, BLOCK)
+    blk, bh = _program_block(tl.program_id(0), ORDER, NB, BH, N_LONG)
+    offs_blk = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_t = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     base = bh * N * HEAD_DIM
-    tile = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tile = base + offs_blk[:, None] * HEAD_DIM + offs_d[None, :]
 
-    kvalid = tl.load(KVALID + offs_n) != 0
+    # Phase 1: dk, dv of this block as a key block (k2q lists).
+    kvalid = tl.load(KVALID + offs_blk) != 0
     k = tl.load(K + tile, mask=kvalid[:, None], other=0.0)
     k = (k.to(tl.float32) * qk_scale).to(k.dtype)
     v = tl.load(V + tile, mask=kvalid[:, None], other=0.0)
     dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-
     dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, kvalid, Q + base, DO + base, LSE + bh * N, DELTA + bh * N, FULL_IDX,
-        tl.load(FULL_PTR + kb), tl.load(FULL_PTR + kb + 1), offs_m, offs_d,
+        dk, dv, k, v, kvalid, Q + base, DO + base, LSE + bh * N, DELTA + bh * N, K2Q_FULL_IDX,
+        tl.load(K2Q_FULL_PTR + blk), tl.load(K2Q_FULL_PTR + blk + 1), offs_t, offs_d,
         HEAD_DIM, BLOCK, False, PRECISION,
     )
     dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, kvalid, Q + base, DO + base, LSE + bh * N, DELTA + bh * N, PART_IDX,
-        tl.load(PART_PTR + kb), tl.load(PART_PTR + kb + 1), offs_m, offs_d,
+        dk, dv, k, v, kvalid, Q + base, DO + base, LSE + bh * N, DELTA + bh * N, K2Q_PART_IDX,
+        tl.load(K2Q_PART_PTR + blk), tl.load(K2Q_PART_PTR + blk + 1), offs_t, offs_d,
         HEAD_DIM, BLOCK, True, PRECISION,
     )
     tl.store(DK + tile, (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + tile, dv.to(DV.dtype.element_ty))
+
+    # Phase 2: dq of this block as a query block (q2k lists).
+    q = tl.load(Q + tile)
+    q = (q.to(tl.float32) * qk_scale).to(q.dtype)
+    do = tl.load(DO + tile)
+    # lse is natural-log; scores are base-2 logits. Padding rows: lse = +inf -> p = 0.
+    lse2 = tl.load(LSE + bh * N + offs_blk) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * N + offs_blk)
+    dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K + base, V + base, KVALID, Q2K_FULL_IDX,
+        tl.load(Q2K_FULL_PTR + blk), tl.load(Q2K_FULL_PTR + blk + 1), offs_t, offs_d,
+        HEAD_DIM, BLOCK, False, PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, K + base, V + base, KVALID, Q2K_PART_IDX,
+        tl.load(Q2K_PART_PTR + blk), tl.load(Q2K_PART_PTR + blk + 1), offs_t, offs_d,
+        HEAD_DIM, BLOCK, True, PRECISION,
+    )
+    # Padding rows (lse = +inf) are row-local garbage if q/do hold NaN there: write 0.
+    dq = tl.where((lse2 != float("inf"))[:, None], dq * scale, 0.0)
+    tl.store(DQ + tile, dq.to(DQ.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------
@@ -359,7 +385,7 @@ def _check_device(q: torch.Tensor) -> None:
         raise KernelArgumentError("q", "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
 
 
-def _check_lists(lists: BlockLists, num_blocks: int, device: torch.device) -> None:
+def _check_lists(lists, num_blocks: int, device: torch.device) -> None:
     for field in ("q2k_full", "q2k_part", "k2q_full", "k2q_part"):
         indptr = getattr(lists, f"{field}_indptr", None)
         idx = getattr(lists, f"{field}_idx", None)
@@ -387,6 +413,107 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+class LaunchPlan:
+    """What a launch needs besides q, k, v: int32 CSR lists, int8 validity masks, the
+    program orders (see the module docstring) and the block size, all on one device.
+
+    ``volumevlm.ops.layout.BlockLists`` carries all of this, prepared once per layout
+    and device; :func:`plan_from_lists` builds one from bare lists (checked, and with
+    a device sync to order the programs: not for a hot path).
+    """
+
+    __slots__ = ("lists", "key_valid_i8", "query_valid_i8", "fwd_order", "fwd_long", "bwd_order", "bwd_long",
+                 "num_blocks", "block_size")
+
+    def __init__(self, lists, key_valid_i8, query_valid_i8, fwd_order, fwd_long, bwd_order, bwd_long, num_blocks, block_size):
+        self.lists = lists
+        self.key_valid_i8, self.query_valid_i8 = key_valid_i8, query_valid_i8
+        self.fwd_order, self.fwd_long = fwd_order, int(fwd_long)
+        self.bwd_order, self.bwd_long = bwd_order, int(bwd_long)
+        self.num_blocks, self.block_size = int(num_blocks), int(block_size)
+
+
+def plan_from_block_lists(lists) -> LaunchPlan:
+    """The plan carried by a prepared ``BlockLists`` (no checks, no copies)."""
+    return LaunchPlan(lists, lists.key_valid_i8, lists.query_valid_i8, lists.fwd_order, lists.fwd_long,
+                      lists.bwd_order, lists.bwd_long, lists.num_blocks, lists.block_size)
+
+
+def _order(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Host-side program order of bare lists: blocks with lists over 3x the median
+    first, longest first (the rule ``volumevlm.ops.layout.program_order`` applies)."""
+    lengths = lengths.cpu().long()
+    nb = lengths.numel()
+    nonzero = lengths[lengths > 0].double()
+    median = float(nonzero.quantile(0.5)) if nonzero.numel() else 0.0
+    long_blocks = torch.nonzero(lengths > 3.0 * max(median, 1.0)).flatten()
+    long_blocks = long_blocks[torch.argsort(-lengths[long_blocks], stable=True)][: max(nb - 1, 0)]
+    is_long = torch.zeros(nb, dtype=torch.bool)
+    is_long[long_blocks] = True
+    order = torch.cat([long_blocks, torch.nonzero(~is_long).flatten()])
+    return order.to(torch.int32), int(long_blocks.numel())
+
+
+def plan_from_lists(lists, key_valid, query_valid, block_size: int, n: int, device) -> LaunchPlan:
+    """A checked plan from bare CSR lists (any object with the eight tensors) and bool masks."""
+    _check_block_size(block_size)
+    num_blocks = n // block_size
+    _check_lists(lists, num_blocks, device)
+    kvalid = _check_mask("key_valid", key_valid, n, device)
+    qvalid = _check_mask("query_valid", query_valid, n, device)
+    q2k = lists.q2k_full_indptr.diff() + lists.q2k_part_indptr.diff()
+    k2q = lists.k2q_full_indptr.diff() + lists.k2q_part_indptr.diff()
+    fwd_order, fwd_long = _order(q2k)
+    bwd_order, bwd_long = _order(q2k + k2q)
+    return LaunchPlan(lists, kvalid, qvalid, fwd_order.to(device), fwd_long, bwd_order.to(device), bwd_long,
+                      num_blocks, block_size)
+
+
+def forward_prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: LaunchPlan, scale: float):
+    """The forward launch alone: q, k, v contiguous [B, H, N, D] of one dtype on the
+    plan's device (the caller has checked them). Returns (o, lse fp32 [B, H, N])."""
+    b, h, n, d = q.shape
+    lists = plan.lists
+    o = torch.empty_like(q)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    bh = b * h
+    _fwd_kernel[(plan.num_blocks * bh,)](
+        q, k, v, o, lse, plan.key_valid_i8, plan.query_valid_i8,
+        lists.q2k_full_indptr, lists.q2k_full_idx, lists.q2k_part_indptr, lists.q2k_part_idx, plan.fwd_order,
+        n, plan.num_blocks, bh, plan.fwd_long, float(scale) * _LOG2E, _bucket(n), _bucket(bh),
+        HEAD_DIM=d, BLOCK=plan.block_size, PRECISION=_precision(q.dtype),
+    )
+    return o, lse
+
+
+def backward_prepared(do, q, k, v, o, lse, plan: LaunchPlan, scale: float):
+    """The backward launches alone (delta, then the fused dk/dv + dq kernel): all
+    tensors contiguous, as :func:`forward_prepared` left them. Returns dq, dk, dv."""
+    b, h, n, d = q.shape
+    lists = plan.lists
+    bh = b * h
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(plan.num_blocks, bh)](o, do, lse, delta, n, HEAD_DIM=d, BLOCK=plan.block_size)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _bwd_kernel[(plan.num_blocks * bh,)](
+        q, k, v, do, dq, dk, dv, lse, delta, plan.key_valid_i8,
+        lists.q2k_full_indptr, lists.q2k_full_idx, lists.q2k_part_indptr, lists.q2k_part_idx,
+        lists.k2q_full_indptr, lists.k2q_full_idx, lists.k2q_part_indptr, lists.k2q_part_idx, plan.bwd_order,
+        n, plan.num_blocks, bh, plan.bwd_long, float(scale) * _LOG2E, float(scale), _bucket(n), _bucket(bh),
+        HEAD_DIM=d, BLOCK=plan.block_size, PRECISION=_precision(q.dtype),
+    )
+    return dq, dk, dv
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """The autotuner's choice per kernel and key (block, head dim, N bucket, B*H bucket,
+    then dtypes), as strings: what a benchmark records next to its timings."""
+    out = {}
+    for name, kernel in (("forward", _fwd_kernel), ("backward", _bwd_kernel)):
+        out[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+    return out
+
+
 def block_sparse_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -397,7 +524,7 @@ def block_sparse_attention_forward(
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse softmax attention, forward.
+    """Block-sparse softmax attention, forward (every argument checked).
 
     q, k, v: [B, H, N, D] fp16/bf16/fp32 on CUDA (CPU under TRITON_INTERPRET=1), tokens in
     layout order, N = num_blocks * block_size, D a power of two in 16..128.
@@ -407,24 +534,13 @@ def block_sparse_attention_forward(
     scale: the softmax scale (usually D ** -0.5).
     Returns o [B, H, N, D] (q's dtype; 0 on padding queries) and lse fp32 [B, H, N]
     (natural-log logsumexp of the scaled scores; +inf on padding queries).
+    The op ``volumevlm.ops.sparse_attention`` calls :func:`forward_prepared` instead,
+    with a plan its layout prepared once.
     """
     b, h, n, d = _check_tensors(("q", "k", "v"), (q, k, v), block_size)
-    num_blocks = n // block_size
-    _check_lists(lists, num_blocks, q.device)
-    kvalid = _check_mask("key_valid", key_valid, n, q.device)
-    qvalid = _check_mask("query_valid", query_valid, n, q.device)
+    plan = plan_from_lists(lists, key_valid, query_valid, block_size, n, q.device)
     _check_device(q)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    grid = (num_blocks, b * h)
-    _fwd_kernel[grid](
-        q, k, v, o, lse, kvalid, qvalid,
-        lists.q2k_full_indptr, lists.q2k_full_idx, lists.q2k_part_indptr, lists.q2k_part_idx,
-        n, float(scale) * _LOG2E,
-        HEAD_DIM=d, BLOCK=block_size, PRECISION=_precision(q.dtype),
-    )
-    return o, lse
+    return forward_prepared(q.contiguous(), k.contiguous(), v.contiguous(), plan, scale)
 
 
 def block_sparse_attention_backward(
@@ -439,7 +555,7 @@ def block_sparse_attention_backward(
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block-sparse softmax attention, backward.
+    """Block-sparse softmax attention, backward (every argument checked).
 
     do, q, k, v, o: [B, H, N, D] of one dtype (as in the forward); lse: fp32 [B, H, N]
     from the forward (+inf on padding queries). Returns dq, dk, dv [B, H, N, D] in q's
@@ -447,32 +563,10 @@ def block_sparse_attention_backward(
     no query attends.
     """
     b, h, n, d = _check_tensors(("q", "k", "v", "o", "do"), (q, k, v, o, do), block_size)
-    num_blocks = n // block_size
-    _check_lists(lists, num_blocks, q.device)
-    kvalid = _check_mask("key_valid", key_valid, n, q.device)
+    # The backward never reads query_valid (padding queries are known by lse = +inf).
+    plan = plan_from_lists(lists, key_valid, key_valid, block_size, n, q.device)
     if lse.shape != (b, h, n) or lse.dtype != torch.float32 or lse.device != q.device:
         raise KernelArgumentError("lse", f"expected float32 [{b}, {h}, {n}] on {q.device}, got {lse.dtype} {tuple(lse.shape)}")
     _check_device(q)
     q, k, v, o, do, lse = (t.contiguous() for t in (q, k, v, o, do, lse))
-    grid = (num_blocks, b * h)
-    precision = _precision(q.dtype)
-
-    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[grid](o, do, lse, delta, n, HEAD_DIM=d, BLOCK=block_size)
-
-    dq = torch.empty_like(q)
-    _bwd_dq_kernel[grid](
-        q, k, v, do, dq, lse, delta, kvalid,
-        lists.q2k_full_indptr, lists.q2k_full_idx, lists.q2k_part_indptr, lists.q2k_part_idx,
-        n, float(scale) * _LOG2E, float(scale),
-        HEAD_DIM=d, BLOCK=block_size, PRECISION=precision,
-    )
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    _bwd_dkdv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, kvalid,
-        lists.k2q_full_indptr, lists.k2q_full_idx, lists.k2q_part_indptr, lists.k2q_part_idx,
-        n, float(scale) * _LOG2E, float(scale),
-        HEAD_DIM=d, BLOCK=block_size, PRECISION=precision,
-    )
-    return dq, dk, dv
+    return backward_prepared(do, q, k, v, o, lse, plan, scale)

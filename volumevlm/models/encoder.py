@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from volumevlm.errors import InputError, VolumeVLMError
 from volumevlm.ops import attention_layout, sparse_attention
+from volumevlm.ops.layout import cache_builder
 
 PATTERNS = ("local", "dilated", "dense")
 POOLED_NORMS = ("batch", "none")
@@ -156,6 +157,18 @@ class EncoderConfig:
         """Token grid of an input of ``spatial`` voxels (default: image_size)."""
         spatial = self.image_size if spatial is None else spatial
         return tuple(math.ceil(s / p) for s, p in zip(spatial, self.patch_size))  # type: ignore[return-value]
+
+    def attention_layouts(self, grid: tuple[int, int, int] | None = None) -> list:
+        """The attention layout of every layer for a token grid (default: the nominal
+        grid), as the encoder runs them (cached by the ops)."""
+        grid = self.grid() if grid is None else grid
+        window = (self.window,) * 3
+        by_pattern = {
+            "local": lambda: attention_layout(grid, self.tile, window, 1, self.num_registers),
+            "dilated": lambda: attention_layout(grid, self.tile, window, self.dilation, self.num_registers),
+            "dense": lambda: attention_layout(grid, self.tile, None, 1, self.num_registers),
+        }
+        return [by_pattern[p]() for p in self.patterns()]
 
     @property
     def embed_channels(self) -> int:
@@ -352,6 +365,10 @@ class VolumeEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.dim)
         self.pooled_norm = PooledBatchNorm(config.dim) if config.pooled_norm == "batch" else nn.Identity()
+        # RoPE tables per (grid, device, dtype): derived from the config alone, so they
+        # are neither parameters nor buffers (no state_dict entry, no .to() copies).
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout_cache: dict[tuple, list] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -364,15 +381,26 @@ class VolumeEncoder(nn.Module):
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)
 
     def layouts(self, grid: tuple[int, int, int]) -> list:
-        """The attention layout of every layer for a token grid (cached by the ops)."""
-        c = self.config
-        window = (c.window,) * 3
-        by_pattern = {
-            "local": lambda: attention_layout(grid, c.tile, window, 1, c.num_registers),
-            "dilated": lambda: attention_layout(grid, c.tile, window, c.dilation, c.num_registers),
-            "dense": lambda: attention_layout(grid, c.tile, None, 1, c.num_registers),
-        }
-        return [by_pattern[p]() for p in c.patterns()]
+        """The attention layout of every layer for a token grid (cached per grid here,
+        so a compiled forward reads a dict instead of tracing the layout's construction)."""
+        layouts = self._layout_cache.get(grid)
+        if layouts is None:
+            layouts = self.config.attention_layouts(grid)
+            self._layout_cache[grid] = layouts
+        return layouts
+
+    def _rope(self, layout, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin float32 [N, P] of ``grid``'s layout on ``device``, built once per
+        (grid, device, dtype) and cached: rebuilding them on the host and copying them
+        to the device every forward cost a blocking copy per step."""
+        key = (grid, device, torch.float32)
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            with cache_builder():  # never inference tensors: training reuses the cache
+                cos, sin = rope_tables(layout.coords, self.config.head_dim, self.config.rope_base)
+                tables = (cos.to(device), sin.to(device))
+            self._rope_cache[key] = tables
+        return tables
 
     def _check_input(self, x: torch.Tensor) -> None:
         c = self.config
@@ -397,8 +425,8 @@ class VolumeEncoder(nn.Module):
         layouts = self.layouts(grid)
         first = layouts[0]
         tokens = first.to_layout(feats.flatten(2).transpose(1, 2), self.registers.expand(B, -1, -1).to(feats.dtype))
-        cos, sin = (t.to(x.device) for t in rope_tables(first.coords, c.head_dim, c.rope_base))
-        valid = first._index("key_valid", x.device)[None, :, None].to(tokens.dtype)
+        cos, sin = self._rope(first, grid, x.device)
+        valid = first.cached("key_valid", x.device, tokens.dtype)[None, :, None]
 
         backend = c.attention_backend
         keep = set(c.feature_layers())

@@ -26,12 +26,20 @@ Block lists (CSR, int32, sorted ascending) split each attended (query block, key
 block) pair into *full* (the key block has no padding: no masking needed) and
 *partial* (the kernel masks with ``key_valid``); the ``k2q_*`` lists are the
 transposes, split the same way.
+
+Everything a call needs on a device (lists, masks, program orders, index vectors)
+is built once per device and cached on the layout, and everything a launcher sizes
+its work by is a host number fixed at construction, so the call path of the op
+never builds a mask, copies from the host or waits on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +69,15 @@ class BlockLists:
     [pairs]); ``key_valid`` / ``query_valid`` are bool [N]. ``q2k_max`` /
     ``k2q_max`` are the longest full + partial list of any block (host ints, so a
     launcher can size its loops without a device sync).
+
+    Launch data, built with the lists so a call builds nothing: ``key_valid_i8`` /
+    ``query_valid_i8`` are the masks as int8 (what the kernels load);
+    ``fwd_order`` / ``bwd_order`` (int32 [num_blocks]) are the order in which programs
+    take blocks: the ``fwd_long`` / ``bwd_long`` blocks with by far the longest lists
+    (global blocks attend, and are attended by, every block) first, so they never form
+    a tail, then the others in sequence order (neighbouring programs share key blocks
+    in L2). The backward's length is a block's key list plus its query list (one
+    program does both). ``valid_index`` (int64 [num_valid]) lists the valid positions.
     """
 
     q2k_full_indptr: torch.Tensor
@@ -77,6 +94,53 @@ class BlockLists:
     block_size: int
     q2k_max: int
     k2q_max: int
+    key_valid_i8: torch.Tensor | None = None
+    query_valid_i8: torch.Tensor | None = None
+    fwd_order: torch.Tensor | None = None
+    fwd_long: int = 0
+    bwd_order: torch.Tensor | None = None
+    bwd_long: int = 0
+    valid_index: torch.Tensor | None = None
+
+
+# A block is scheduled first when its list is longer than this many times the median
+# list: only global blocks (lists of every block) reach it in a windowed layout.
+_LONG_LIST_FACTOR = 3.0
+
+
+def program_order(lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """(order int32 [nb], n_long): blocks whose list is much longer than the median
+    first (longest first), then the rest in their own order. ``n_long < nb`` always,
+    so a launcher never divides by an empty remainder."""
+    nb = len(lengths)
+    nonzero = lengths[lengths > 0]
+    median = float(np.median(nonzero)) if len(nonzero) else 0.0
+    is_long = lengths > _LONG_LIST_FACTOR * max(median, 1.0)
+    long_blocks = np.nonzero(is_long)[0]
+    long_blocks = long_blocks[np.argsort(-lengths[long_blocks], kind="stable")][: max(nb - 1, 0)]
+    rest = np.setdiff1d(np.arange(nb), long_blocks, assume_unique=True)
+    return np.concatenate([long_blocks, rest]).astype(np.int32), int(len(long_blocks))
+
+
+@contextlib.contextmanager
+def cache_builder():
+    """The context every cached device tensor is built in: normal tensors outside
+    autograd even when the first call runs under ``torch.inference_mode`` (an inference
+    tensor in a cache would break every later call that records gradients)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+_OP_KEYS = itertools.count(1)
+_BY_KEY: "weakref.WeakValueDictionary[int, AttentionLayout]" = weakref.WeakValueDictionary()
+
+
+def layout_by_key(key: int) -> "AttentionLayout":
+    """The live layout whose ``op_key`` is ``key`` (for the registered torch ops)."""
+    layout = _BY_KEY.get(int(key))
+    if layout is None:
+        raise InputError("sparse_attention", f"no live attention layout has key {key} (it was garbage-collected)")
+    return layout
 
 
 def _triple(value, name: str, allow_zero: bool) -> tuple[int, int, int]:
@@ -163,6 +227,9 @@ class AttentionLayout:
         self.query_valid = torch.from_numpy(valid.copy())
         self.grid_to_seq = torch.from_numpy(grid_to_seq)
         self.global_positions = torch.arange(num_global, dtype=torch.int64)
+        self.valid_index = torch.from_numpy(np.nonzero(valid)[0].astype(np.int64))
+        # Host flag: callers branch on it instead of reducing a (device) mask per call.
+        self.has_padding: bool = bool(self.num_valid < N)
 
         # Attended (query block, key block) pairs.
         block_valid_count = valid.reshape(nb, T).sum(axis=1)
@@ -180,9 +247,27 @@ class AttentionLayout:
         self.k2q_full_indptr, self.k2q_full_idx = _csr(cols[~part], rows[~part], nb)
         self.k2q_part_indptr, self.k2q_part_idx = _csr(cols[part], rows[part], nb)
         self._pairs = (rows, cols)
+        # Work the block-sparse kernels execute (whole T x T tiles, padding included),
+        # relative to dense attention over the valid tokens: what dispatch compares.
+        self.executed_fraction: float = float(self.num_block_pairs) * T * T / float(self.num_valid) ** 2
+
+        q2k_len = np.diff(self.q2k_full_indptr.numpy()) + np.diff(self.q2k_part_indptr.numpy())
+        k2q_len = np.diff(self.k2q_full_indptr.numpy()) + np.diff(self.k2q_part_indptr.numpy())
+        self.q2k_max: int = int(q2k_len.max(initial=0))
+        self.k2q_max: int = int(k2q_len.max(initial=0))
+        self._fwd_order, self.fwd_long = program_order(q2k_len)
+        self._bwd_order, self.bwd_long = program_order(q2k_len + k2q_len)
+
         self._device_lists: dict[torch.device, BlockLists] = {}
         # Per-consumer derived data (e.g. the torch path's grouped lists), built lazily.
         self._derived: dict[str, object] = {}
+        # How many device-side objects this layout has built (lists, masks, indices):
+        # after a first call on a device, a call must not add any (tests count this).
+        self.device_builds: int = 0
+        # A plain int naming this layout to the registered torch ops (torch.library ops
+        # take tensors and scalars, not Python objects); see :func:`layout_by_key`.
+        self.op_key: int = next(_OP_KEYS)
+        _BY_KEY[self.op_key] = self
 
     def _block_pairs(self, tile_coords: np.ndarray, tiles, G: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) int64 arrays of attended (query block, key block) pairs, unsorted."""
@@ -219,19 +304,65 @@ class AttentionLayout:
             device = torch.device("cuda", torch.cuda.current_device())
         lists = self._device_lists.get(device)
         if lists is None:
-            q2k_len = np.diff(self.q2k_full_indptr.numpy()) + np.diff(self.q2k_part_indptr.numpy())
-            k2q_len = np.diff(self.k2q_full_indptr.numpy()) + np.diff(self.k2q_part_indptr.numpy())
-            lists = BlockLists(
-                **{name: getattr(self, name).to(device) for name in _CSR_FIELDS},
-                key_valid=self.key_valid.to(device),
-                query_valid=self.query_valid.to(device),
-                num_blocks=self.num_blocks,
-                block_size=self.block_size,
-                q2k_max=int(q2k_len.max(initial=0)),
-                k2q_max=int(k2q_len.max(initial=0)),
-            )
+            with cache_builder():
+                lists = self._build_lists(device)
             self._device_lists[device] = lists
+            self.device_builds += 1
         return lists
+
+    def _build_lists(self, device: torch.device) -> BlockLists:
+        key_valid = self.key_valid.to(device)
+        query_valid = self.query_valid.to(device)
+        return BlockLists(
+            **{name: getattr(self, name).to(device).contiguous() for name in _CSR_FIELDS},
+            key_valid=key_valid,
+            query_valid=query_valid,
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            q2k_max=self.q2k_max,
+            k2q_max=self.k2q_max,
+            key_valid_i8=key_valid.to(torch.int8).contiguous(),
+            query_valid_i8=query_valid.to(torch.int8).contiguous(),
+            fwd_order=torch.from_numpy(self._fwd_order).to(device),
+            fwd_long=self.fwd_long,
+            bwd_order=torch.from_numpy(self._bwd_order).to(device),
+            bwd_long=self.bwd_long,
+            valid_index=self.valid_index.to(device),
+        )
+
+    def cached(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The CPU tensor attribute ``name`` on ``device`` (cast to ``dtype`` if given),
+        built once per (name, device, dtype) and cached."""
+        key = f"{name}@{device}/{dtype}"
+        t = self._derived.get(key)
+        if t is None:
+            with cache_builder():
+                t = getattr(self, name).to(device=device, dtype=dtype)
+            self._derived[key] = t
+            self.device_builds += 1
+        return t  # type: ignore[return-value]
+
+    def dense_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [num_valid, num_valid] over the valid tokens (0 where attended,
+        -inf elsewhere) in ``dtype`` on ``device``, cached: what dense SDPA takes for a
+        sparse layout (built once in the query's dtype, so SDPA converts nothing per call;
+        flash takes no mask, the memory-efficient kernel takes this one).
+        num_valid^2 elements: small layouts only."""
+        key = f"dense_bias@{device}/{dtype}"
+        t = self._derived.get(key)
+        if t is None:
+            with cache_builder():
+                idx = self.valid_index
+                allowed = self.dense_mask()[idx][:, idx]
+                n = allowed.shape[0]
+                # Rows padded to a multiple of 16 elements: the memory-efficient kernel needs
+                # an aligned bias and would otherwise pad a copy on every call.
+                storage = torch.zeros(n, -(-n // 16) * 16, dtype=dtype)
+                storage[:, :n].masked_fill_(~allowed, float("-inf"))
+                t = storage.to(device)[:, :n]
+            self._derived[key] = t
+            self.device_builds += 1
+        return t  # type: ignore[return-value]
 
     def block_mask(self) -> torch.Tensor:
         """bool [num_blocks, num_blocks]: True where the query block attends the key block."""
@@ -277,12 +408,7 @@ class AttentionLayout:
         return x_grid, (x[:, : self.num_global] if self.num_global else None)
 
     def _index(self, name: str, device: torch.device) -> torch.Tensor:
-        key = f"{name}@{device}"
-        idx = self._derived.get(key)
-        if idx is None:
-            idx = getattr(self, name).to(device)
-            self._derived[key] = idx
-        return idx  # type: ignore[return-value]
+        return self.cached(name, device)
 
     def __repr__(self) -> str:
         pattern = "dense" if self.window is None else f"window={self.window}, dilation={self.dilation}"
@@ -295,7 +421,8 @@ class AttentionLayout:
 
 @functools.lru_cache(maxsize=64)
 def _build(grid, tile, window, dilation, num_global) -> AttentionLayout:
-    return AttentionLayout(grid, tile, window, dilation, num_global)
+    with cache_builder():  # a layout first built under inference_mode must serve training too
+        return AttentionLayout(grid, tile, window, dilation, num_global)
 
 
 def attention_layout(grid, tile=(4, 4, 4), window=(1, 1, 1), dilation: int = 1, num_global: int = 0) -> AttentionLayout:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from volumevlm.ops.layout import AttentionLayout
+from volumevlm.ops.layout import AttentionLayout, cache_builder
 
 # Scores held per chunk (elements of the [BH, X, R, S] score tensor, at least one query
 # block's worth); bounds the working set to MiB-scale temporaries.
@@ -50,6 +50,14 @@ def _groups(layout: AttentionLayout, device: torch.device, dtype: torch.dtype) -
     cached = layout._derived.get(key)
     if cached is not None:
         return cached  # type: ignore[return-value]
+    with cache_builder():
+        groups = _build_groups(layout, device, dtype)
+    layout._derived[key] = groups
+    layout.device_builds += 1
+    return groups
+
+
+def _build_groups(layout: AttentionLayout, device: torch.device, dtype: torch.dtype) -> list[_Group]:
     nb, T = layout.num_blocks, layout.block_size
     full_ptr, full_idx = layout.q2k_full_indptr.numpy(), layout.q2k_full_idx.numpy()
     part_ptr, part_idx = layout.q2k_part_indptr.numpy(), layout.q2k_part_idx.numpy()
@@ -80,7 +88,6 @@ def _groups(layout: AttentionLayout, device: torch.device, dtype: torch.dtype) -
                 length=int(length),
             )
         )
-    layout._derived[key] = groups
     return groups
 
 
@@ -133,9 +140,9 @@ def _masked_scores(qs: torch.Tensor, kg: torch.Tensor, group: _Group, sl: slice)
 
 def clean_inputs(layout: AttentionLayout, *xs: torch.Tensor) -> list[torch.Tensor]:
     """Zero the padding positions of [B, H, N, D] tensors so NaN/garbage there cannot leak."""
-    if not bool(layout.is_padding.any()):
+    if not layout.has_padding:
         return list(xs)
-    valid = layout._index("key_valid", xs[0].device)[:, None]
+    valid = layout.cached("key_valid", xs[0].device)[:, None]
     return [torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs]
 
 
@@ -164,10 +171,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attention
             out.index_copy_(1, qi, o.reshape(BH, c, T * D).to(q.dtype))
             lse.index_copy_(1, qi, (m + denom.log()).reshape(BH, c, T))
     out, lse = out.view(B, H, N, D), lse.view(B, H, N)
-    if not bool(layout.is_padding.any()):
+    if not layout.has_padding:
         return out, lse
     # Padding queries (including blocks with empty lists, never written above): o = 0, lse = +inf.
-    qvalid = layout._index("query_valid", q.device)
+    qvalid = layout.cached("query_valid", q.device)
     out = torch.where(qvalid[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     lse = torch.where(qvalid, lse, torch.full((), float("inf"), dtype=cdt, device=q.device))
     return out, lse
@@ -208,8 +215,8 @@ def backward(do, q, k, v, o, lse, layout: AttentionLayout, scale: float):
                 dk.index_add_(1, idx, dkg.reshape(BH, -1, T * D))
                 dv.index_add_(1, idx, dvg.reshape(BH, -1, T * D))
     dq, dk, dv = (x.view(B, H, N, D).to(q.dtype) for x in (dq, dk, dv))
-    if bool(layout.is_padding.any()):
+    if layout.has_padding:
         # Blocks with empty lists were never written; padding query rows get no gradient.
-        qvalid = layout._index("query_valid", q.device)[:, None]
+        qvalid = layout.cached("query_valid", q.device)[:, None]
         dq = torch.where(qvalid, dq, torch.zeros((), dtype=dq.dtype, device=dq.device))
     return dq, dk, dv
