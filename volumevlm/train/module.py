@@ -251,8 +251,11 @@ class PretrainModule(L.LightningModule):
         findings or codes, the same computed here."""
         keys, vocab = self.reading_keys(), self.model.phecode_vocab
         given = batch.get("reading")
+        # Readings made for other findings serve a module without a labeler term (it reads
+        # none of them); phenotype targets must be over this model's vocabulary.
         if given is not None and all(
-            r.keys == keys and r.phenotype_targets is not None and len(r.phenotype_targets) == len(vocab.codes)
+            (not keys or r.keys == keys) and r.phenotype_targets is not None
+            and len(r.phenotype_targets) == len(vocab.codes)
             for r in given
         ):
             return list(given)
