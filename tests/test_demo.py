@@ -17,6 +17,9 @@ def test_demo_leaves_a_cohort_a_loadable_model_and_an_evaluation_with_intervals(
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "not clinical data" in printed and "zero-shot AUROC" in printed and "[3/3]" in printed
+    # the yardsticks are in the table that ends the demo, beside zero-shot
+    table = printed[printed.index("zero-shot AUROC"):]
+    assert "linear probe AUROC" in table and "voxel probe AUROC" in table
 
     manifest = [json.loads(line) for line in (out / "cohort" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 16 and all(row["synthetic"] for row in manifest)
@@ -32,6 +35,9 @@ def test_demo_leaves_a_cohort_a_loadable_model_and_an_evaluation_with_intervals(
     assert zero_shot["findings_scored"] > 0  # 4 held-out cases still hold both classes of some finding
     low, high = zero_shot["macro_auroc_ci95"]
     assert low <= zero_shot["macro_auroc"] <= high
+    for probe in (metrics["linear_probe"], metrics["baseline"]["voxel_probe"]):
+        assert probe["train_cases"] == sum(row["split"] == "train" for row in manifest)
+        assert set(probe["per_finding"]) == set(zero_shot["per_finding"])
 
     # A rerun with the same --n and --seed reuses the cohort (and only re-validates).
     assert main(args + ["--no-eval"]) == 0

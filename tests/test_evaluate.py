@@ -26,6 +26,7 @@ from volumevlm.data.manifest import read_manifest
 from volumevlm.data.synthetic.codes import FINDING_CODES
 from volumevlm.data.transforms import preprocess
 from volumevlm.eval.evaluate import METRICS_NAME, evaluate
+from volumevlm.eval.probes import probe_section, voxel_features
 from volumevlm.io import read_volume
 from volumevlm.metrics import dice_per_label, macro_auroc, macro_auroc_interval, per_finding_auroc, pool_recall, recall_at_k
 from volumevlm.metrics.report import report_metrics
@@ -112,6 +113,8 @@ def test_metrics_json_has_every_key_and_plot(evaluated, runs):
     samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
     assert len(samples) == COHORT_CASES and all(s["generated"].startswith("FINDINGS:") for s in samples)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # Evaluated on the split the probes are fitted on: they say so rather than score it.
+    assert "train" in metrics["linear_probe"]["skipped"] and "train" in metrics["baseline"]["voxel_probe"]["skipped"]
 
 
 def test_zero_shot_phenotype_and_retrieval_figures_match_a_hand_computation(evaluated, by_hand):
@@ -215,6 +218,32 @@ def test_a_checkpoint_without_heads_reports_skipped_sections_on_the_command_line
     assert metrics["retrieval"]["r1_pool32"] is None  # fewer than 32 held-out cases
     assert metrics["command"].startswith("volumevlm evaluate")
     assert not (out / "dice_boxplot.png").exists() and (out / "retrieval_recall.png").is_file()
+    assert "linear probe AUROC" in printed and "voxel probe AUROC" in printed
+
+    # The yardsticks, by hand: probes fitted on the train split's embeddings / voxel
+    # features (each case preprocessed and encoded here), scored on val + test.
+    model = volumevlm.load(runs["plain"])
+    rows = read_manifest(runs["cohort"] / "manifest.jsonl").rows
+    train = [row for row in rows if row["split"] == "train"]
+    held_out = [row for row in rows if row["split"] in ("val", "test")]
+    names = list(dict.fromkeys(k for row in held_out for k in row["findings"]))
+
+    def features(case_rows):
+        with torch.no_grad():
+            images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in case_rows])
+            return (model.encode_image(images).numpy(), voxel_features(images, model.preprocess.hu_window).numpy(),
+                    np.array([[row["findings"].get(k, -1) for k in names] for row in case_rows], dtype=float))
+
+    (train_emb, train_vox, train_y), (eval_emb, eval_vox, eval_y) = features(train), features(held_out)
+    for section, fit_x, eval_x in ((metrics["linear_probe"], train_emb, eval_emb),
+                                   (metrics["baseline"]["voxel_probe"], train_vox, eval_vox)):
+        expected = probe_section(fit_x, train_y, eval_x, eval_y, names, features="")
+        assert section["train_cases"] == len(train) and section["findings"] == len(names)
+        assert section["findings_scored"] == expected["findings_scored"] > 0
+        assert section["macro_auroc"] == pytest.approx(expected["macro_auroc"], abs=1e-3)
+        assert section["per_finding"].keys() == expected["per_finding"].keys()
+        low, high = section["macro_auroc_ci95"]
+        assert low <= section["macro_auroc"] <= high
 
 
 def test_bad_arguments_fail_in_one_line(runs, capsys, tmp_path):

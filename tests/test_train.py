@@ -376,3 +376,68 @@ def test_report_findings_term_refuses_findings_the_labeler_cannot_read(cohort):
         PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
                        objective={"findings_weight": 1.0}, tokenizer=datamodule.tokenizer,
                        phecode_vocab=datamodule.phecode_vocab, findings=["not_a_finding"])
+
+
+def test_the_datamodule_reads_each_case_once_as_the_labeler_does_and_holds_compact_volumes(cohort, tmp_path):
+    """Precomputed readings (data.precompute) equal what the labeler, the tokenizer and the
+    phecode vocabulary give for each report, the losses are the same with them as without,
+    and in_memory volumes are the preprocessed ones rounded to float16 (cache read once)."""
+    import random
+
+    import numpy as np
+
+    from volumevlm.text.labeler import findings_matrix, label_findings, report_sentences
+    from volumevlm.text.sections import report_sections
+    from volumevlm.train.train import build
+
+    cfg = shrunk_config(cohort, tmp_path / "out", "experiment=demo", "data.batch_size=4")
+    assert cfg.data.precompute and cfg.data.in_memory and cfg.data.text_max_length == cfg.model.text.max_length
+    datamodule, module = build(cfg)
+    keys = module.report_finding_keys
+    tower = module.model.text
+    loader = datamodule.train_dataloader()
+    dataset = loader.dataset
+    for row, reading in zip(dataset.rows, dataset.readings):
+        report = row["report"]
+        # the labeler, by hand: hedged counts as present, and on the synthetic cohort its
+        # reading is the case's true findings
+        by_labeler = findings_matrix([label_findings(report, keys)], keys)[0]
+        assert reading.findings.tolist() == by_labeler.tolist() == [row["findings"][k] for k in keys]
+        assert reading.statuses == {k: s != "negative" for k, s in label_findings(report, keys).items()}
+        stating = [(text, label_findings(context, keys)) for text, context in report_sentences(report)]
+        assert [(t, c) for t, c, _ in reading.sentences] == [
+            (text, {k: s != "negative" for k, s in labels.items()}) for text, labels in stating if labels]
+        assert [t for t, _, _ in reading.sections] == report_sections(report)
+        # token ids, padded, are what the tower's tokenizer gives the texts in a batch
+        texts = [report, *(t for t, _, _ in reading.sentences), *(t for t, _, _ in reading.sections)]
+        ids = [reading.report_tokens, *(i for _, _, i in reading.sentences), *(i for _, _, i in reading.sections)]
+        padded, tokenized = tower.pad_token_ids(ids), tower.tokenize(texts)
+        assert torch.equal(padded["input_ids"], tokenized["input_ids"])
+        assert torch.equal(padded["attention_mask"], tokenized["attention_mask"])
+        assert reading.phenotype_targets.tolist() == list(module.model.phecode_vocab.encode(row["phecodes"]))
+
+    batch = next(iter(loader))
+    module.eval()
+    with torch.no_grad():
+        random.seed(5)
+        with_readings = module.compute_losses(batch)
+        random.seed(5)
+        without = module.compute_losses({k: v for k, v in batch.items() if k != "reading"})
+    for name in ("loss", "clip", "phenotype", "findings", "sentences"):
+        assert torch.allclose(with_readings[name], without[name], atol=1e-5), name
+
+    # in_memory: every volume read once, held as float16, served from memory afterwards
+    for _ in loader:  # the first epoch
+        pass
+    assert all(image is not None and image.dtype == torch.float16 for image in dataset.held)
+    first = dataset.base.image(0)
+    assert torch.equal(dataset[0]["image"], first.to(torch.float16).float())
+    assert (dataset[0]["image"] - first).abs().max() <= 2.0 ** -11  # about 1 HU of a 2000 HU window
+    dataset.base.image = lambda index: pytest.fail("a held volume was read again")
+    assert torch.equal(dataset[0]["image"], first.to(torch.float16).float())
+    from volumevlm.train.datamodule import PretrainDataModule
+
+    with pytest.raises(VolumeVLMError, match="num_workers") as err:
+        PretrainDataModule(cohort, in_memory=True, num_workers=1)
+    assert "\n" not in str(err.value)
+    assert np.isfinite(with_readings["loss"].item())

@@ -271,14 +271,20 @@ class PretrainDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.image(index), **self.case_fields(index)}
+
+    def image(self, index: int) -> torch.Tensor:
+        """The preprocessed image float32 [1, X, Y, Z] of case ``index``."""
+        return _plain(_fetch(self._data, index)["image"])
+
+    def case_fields(self, index: int) -> dict[str, Any]:
+        """Everything of an item but its image (no volume is read)."""
         row = self.rows[index]
-        image = _plain(_fetch(self._data, index)["image"])
         report = case_report(row)
         icd10 = [str(c) for c in (row.get("icd10") or [])]
         phecodes = [str(c) for c in (row.get("phecodes") or [])]
         findings = row.get("findings")
         return {
-            "image": image,
             "report": report,
             "icd10": icd10,
             "phecodes": phecodes,

@@ -15,6 +15,16 @@ zero_shot
     checkpoint's, else ``synthetic``; template-averaged, pairwise softmax) against the
     manifest's finding labels: ``macro_auroc`` over findings with both classes in the
     split, ``per_finding`` AUROC (None: one class only). Plot: ``roc_curves.png``.
+linear_probe
+    the yardstick of the representation: a logistic regression per finding on the frozen
+    image embeddings, fitted on the cohort's ``train`` split (encoded in the same run) and
+    scored on the evaluated cases: ``macro_auroc`` with the same 95% bootstrap interval as
+    zero-shot (``macro_auroc_ci95``), ``per_finding`` (:mod:`volumevlm.eval.probes`).
+baseline
+    ``voxel_probe``: the same regression on features that need no model (coarsely pooled
+    voxel intensities plus an HU histogram of the preprocessed volume): the floor a
+    foundation model's embedding must clear. Both probes are skipped when the evaluated
+    split includes ``train``.
 phenotypes
     sigmoid of the phenotype logits against the cases' phecodes: ``macro_auroc`` over the
     checkpoint's codes with positives and negatives in the split, ``per_code``; and
@@ -176,24 +186,28 @@ def report_embeddings(model, reports: Sequence[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cache_dir=None, progress=None,
-                 generate: bool = False) -> dict[str, Any]:
+                 generate: bool = False, texts: bool = True, what: str = "encoding") -> dict[str, Any]:
     """One pass of the image encoder over the cases (THE preprocessing, the checkpoint's config).
 
     Returns {"image_emb" [N, E], "phenotype_logits" [N, V], "text_emb" [N, E] (zero rows
-    without a report), "has_report" bool [N], "generated" list[str] (report head, when
-    ``generate``), "ids"}. The encoder runs once per batch: embedding, phenotype logits and
-    the report head's visual tokens all come from that one output."""
+    without a report, or everywhere when not ``texts``), "has_report" bool [N],
+    "voxel_features" [N, D] (:func:`volumevlm.eval.probes.voxel_features` of the
+    preprocessed volumes), "generated" list[str] (report head, when ``generate``), "ids"}.
+    The encoder runs once per batch: embedding, phenotype logits and the report head's
+    visual tokens all come from that one output."""
     from torch.utils.data import DataLoader
 
     from volumevlm.data.datasets import PretrainDataset, collate_cases
+    from volumevlm.eval.probes import voxel_features
     from volumevlm.models.report import encoder_features
 
     dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0, collate_fn=collate_cases)
     head = model.head("report") if generate else None
-    task = progress.add_task("encoding" + (" + reports" if generate else ""), total=len(dataset)) if progress else None
-    image_emb, logits, text_emb, has_report, generated, ids = [], [], [], [], [], []
+    task = progress.add_task(what + (" + reports" if generate else ""), total=len(dataset)) if progress else None
+    image_emb, logits, text_emb, has_report, generated, ids, voxels = [], [], [], [], [], [], []
     for batch in loader:
+        voxels.append(voxel_features(batch["image"], model.preprocess.hu_window))
         images = batch["image"].to(model.device, dtype=torch.float32)
         out = model.encoder(images)
         image_emb.append(F.normalize(model.image_projection(out.pooled), dim=-1).float().cpu())
@@ -201,7 +215,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         reports = batch["report"]
         mask = [r is not None for r in reports]
         rows_text = torch.zeros(len(reports), model.embed_dim)
-        if any(mask):
+        if any(mask) and texts:
             rows_text[torch.tensor(mask)] = report_embeddings(model, [r for r in reports if r is not None]).cpu()
         text_emb.append(rows_text)
         has_report.extend(mask)
@@ -216,6 +230,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         "phenotype_logits": torch.cat(logits),
         "text_emb": torch.cat(text_emb),
         "has_report": torch.tensor(has_report, dtype=torch.bool),
+        "voxel_features": torch.cat(voxels),
         "generated": generated,
         "ids": ids,
     }
@@ -291,6 +306,40 @@ def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None 
         section["image_visible_codes_scored"] = visible_used
         section["image_visible_codes"] = [codes[j] for j in columns]
     return section
+
+
+PROBE_SPLIT = "train"
+
+
+def probe_sections(model, encoded, rows, data: Path, split: str, batch_size: int, cache_dir=None,
+                   progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The yardsticks (:mod:`volumevlm.eval.probes`): (``linear_probe``, ``baseline``), each
+    a logistic probe per finding fitted on the cohort's train split (encoded here, images
+    only) and scored on the evaluated cases against the manifest's finding labels."""
+    from volumevlm.data.manifest import read_manifest
+    from volumevlm.eval.probes import probe_section
+
+    if PROBE_SPLIT in [s.strip() for s in str(split).split(",")]:
+        why = f"the evaluated split includes {PROBE_SPLIT!r}, the split the probes are fitted on"
+        return {"skipped": why}, {"voxel_probe": {"skipped": why}}
+    train_rows = [row for row in read_manifest(Path(data) / MANIFEST_NAME).rows if row.get("split") == PROBE_SPLIT]
+    labelled = [name for name in dict.fromkeys(str(k) for row in rows for k in (row.get("findings") or {}))
+                if any(name in (row.get("findings") or {}) for row in train_rows)]
+    if not labelled:
+        why = f"no finding labelled in both the evaluated cases and the {PROBE_SPLIT!r} split of the manifest"
+        return {"skipped": why}, {"voxel_probe": {"skipped": why}}
+
+    def targets(case_rows):
+        return np.array([[float((row.get("findings") or {}).get(k, -1)) for k in labelled] for row in case_rows])
+
+    fit = encode_cases(model, train_rows, batch_size, cache_dir=cache_dir, progress=progress, texts=False,
+                       what="encoding train (probes)")
+    train_y, eval_y = targets(train_rows), targets(rows)
+    linear = probe_section(fit["image_emb"].numpy(), train_y, encoded["image_emb"].numpy(), eval_y, labelled,
+                           features="frozen image embeddings (unit, shared space)")
+    voxel = probe_section(fit["voxel_features"].numpy(), train_y, encoded["voxel_features"].numpy(), eval_y, labelled,
+                          features="coarsely pooled voxel intensities + HU histogram of the preprocessed volume")
+    return linear, {"voxel_probe": voxel}
 
 
 def visible_phecodes(option: str | None, synthetic: bool) -> list[str] | None:
@@ -519,6 +568,11 @@ def evaluate(
         plots += more
         timings["zero_shot_phenotypes_retrieval_s"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        metrics["linear_probe"], metrics["baseline"] = probe_sections(
+            model, encoded, rows, data, split, batch_size, cache_dir=cache_dir, progress=bar)
+        timings["probes_s"] = time.perf_counter() - t0
+
         if model.has_head("segmentation"):
             t0 = time.perf_counter()
             metrics["segmentation"], more = segmentation_section(model, rows, out, synthetic, progress=bar)
@@ -590,6 +644,13 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     if "skipped" not in zs:
         rows.append((f"zero-shot AUROC (macro, {zs.get('findings_scored')} findings) [95% CI]",
                      _fmt_ci(zs.get("macro_auroc"), zs.get("macro_auroc_ci95")), "0.500"))
+    probe, voxel = metrics.get("linear_probe", {}), metrics.get("baseline", {}).get("voxel_probe", {})
+    if probe and "skipped" not in probe:
+        rows.append((f"linear probe AUROC (image embeddings, {probe.get('findings_scored')} findings) [95% CI]",
+                     _fmt_ci(probe.get("macro_auroc"), probe.get("macro_auroc_ci95")), "0.500"))
+    if voxel and "skipped" not in voxel:
+        rows.append((f"voxel probe AUROC (baseline, no model, {voxel.get('findings_scored')} findings) [95% CI]",
+                     _fmt_ci(voxel.get("macro_auroc"), voxel.get("macro_auroc_ci95")), "0.500"))
     if "skipped" not in ph:
         rows.append((f"phenotype AUROC (macro, {ph.get('codes_scored')} codes) [95% CI]",
                      _fmt_ci(ph.get("macro_auroc"), ph.get("macro_auroc_ci95")), "0.500"))
@@ -615,8 +676,10 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         rows.append(("report clinical F1 (macro)", _fmt(rep.get("clinical_f1")), "-"))
         rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
         rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
-    for name in ("zero_shot", "phenotypes", "retrieval", "segmentation", "report"):
-        section = metrics.get(name, {})
+    sections = {name: metrics.get(name, {}) for name in ("zero_shot", "linear_probe", "phenotypes", "retrieval",
+                                                          "segmentation", "report")}
+    sections["baseline.voxel_probe"] = metrics.get("baseline", {}).get("voxel_probe", {})
+    for name, section in sections.items():
         if "skipped" in section:
             rows.append((f"{name}", "skipped", section["skipped"]))
     width = max([len(r[0]) for r in rows] + [6])

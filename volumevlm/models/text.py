@@ -189,6 +189,21 @@ class TextTower(nn.Module):
         )
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
+    def pad_token_ids(self, token_ids) -> dict[str, torch.Tensor]:
+        """What :meth:`tokenize` gives for texts already tokenized (each a sequence of ids,
+        truncated at ``max_length``, as the tokenizer makes them one text at a time): the
+        same right-padded {"input_ids", "attention_mask"} int64 [B, L]."""
+        token_ids = [list(ids) for ids in token_ids]
+        length = max((len(ids) for ids in token_ids), default=0)
+        if any(len(ids) > self.max_length for ids in token_ids):
+            raise VolumeVLMError(f"text tower: token ids longer than max_length {self.max_length}")
+        input_ids = torch.full((len(token_ids), length), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        attention_mask = torch.zeros(len(token_ids), length, dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled features float [B, embed_dim] of int64 input_ids / attention_mask [B, L]."""
         if input_ids.shape[0] == 0:

@@ -177,9 +177,10 @@ class VolumeVLM(nn.Module):
         emb = self.image_projection(self.image_features(x))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
-        """Text embeddings [B, E] (unit length if normalize) of B report texts."""
-        tokens = self.text.tokenize(list(texts))
+    def encode_text(self, texts: Sequence[str], normalize: bool = True, token_ids=None) -> torch.Tensor:
+        """Text embeddings [B, E] (unit length if normalize) of B report texts; ``token_ids``
+        (one id sequence per text, truncated at the tower's max_length) skips tokenizing."""
+        tokens = self.text.tokenize(list(texts)) if token_ids is None else self.text.pad_token_ids(token_ids)
         emb = self.text_projection(
             self.text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
         )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from volumevlm.data.datasets import PretrainDataset, case_report, collate_cases
@@ -80,9 +81,19 @@ class PretrainDataModule(L.LightningDataModule):
     vocab_dir: where the tokenizer and phecode vocabulary are kept (read if present,
         else built and written); None: built in memory every time.
 
+    precompute: read every case's report and codes once (:func:`volumevlm.train.targets.read_case`:
+        the labeler's findings, finding sentences, sections, their token ids truncated at
+        ``text_max_length``, phecode targets) instead of in every training step; batches
+        carry them as "reading".
+    in_memory: keep each preprocessed volume in memory as float16 after its first read
+        (about 1 HU of rounding over a 2000 HU window; 0.9 MB per 96x96x48 case), so that
+        later epochs read no cache file. Needs ``num_workers=0`` (each worker would hold
+        its own copy).
+
     Batches are :func:`collate_cases` dicts: "image" float32 [B, 1, X, Y, Z] in [0, 1],
     "report" list[str | None], "phecodes" list[list[str]], "findings" list[dict | None],
-    "has_report"/"has_codes" bool [B], "id" list[str].
+    "has_report"/"has_codes" bool [B], "id" list[str], and with ``precompute``
+    "reading" list[CaseReading].
     """
 
     def __init__(
@@ -99,8 +110,14 @@ class PretrainDataModule(L.LightningDataModule):
         phecode_min_count: int = 1,
         train_limit: int | None = None,
         vocab_dir: str | os.PathLike | None = None,
+        precompute: bool = True,
+        in_memory: bool = False,
+        text_max_length: int | None = None,
     ):
         super().__init__()
+        if in_memory and int(num_workers) > 0:
+            raise InputError("data.in_memory", f"needs data.num_workers=0 (each of the {num_workers} workers "
+                                               "would hold its own copy of the volumes)")
         self.root = Path(root).expanduser()
         self.preprocess = as_preprocess_config(preprocess)
         if int(batch_size) < 1:
@@ -119,6 +136,10 @@ class PretrainDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.phecode_vocab = None
         self.findings: list[str] = []
+        self.precompute = bool(precompute)
+        self.in_memory = bool(in_memory)
+        self.text_max_length = None if text_max_length is None else int(text_max_length)
+        self._datasets: dict[str, CaseDataset] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -193,12 +214,45 @@ class PretrainDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _dataset(self, rows: list[dict]) -> PretrainDataset:
-        return PretrainDataset(rows, self.preprocess, cache_dir=self.cache_dir)
+    def finding_keys(self) -> tuple[str, ...]:
+        """The labeler's keys of the training findings (empty when it cannot read them)."""
+        from volumevlm.text.labeler import resolve_findings
+
+        try:
+            return tuple(resolve_findings(self.findings)) if self.findings else ()
+        except VolumeVLMError:
+            return ()
+
+    def readings(self, rows: list[dict]) -> list:
+        """:func:`~volumevlm.train.targets.read_case` of every row (tokenizer and phecode
+        vocabulary from :meth:`setup`)."""
+        from volumevlm.train.targets import read_case
+
+        keys = self.finding_keys()
+        tokenizer, length = self.tokenizer, self.text_max_length
+        tokenize = None
+        if tokenizer is not None and length:
+            def tokenize(text: str) -> list[int]:
+                return tokenizer(text, truncation=True, max_length=length, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+        return [read_case(case_report(row), row.get("phecodes") or [], keys, tokenize=tokenize,
+                          token_length=length or 0, phecode_vocab=self.phecode_vocab) for row in rows]
+
+    def _dataset(self, rows: list[dict], name: str | None = None) -> "CaseDataset":
+        """The dataset of ``rows``; kept under ``name`` (its readings and held volumes are
+        made once per run), built afresh when None."""
+        if name is None or name not in self._datasets:
+            base = PretrainDataset(rows, self.preprocess, cache_dir=self.cache_dir)
+            readings = self.readings(rows) if self.precompute else None
+            dataset = CaseDataset(base, readings, in_memory=self.in_memory)
+            if name is None:
+                return dataset
+            self._datasets[name] = dataset
+        return self._datasets[name]
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self._dataset(rows),
+            self._dataset(rows, "train" if shuffle else "val"),
             batch_size=batch_size,
             shuffle=shuffle,
             # Contrastive batches of one case carry no negatives: drop a ragged last batch
@@ -231,6 +285,37 @@ class PretrainDataModule(L.LightningDataModule):
             "phecodes": len(self.phecode_vocab.codes) if self.phecode_vocab is not None else None,
             "preprocess": self.preprocess.to_dict(),
         }
+
+
+class CaseDataset(torch.utils.data.Dataset):
+    """A :class:`PretrainDataset` whose items also carry their precomputed "reading", and
+    whose volumes are held in memory as float16 once read (``in_memory``)."""
+
+    def __init__(self, base: PretrainDataset, readings: list | None = None, in_memory: bool = False):
+        if readings is not None and len(readings) != len(base):
+            raise VolumeVLMError(f"case dataset: {len(readings)} readings for {len(base)} cases")
+        self.base = base
+        self.rows = base.rows
+        self.readings = readings
+        self.held: list[torch.Tensor | None] | None = [None] * len(base) if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.held is None:
+            image = self.base.image(index)
+        elif self.held[index] is None:
+            image = self.base.image(index)
+            self.held[index] = image.to(torch.float16)
+            # What training sees is what a later epoch reads back: the rounded volume.
+            image = self.held[index].float()
+        else:
+            image = self.held[index].float()
+        item = {"image": image, **self.base.case_fields(index)}
+        if self.readings is not None:
+            item["reading"] = self.readings[index]
+        return item
 
 
 def _process_rank() -> int:

@@ -31,6 +31,7 @@ import torch
 from volumevlm.errors import VolumeVLMError
 from volumevlm.metrics import macro_auroc, retrieval_recall
 from volumevlm.text.sections import report_sections
+from volumevlm.train.targets import CaseReading, read_case
 
 OBJECTIVE_DEFAULTS: dict[str, Any] = {
     "clip_weight": 1.0,
@@ -128,6 +129,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 
 class PretrainModule(L.LightningModule):
@@ -239,35 +241,82 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ batches
 
-    def training_texts(self, reports: Sequence[str | None]) -> list[str | None]:
-        """The text paired with each case: the whole report, or (sections mode) one of
-        its organ-system sections drawn at random; None where there is no report."""
-        if not self.sections:
-            return list(reports)
-        return [random.choice(report_sections(r)) if r is not None else None for r in reports]
+    def reading_keys(self) -> tuple[str, ...]:
+        """The labeler's finding keys the objective reads (empty without a labeler term)."""
+        return tuple(getattr(self, "report_finding_keys", ()))
 
-    def text_embeddings(self, texts: Sequence[str | None], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit text embeddings [B, E] (zero rows where text is None) and pair_mask bool [B]."""
+    def case_readings(self, batch: Mapping[str, Any]) -> list[CaseReading]:
+        """Each case's :class:`~volumevlm.train.targets.CaseReading`: the batch's own (the
+        datamodule computes them once), or, for a batch without them or made for other
+        findings or codes, the same computed here."""
+        keys, vocab = self.reading_keys(), self.model.phecode_vocab
+        given = batch.get("reading")
+        # Readings made for other findings serve a module without a labeler term (it reads
+        # none of them); phenotype targets must be over this model's vocabulary.
+        if given is not None and all(
+            (not keys or r.keys == keys) and r.phenotype_targets is not None
+            and len(r.phenotype_targets) == len(vocab.codes)
+            for r in given
+        ):
+            return list(given)
+        return [read_case(report, codes, keys, phecode_vocab=vocab) for report, codes in zip(batch["report"], batch["phecodes"])]
+
+    def _tokens_usable(self, readings: Sequence[CaseReading]) -> bool:
+        return all(r.token_length == self.model.text.max_length for r in readings)
+
+    def training_pairs(self, reports: Sequence[str | None], readings: Sequence[CaseReading] | None = None):
+        """(texts, token ids or None, findings float [F] or None per text): the text paired
+        with each case (the whole report, or in sections mode one of its organ-system
+        sections drawn at random; None where there is no report), with its token ids and
+        the labeler's reading of it when ``readings`` carry them."""
+        if readings is None:
+            readings = [read_case(r, None, self.reading_keys()) for r in reports]
+        tokens_ok = self._tokens_usable(readings)
+        texts, ids, findings = [], [], []
+        for report, reading in zip(reports, readings):
+            if report is None:
+                texts.append(None), ids.append(None), findings.append(None)
+            elif not self.sections:
+                texts.append(report), ids.append(reading.report_tokens), findings.append(reading.findings)
+            else:
+                text, section_findings, section_ids = random.choice(reading.sections)
+                texts.append(text), ids.append(section_ids), findings.append(section_findings)
+        return texts, (ids if tokens_ok else None), findings
+
+    def training_texts(self, reports: Sequence[str | None]) -> list[str | None]:
+        """The text paired with each case (see :meth:`training_pairs`)."""
+        return self.training_pairs(reports)[0]
+
+    def text_embeddings(self, texts: Sequence[str | None], dtype: torch.dtype,
+                        token_ids: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit text embeddings [B, E] (zero rows where text is None) and pair_mask bool [B];
+        ``token_ids`` (one per text) spare the tokenizer."""
         mask = torch.tensor([t is not None for t in texts], dtype=torch.bool, device=self.device)
         emb = torch.zeros(len(texts), self.model.embed_dim, device=self.device, dtype=dtype)
-        present = [t for t in texts if t is not None]
+        present = [i for i, t in enumerate(texts) if t is not None]
         if present:
-            emb[mask] = self.model.encode_text(present).to(dtype)
+            ids = None if token_ids is None else [token_ids[i] for i in present]
+            emb[mask] = self.model.encode_text([texts[i] for i in present], token_ids=ids).to(dtype)
         return emb, mask
 
-    def phenotype_targets(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def phenotype_targets(self, batch: Mapping[str, Any],
+                          readings: Sequence[CaseReading] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-hot phecode targets float [B, V] and has_codes bool [B]."""
-        vocab = self.model.phecode_vocab
-        targets = torch.stack([torch.as_tensor(vocab.encode(codes), dtype=torch.float32) for codes in batch["phecodes"]])
+        readings = self.case_readings(batch) if readings is None else readings
+        targets = torch.stack([torch.as_tensor(r.phenotype_targets, dtype=torch.float32) for r in readings])
         return targets.to(self.device), torch.as_tensor(batch["has_codes"], dtype=torch.bool, device=self.device)
 
     def compute_losses(self, batch: Mapping[str, Any], texts: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
         """The objective on one (local) batch: {"loss", "clip", "phenotype"} scalars."""
-        texts = self.training_texts(batch["report"]) if texts is None else texts
+        readings = self.case_readings(batch)
+        if texts is None:
+            texts, token_ids, text_findings = self.training_pairs(batch["report"], readings)
+        else:
+            token_ids, text_findings = None, None
         out = self.model(batch["image"])
         image_emb = out["image_emb"]
-        text_emb, pair_mask = self.text_embeddings(texts, image_emb.dtype)
-        targets, has_codes = self.phenotype_targets(batch)
+        text_emb, pair_mask = self.text_embeddings(texts, image_emb.dtype, token_ids)
+        targets, has_codes = self.phenotype_targets(batch, readings)
         clip_w, phen_w = self.loss_weights(self.global_step if self._trainer is not None else 0)
         self.objective.clip_weight = clip_w
         self.objective.phenotype_weight = phen_w
@@ -281,19 +330,23 @@ class PretrainModule(L.LightningModule):
             codes_mask=has_codes,
         )
         if self.findings_weight:
-            losses["findings"] = self.report_findings_loss(self.findings_head_input(out), batch["report"])
+            losses["findings"] = self.report_findings_loss(self.findings_head_input(out), batch["report"], readings)
             if self.findings_space == "shared":
                 # the text side reads the text it was given (a section in sections mode)
-                text_loss = self.report_findings_loss(text_emb, texts)
+                text_targets = None
+                if text_findings is not None:
+                    text_targets = self._findings_tensor(text_findings, texts)
+                text_loss = self.report_findings_loss(text_emb, texts, targets=text_targets)
                 losses["findings"] = 0.5 * (losses["findings"] + text_loss)
             losses["loss"] = losses["loss"] + self.findings_weight * losses["findings"]
         if self.sentence_weight:
-            losses["sentences"] = self.sentence_loss(image_emb, out["logit_scale"], batch["report"])
+            losses["sentences"] = self.sentence_loss(image_emb, out["logit_scale"], batch["report"], readings)
             losses["loss"] = losses["loss"] + self.sentence_weight * losses["sentences"]
         return losses
 
     def finding_sentences(self, reports: Sequence[str | None], per_case: int | None = None,
-                          rng: random.Random | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+                          rng: random.Random | None = None,
+                          readings: Sequence[CaseReading] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Up to ``per_case`` sentences drawn from each report among those that state a
         finding, and whether each is TRUE of each case: (sentences [S], targets float
         [B, S], known bool [B, S]). A sentence is true of a case when the labeler reads
@@ -301,24 +354,31 @@ class PretrainModule(L.LightningModule):
         in that case's report; unknown where the case has no report or does not mention
         one of them. Why per sentence and not per report: a report is unique, so a
         contrastive model can match it by what makes it unique; "No splenomegaly." is
-        shared by most cases, and this says by which."""
-        from volumevlm.text.labeler import label_findings, report_sentences
+        shared by most cases, and this says by which. ``readings``: the cases'
+        precomputed labeler readings (computed here when None)."""
+        return self._finding_sentences(reports, per_case, rng, readings)[:3]
 
+    def _finding_sentences(self, reports, per_case=None, rng=None, readings=None):
+        """:meth:`finding_sentences` plus the drawn sentences' token ids (None when the
+        readings carry none usable)."""
         rng = rng or random
         per_case = self.sentences_per_case if per_case is None else per_case
         keys = self.report_finding_keys
-        case_labels = [_present_or_absent(label_findings(r, keys)) if r is not None else None for r in reports]
+        if readings is None:
+            readings = [read_case(r, None, keys) for r in reports]
+        tokens_ok = self._tokens_usable(readings)
+        case_labels = [reading.statuses if report is not None else None for report, reading in zip(reports, readings)]
         sentences: list[str] = []
         stated: list[dict[str, bool]] = []
-        for report in reports:
+        ids: list = []
+        for report, reading in zip(reports, readings):
             if report is None:
                 continue
-            candidates = [(text, _present_or_absent(label_findings(context, keys)))
-                          for text, context in report_sentences(report)]
-            candidates = [(text, labels) for text, labels in candidates if labels]
-            for text, labels in rng.sample(candidates, min(per_case, len(candidates))):
+            candidates = list(reading.sentences)
+            for text, labels, token_ids in rng.sample(candidates, min(per_case, len(candidates))):
                 sentences.append(text)
                 stated.append(labels)
+                ids.append(token_ids)
         targets = torch.zeros(len(reports), len(sentences))
         known = torch.zeros(len(reports), len(sentences), dtype=torch.bool)
         for i, labels in enumerate(case_labels):
@@ -326,28 +386,33 @@ class PretrainModule(L.LightningModule):
                 if labels is not None and all(key in labels for key in claim):
                     known[i, j] = True
                     targets[i, j] = float(all(labels[key] == value for key, value in claim.items()))
-        return sentences, targets.to(self.device), known.to(self.device)
+        return sentences, targets.to(self.device), known.to(self.device), (ids if tokens_ok else None)
 
     def sentence_loss(self, image_emb: torch.Tensor, logit_scale: torch.Tensor,
-                      reports: Sequence[str | None]) -> torch.Tensor:
+                      reports: Sequence[str | None], readings: Sequence[CaseReading] | None = None) -> torch.Tensor:
         """Mean sigmoid BCE over the (case, sentence) pairs whose truth the labeler knows
         (this rank's cases and sentences)."""
-        sentences, targets, known = self.finding_sentences(reports)
+        sentences, targets, known, ids = self._finding_sentences(reports, readings=readings)
         if not sentences or not bool(known.any()):
             return image_emb.sum() * 0.0 + self.sentence_bias * 0.0
-        text_emb = self.model.encode_text(sentences).to(image_emb.dtype)
+        text_emb = self.model.encode_text(sentences, token_ids=ids).to(image_emb.dtype)
         logits = logit_scale.to(image_emb.dtype) * image_emb @ text_emb.T + self.sentence_bias.to(image_emb.dtype)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return torch.nn.functional.binary_cross_entropy_with_logits(logits[known].to(dtype), targets[known])
 
-    def report_findings_targets(self, reports: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Findings the labeler reads in each report, float [B, F] (a hedged finding counts
-        as present), and has_report bool [B]."""
-        from volumevlm.text.labeler import findings_matrix, label_findings
+    def _findings_tensor(self, findings: Sequence, reports: Sequence[str | None]) -> torch.Tensor:
+        width = len(self.report_finding_keys)
+        rows = [torch.as_tensor(f, dtype=torch.float32) if (r is not None and f is not None) else torch.zeros(width)
+                for f, r in zip(findings, reports)]
+        return torch.stack(rows).to(self.device)
 
-        keys = self.report_finding_keys
-        labels = [label_findings(r, keys) if r is not None else {} for r in reports]
-        targets = torch.as_tensor(findings_matrix(labels, keys), dtype=torch.float32, device=self.device)
+    def report_findings_targets(self, reports: Sequence[str | None],
+                                readings: Sequence[CaseReading] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Findings the labeler reads in each report, float [B, F] (a hedged finding counts
+        as present), and has_report bool [B]; from ``readings`` when given."""
+        if readings is None:
+            readings = [read_case(r, None, self.report_finding_keys) for r in reports]
+        targets = self._findings_tensor([r.findings for r in readings], reports)
         return targets, torch.tensor([r is not None for r in reports], dtype=torch.bool, device=self.device)
 
     def start_report_findings_at_prevalence(self, reports: Sequence[str | None]) -> None:
@@ -363,12 +428,19 @@ class PretrainModule(L.LightningModule):
         """What the findings head reads of a model output: pooled features or the unit embedding."""
         return out["image_emb"] if self.findings_space == "shared" else out["image_features"]
 
-    def report_findings_loss(self, inputs: torch.Tensor, reports: Sequence[str | None]) -> torch.Tensor:
+    def report_findings_loss(self, inputs: torch.Tensor, reports: Sequence[str | None],
+                             readings: Sequence[CaseReading] | None = None,
+                             targets: torch.Tensor | None = None) -> torch.Tensor:
         """Mean BCE of the training-only findings head on inputs [B, D] (image features, or
         in the shared space image or text embeddings) over the cases with a report (this
-        rank's mean: under DDP ranks with equal batches average to the global mean)."""
+        rank's mean: under DDP ranks with equal batches average to the global mean).
+        Targets: ``targets`` [B, F] when given, else the labeler's reading of ``reports``
+        (from ``readings`` when given)."""
         logits = self.report_findings_head(inputs)
-        targets, has_report = self.report_findings_targets(reports)
+        if targets is None:
+            targets, has_report = self.report_findings_targets(reports, readings)
+        else:
+            has_report = torch.tensor([r is not None for r in reports], dtype=torch.bool, device=self.device)
         if not bool(has_report.any()):
             return logits.sum() * 0.0
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -409,7 +481,8 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         out = self.model(batch["image"])
         text_emb, pair_mask = self.validation_text_embeddings(batch["report"], out["image_emb"].dtype)
-        targets, has_codes = self.phenotype_targets(batch)
+        readings = self.case_readings(batch)
+        targets, has_codes = self.phenotype_targets(batch, readings)
         names = self.model.findings
         findings = torch.full((len(batch["report"]), len(names)), -1.0, device=self.device)
         for i, case in enumerate(batch["findings"]):
@@ -429,7 +502,7 @@ class PretrainModule(L.LightningModule):
         if self.findings_weight:
             # The training-only head against the labeler's reading of the validation
             # reports: does the encoder learn the findings at all, apart from the text?
-            head_targets, has_report = self.report_findings_targets(batch["report"])
+            head_targets, has_report = self.report_findings_targets(batch["report"], readings)
             self._val_outputs[-1].update(
                 report_findings_logits=self.report_findings_head(self.findings_head_input(out)).float(),
                 report_findings_targets=head_targets,
@@ -500,7 +573,3 @@ class PretrainModule(L.LightningModule):
         return configure_adamw(self.named_parameters(), self.optimizer_config, total_optimizer_steps(self),
                                exempt_from_decay=lambda name: name.endswith("logit_scale"))
 
-
-def _present_or_absent(labels: Mapping[str, str]) -> dict[str, bool]:
-    """The labeler's statuses as True (positive or hedged) / False (negative)."""
-    return {key: status != "negative" for key, status in labels.items()}

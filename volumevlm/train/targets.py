@@ -1,0 +1,104 @@
+"""What pretraining reads in each case's report and codes, computed once per case.
+
+The rule-based labeler (:mod:`volumevlm.text.labeler`), the report's sentences and
+sections, their token ids and the phecode targets do not change from one epoch to the
+next, so the datamodule computes them once (:func:`read_case`) and batches carry the
+result (``batch["reading"]``, one :class:`CaseReading` per case). The pretraining module
+reads them from there, or (a batch without readings, e.g. from a plain
+:class:`~volumevlm.data.datasets.PretrainDataset`) computes the same thing with the same
+functions here: one definition either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from volumevlm.text.sections import report_sections
+
+
+class CaseReading:
+    """One case's report and codes as the objective uses them (read-only by convention).
+
+    findings: float32 [F] the labeler's reading of the report over the objective's finding
+        keys (1 present or hedged, 0 negative or not mentioned); None without a report.
+    statuses: {finding key: True (present or hedged) / False (negative)} for the findings
+        the report mentions; None without a report.
+    sentences: (sentence, {key: present?}, token ids) for the report's sentences that state
+        at least one finding.
+    sections: (section text "HEADER: text", findings float32 [F], token ids), or the whole
+        report as its one section when it has none.
+    report_tokens: token ids of the whole report (truncated at ``token_length``), or None.
+    phenotype_targets: float32 [V] multi-hot phecodes over the vocabulary; None when not
+        computed.
+    token_length: the truncation length the token ids were made with (0: no token ids).
+    keys: the finding keys of ``findings`` and ``statuses``.
+
+    A plain object, not a dataclass: Lightning's batch transfer rebuilds dataclasses field
+    by field, and these hold no tensors to move.
+    """
+
+    __slots__ = ("findings", "statuses", "sentences", "sections", "report_tokens", "phenotype_targets",
+                 "token_length", "keys")
+
+    def __init__(self, findings=None, statuses=None, sentences=(), sections=(), report_tokens=None,
+                 phenotype_targets=None, token_length: int = 0, keys: tuple[str, ...] = ()):
+        self.findings = findings
+        self.statuses = statuses
+        self.sentences = sentences
+        self.sections = sections
+        self.report_tokens = report_tokens
+        self.phenotype_targets = phenotype_targets
+        self.token_length = int(token_length)
+        self.keys = tuple(keys)
+
+
+def present_or_absent(labels: Mapping[str, str]) -> dict[str, bool]:
+    """The labeler's statuses as True (positive or hedged) / False (negative)."""
+    return {key: status != "negative" for key, status in labels.items()}
+
+
+def findings_vector(text: str, keys: Sequence[str]) -> np.ndarray:
+    """float32 [F]: the labeler's reading of ``text`` over ``keys`` (hedged counts as present)."""
+    from volumevlm.text.labeler import findings_matrix, label_findings
+
+    return findings_matrix([label_findings(text, keys)], keys)[0].astype(np.float32)
+
+
+def finding_sentence_candidates(report: str, keys: Sequence[str]) -> list[tuple[str, dict[str, bool]]]:
+    """The report's sentences that state a finding, each with what it states."""
+    from volumevlm.text.labeler import label_findings, report_sentences
+
+    candidates = [(text, present_or_absent(label_findings(context, keys))) for text, context in report_sentences(report)]
+    return [(text, labels) for text, labels in candidates if labels]
+
+
+def read_case(report: str | None, phecodes: Sequence[str] | None, keys: Sequence[str],
+              tokenize: Callable[[str], list[int]] | None = None, token_length: int = 0,
+              phecode_vocab=None) -> CaseReading:
+    """Everything the objective reads in one case (see :class:`CaseReading`).
+
+    keys: the labeler's finding keys; tokenize: text -> token ids already truncated at
+    ``token_length`` (None: no token ids); phecode_vocab: a PhecodeVocabulary (None: no
+    phenotype targets)."""
+    from volumevlm.text.labeler import label_findings
+
+    keys = tuple(keys)
+    phenotype = (np.asarray(phecode_vocab.encode(list(phecodes or [])), dtype=np.float32)
+                 if phecode_vocab is not None else None)
+    if report is None:
+        return CaseReading(phenotype_targets=phenotype, keys=keys, token_length=token_length if tokenize else 0)
+    ids = (lambda text: tuple(tokenize(text))) if tokenize else (lambda text: None)
+    return CaseReading(
+        findings=findings_vector(report, keys) if keys else None,
+        statuses=present_or_absent(label_findings(report, keys)) if keys else None,
+        sentences=tuple((text, labels, ids(text)) for text, labels in finding_sentence_candidates(report, keys))
+        if keys else (),
+        sections=tuple((text, findings_vector(text, keys) if keys else None, ids(text))
+                       for text in report_sections(report)),
+        report_tokens=ids(report),
+        phenotype_targets=phenotype,
+        token_length=token_length if tokenize else 0,
+        keys=keys,
+    )
