@@ -192,7 +192,7 @@ def test_generation_writes_every_organ_section_and_is_deterministic(pretrained, 
     continued = generator.generate(tokens, prompts=["SPLEEN:"] * 3, grid=grid, max_new_tokens=3)
     assert len(continued) == 3 and all("SPLEEN" not in t for t in continued)
     with pytest.raises(VolumeVLMError):
-        generator.generate(tokens, grid=grid, temperature=0.7)
+        generator.generate(tokens, grid=grid, top_k=5)
     with pytest.raises(VolumeVLMError):
         generator.generate(tokens, prompts=["SPLEEN:"], grid=grid)
 
