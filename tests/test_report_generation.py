@@ -496,6 +496,12 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
     assert len(samples) == summary["data"]["val_cases"]  # the final validation generates every case
     assert all(s["reference"].startswith("FINDINGS:") and "TECHNIQUE" not in s["reference"] for s in samples)
+    # report_demo conditions the head on the checkpoint's findings and fits its probe.
+    head = loaded.head("report")
+    assert head.config.findings == tuple(SYNTHETIC_FINDINGS)
+    assert summary["findings_classifier"]["findings"] == list(SYNTHETIC_FINDINGS)
+    assert head.config.num_beams == 3 and head.config.repetition_penalty == 1.2
+    assert all(s["generated_from_true_findings"].startswith("FINDINGS:") for s in samples)
     # The encoder and the other weights of the pretrained checkpoint are unchanged.
     before = volumevlm.load(pretrained).state_dict()
     after = loaded.state_dict()
