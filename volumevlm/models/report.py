@@ -137,7 +137,7 @@ class ReportConfig:
     top_p: float = 1.0
     temperature: float = 1.0
     findings: tuple[str, ...] = ()
-    findings_noise: float = 0.05
+    findings_noise: float = 0.01
 
     def __post_init__(self):
         self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
