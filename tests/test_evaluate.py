@@ -112,6 +112,9 @@ def test_metrics_json_has_every_key_and_plot(evaluated, runs):
         assert (out / name).is_file() and (out / name).read_bytes()[:4] == b"\x89PNG", name
     samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
     assert len(samples) == COHORT_CASES and all(s["generated"].startswith("FINDINGS:") for s in samples)
+    # report_demo's head is conditioned on findings: also written from the true reports' findings.
+    assert 0.0 <= metrics["report"]["from_true_findings"]["distinct_ratio"] <= 1.0
+    assert all(s["generated_from_true_findings"].startswith("FINDINGS:") for s in samples)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     # Evaluated on the split the probes are fitted on: they say so rather than score it.
     assert "train" in metrics["linear_probe"]["skipped"] and "train" in metrics["baseline"]["voxel_probe"]["skipped"]

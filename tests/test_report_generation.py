@@ -192,7 +192,7 @@ def test_generation_writes_every_organ_section_and_is_deterministic(pretrained, 
     continued = generator.generate(tokens, prompts=["SPLEEN:"] * 3, grid=grid, max_new_tokens=3)
     assert len(continued) == 3 and all("SPLEEN" not in t for t in continued)
     with pytest.raises(VolumeVLMError):
-        generator.generate(tokens, grid=grid, temperature=0.7)
+        generator.generate(tokens, grid=grid, top_k=5)
     with pytest.raises(VolumeVLMError):
         generator.generate(tokens, prompts=["SPLEEN:"], grid=grid)
 
@@ -222,6 +222,128 @@ def test_save_with_the_model_then_load_generates_the_same_text(overfit, train_ca
         assert torch.equal(a, b), name
     texts = generate_reports(loaded, train_cases["images"])
     assert texts == overfit["texts"] == generate_reports(model, train_cases["images"])
+
+
+# ---------------------------------------------------------------------- findings conditioning
+
+
+@pytest.fixture(scope="module")
+def conditioned(pretrained, train_cases):
+    """A findings-conditioned head overfitted on the three cases (teacher forcing with the
+    labeler's readings, no flips), its findings classifier fitted on their image features."""
+    from volumevlm.models.report import finding_features
+    from volumevlm.train.report import ReportModule, fit_findings_classifier
+
+    torch.manual_seed(0)
+    model = volumevlm.load(pretrained)
+    generator = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_noise": 0.0}, model)
+    batch = batch_of(generator, train_cases)
+    module = ReportModule(generator)
+    optimizer = torch.optim.AdamW(generator.parameters(), lr=3e-3)
+    generator.train()
+    for _ in range(OVERFIT_STEPS):
+        loss = module.batch_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    generator.eval()
+    # Three cases are too few to cross-validate a probe: each case's features are
+    # repeated with a little noise (20 rows per case), as if scanned several times.
+    features = finding_features(train_cases["tokens"], train_cases["grid"])
+    generator_rows = torch.Generator().manual_seed(0)
+    noisy = features.repeat(20, 1) + 0.01 * features.std() * torch.randn(60, features.shape[1], generator=generator_rows)
+    readings = generator.findings_readings(train_cases["reports"])
+    probe = fit_findings_classifier(generator, noisy, readings.repeat(20, 1))
+    return {"model": model, "generator": generator, "readings": readings, "probe": probe}
+
+
+def test_cases_with_different_findings_get_reports_stating_their_own(conditioned, train_cases):
+    generator = conditioned["generator"]
+    wanted = [present(r) for r in train_cases["reports"]]
+    assert len({frozenset(w) for w in wanted}) == 3 and sum(map(bool, wanted)) >= 2  # three different sets of findings
+    # From the images alone: the probe calls each case's findings, the decoder writes them.
+    calls = generator.findings_calls(generator.predict_findings(train_cases["tokens"], train_cases["grid"]))
+    assert torch.equal(calls, conditioned["readings"])
+    model = conditioned["model"]
+    model.attach_head("report", generator)
+    texts = generate_reports(model, train_cases["images"])
+    assert len(set(texts)) == 3
+    assert [present(t) for t in texts] == wanted
+    # The findings tokens drive the text: case 0's image written from case 1's findings
+    # states case 1's findings.
+    swapped = generator.generate(train_cases["tokens"][:1], grid=train_cases["grid"], findings=conditioned["readings"][1:2])
+    assert present(swapped[0]) == wanted[1]
+    names = [sorted(w) for w in wanted]
+    assert generator.generate(train_cases["tokens"], grid=train_cases["grid"], findings=names) == texts
+
+
+def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.models.report import finding_features
+    from volumevlm.train.report import fit_findings_classifier
+
+    class Holder(torch.nn.Module):  # the two attributes fit_findings_classifier fills
+        def __init__(self):
+            super().__init__()
+            self.config = ReportConfig.from_dict({"findings": ["ascites", "splenomegaly"]})
+            self.findings_classifier = torch.nn.Linear(6, 2)
+            self.register_buffer("finding_thresholds", torch.full((2,), 0.5))
+
+    rng = torch.Generator().manual_seed(0)
+    readings = torch.zeros(80, 2)
+    readings[:40, 0] = 1
+    readings[:3, 1] = 1  # too rare to cross-validate: a constant at its prevalence
+    features = torch.randn(80, 6, generator=rng) * torch.tensor([1.0, 5.0, 1.0, 1.0, 1.0, 1.0]) + 3.0
+    features[:, 0] += 2.5 * readings[:, 0]
+    holder = Holder()
+    info = fit_findings_classifier(holder, features, readings, seed=0)
+    probs = torch.sigmoid(holder.findings_classifier(features))
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+    reference.fit(features.double().numpy(), readings[:, 0].numpy().astype(int))
+    expected = torch.from_numpy(reference.predict_proba(features.double().numpy())[:, 1]).float()
+    assert torch.allclose(probs[:, 0], expected, atol=1e-4)  # standardisation folded into the layer
+    assert torch.allclose(probs[:, 1], torch.full((80,), 3 / 80), atol=1e-5)
+    assert info["oof_f1"]["splenomegaly"] is None and info["oof_f1"]["ascites"] > 0.8
+    assert 0.0 < info["thresholds"][0] < 1.0 and info["thresholds"][1] == 0.5
+    accuracy = ((probs[:, 0] >= holder.finding_thresholds[0]).float() == readings[:, 0]).float().mean()
+    assert accuracy > 0.85
+    # What the probe reads: mean and max over the grid tokens, registers left out.
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    got = finding_features(tokens, grid=(2, 2, 1))
+    assert torch.equal(got, torch.cat([tokens[:, :4].mean(1), tokens[:, :4].amax(1)], dim=-1))
+
+
+def test_old_report_heads_load_and_mismatched_ones_are_refused_in_one_line(overfit, train_cases, tmp_path):
+    """A head saved before findings conditioning (no findings / sampling keys in its config)
+    loads and writes as before; a config that asks for findings its weights lack is refused."""
+    model, generator = overfit["model"], overfit["generator"]
+    model.attach_head("report", generator)
+    folder = model.save_pretrained(tmp_path / "old")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    head_config = config["heads"]["report"]["config"]["config"]
+    for key in ("findings", "findings_noise", "do_sample", "top_p", "temperature"):
+        del head_config[key]
+    config_path.write_text(json.dumps(config))
+    loaded = volumevlm.load(folder)
+    assert loaded.head("report").config.findings == ()
+    assert generate_reports(loaded, train_cases["images"]) == overfit["texts"]
+    with pytest.raises(VolumeVLMError) as err:
+        loaded.head("report").generate(train_cases["tokens"], grid=train_cases["grid"], findings=[["ascites"]] * 3)
+    assert "not conditioned on findings" in str(err.value) and "\n" not in str(err.value)
+    head_config["findings"] = ["ascites", "splenomegaly"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(VolumeVLMError) as err:
+        volumevlm.load(folder)
+    assert "weights do not match" in str(err.value) and "\n" not in str(err.value)
+    head_config["findings"] = ["no such finding"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(VolumeVLMError) as err:
+        volumevlm.load(folder)
+    assert "no such finding" in str(err.value) and "\n" not in str(err.value)
 
 
 def _tiny_local_causal_lm(folder: Path, reports) -> Path:
@@ -374,6 +496,12 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     samples = [json.loads(line) for line in (out / "report_samples.jsonl").read_text().splitlines()]
     assert len(samples) == summary["data"]["val_cases"]  # the final validation generates every case
     assert all(s["reference"].startswith("FINDINGS:") and "TECHNIQUE" not in s["reference"] for s in samples)
+    # report_demo conditions the head on the checkpoint's findings and fits its probe.
+    head = loaded.head("report")
+    assert head.config.findings == tuple(SYNTHETIC_FINDINGS)
+    assert summary["findings_classifier"]["findings"] == list(SYNTHETIC_FINDINGS)
+    assert head.config.num_beams == 3 and head.config.repetition_penalty == 1.2
+    assert all(s["generated_from_true_findings"].startswith("FINDINGS:") for s in samples)
     # The encoder and the other weights of the pretrained checkpoint are unchanged.
     before = volumevlm.load(pretrained).state_dict()
     after = loaded.state_dict()

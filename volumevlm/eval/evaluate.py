@@ -48,6 +48,9 @@ report (needs the report head)
     generated reports against the references (the sections the head writes):
     ``clinical_f1`` (macro over the checkpoint's findings the labeler knows), ``bleu4``,
     ``rouge_l``, ``distinct_ratio``; every case's pair in ``OUT/report_samples.jsonl``.
+    A head conditioned on findings writes from the image's own findings calls; the same
+    figures for reports it writes from the labeler's reading of the true report are under
+    ``from_true_findings`` (what a perfect findings classifier would give).
 label_efficiency (``--label-efficiency``)
     segmentation runs (``volumevlm train experiment=segment_demo
     segmentation.label_fraction=F output_dir=RUN``) given by their output folders: the
@@ -206,6 +209,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     head = model.head("report") if generate else None
     task = progress.add_task(what + (" + reports" if generate else ""), total=len(dataset)) if progress else None
     image_emb, logits, text_emb, has_report, generated, ids, voxels = [], [], [], [], [], [], []
+    oracle: list[str | None] = []
     for batch in loader:
         voxels.append(voxel_features(batch["image"], model.preprocess.hu_window))
         images = batch["image"].to(model.device, dtype=torch.float32)
@@ -223,6 +227,14 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         if head is not None:
             tokens, grid = encoder_features(out)
             generated.extend(head.generate(tokens, grid=grid))
+            if head.config.findings:
+                # The same decoder written from the labeler's reading of the true report:
+                # separates what the image's findings calls cost from what the decoder does.
+                rows_with = [i for i, r in enumerate(reports) if r is not None]
+                texts = iter(head.generate(tokens[rows_with], grid=grid,
+                                           findings=head.findings_readings([reports[i] for i in rows_with]))
+                             if rows_with else [])
+                oracle.extend(next(texts) if r is not None else None for r in reports)
         if progress is not None:
             progress.advance(task, len(reports))
     return {
@@ -232,6 +244,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         "has_report": torch.tensor(has_report, dtype=torch.bool),
         "voxel_features": torch.cat(voxels),
         "generated": generated,
+        "generated_from_true_findings": oracle,
         "ids": ids,
     }
 
@@ -479,10 +492,18 @@ def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
         return {"skipped": "no case of the split has a reference report"}
     generated = [encoded["generated"][i] for i in keep]
     references = [head.reference_text(rows[i]["report"]) for i in keep]
-    figures = report_metrics(generated, references, findings=scored_findings(model.findings))
-    lines = [json.dumps({"id": str(rows[i].get("id", i)), "reference": ref, "generated": gen})
-             for i, ref, gen in zip(keep, references, generated)]
-    write_text_atomic(out / SAMPLES_NAME, "\n".join(lines) + "\n")
+    scored = scored_findings(model.findings)
+    figures = report_metrics(generated, references, findings=scored)
+    samples = [{"id": str(rows[i].get("id", i)), "reference": ref, "generated": gen}
+               for i, ref, gen in zip(keep, references, generated)]
+    oracle = encoded.get("generated_from_true_findings") or []
+    if oracle:
+        # Written from the true report's findings (the labeler's reading), not the image's calls.
+        from_truth = [oracle[i] for i in keep]
+        figures["from_true_findings"] = dict(report_metrics(from_truth, references, findings=scored))
+        for sample, text in zip(samples, from_truth):
+            sample["generated_from_true_findings"] = text
+    write_text_atomic(out / SAMPLES_NAME, "\n".join(json.dumps(s) for s in samples) + "\n")
     return {**figures, "cases": len(keep), "samples": SAMPLES_NAME}
 
 
@@ -674,6 +695,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         rows.append(("segmentation mean HD95 (mm)", "n/a" if hd is None else f"{hd:.1f}", "-"))
     if "skipped" not in rep:
         rows.append(("report clinical F1 (macro)", _fmt(rep.get("clinical_f1")), "-"))
+        if "from_true_findings" in rep:
+            rows.append(("report clinical F1, true findings given", _fmt(rep["from_true_findings"].get("clinical_f1")), "-"))
         rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
         rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
     sections = {name: metrics.get(name, {}) for name in ("zero_shot", "linear_probe", "phenotypes", "retrieval",

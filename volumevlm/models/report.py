@@ -4,8 +4,21 @@
 
     encoder tokens [B, N, C] (+ registers)  --VisualResampler-->  [B, K, d] --Linear--> [B, K, H]
                                                                   (K = num_visual_tokens)
-    [visual prefix K] [BOS] [prompt tokens] [report tokens] [EOS]  --causal LM-->  next-token loss
-                                                                   on the report tokens only
+    findings [B, F] in [0, 1]  --mix of learned "absent"/"present" embeddings-->  [B, F, H]
+    [findings F] [visual prefix K] [BOS] [prompt tokens] [report tokens] [EOS]  --causal LM-->
+                                                        next-token loss on the report tokens only
+
+Findings conditioning (``findings`` in the config; diagnosis-driven report generation):
+with the compressed visual tokens alone, a small decoder trained on templated reports
+writes the most common (normal) report for every case. The decoder therefore also reads
+one prefix token per finding. While it trains those say what the labeler
+(:mod:`volumevlm.text.labeler`) reads in the training report (teacher forcing, each
+flipped with probability ``findings_noise``); at inference they are the image's own
+calls: a linear findings classifier on the frozen encoder's tokens
+(:func:`finding_features`, fitted by :func:`volumevlm.train.report.fit_findings_classifier`)
+at per-finding thresholds. ``generate(..., findings=...)`` writes from given findings
+instead (the labeler's reading of a known report: the "oracle" figures). A head saved
+without ``findings`` (before this existed) loads and writes as it did.
 
 The image encoder is NOT part of this head: it is the VolumeVLM's shared ``encoder``,
 frozen while the report head trains. The head holds
@@ -57,7 +70,8 @@ from volumevlm.text.sections import IMPRESSION_HEADER, SECTIONS, split_report
 IGNORE_INDEX = -100
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_SECTION_NAMES: tuple[str, ...] = (*SECTIONS, IMPRESSION_HEADER)
-GENERATION_KEYS = ("max_new_tokens", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty")
+GENERATION_KEYS = ("max_new_tokens", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty",
+                   "do_sample", "top_p", "temperature")
 
 
 @dataclass
@@ -81,9 +95,17 @@ class ReportConfig:
     synthetic reports' organ systems + IMPRESSION), ``max_target_tokens`` (training
     targets are truncated to this many tokens: per section, or the whole report).
 
+    Findings: ``findings`` (labeler keys, :data:`volumevlm.text.labeler.KNOWN_FINDINGS`)
+    whose presence conditions the decoder, one prefix token per finding in front of the
+    visual tokens; empty = no findings conditioning (the heads saved before it existed).
+    ``findings_noise``: during training the decoder reads the labeler's reading of the
+    training report (teacher forcing), each finding flipped with this probability so it
+    learns to write what the prefix says without trusting it blindly.
+
     Generation defaults: ``max_new_tokens`` (per section when ``sections``),
     ``num_beams`` (1 = greedy), ``repetition_penalty`` (1.0 = off),
-    ``no_repeat_ngram_size`` (0 = off), ``length_penalty`` (beam search only).
+    ``no_repeat_ngram_size`` (0 = off), ``length_penalty`` (beam search only),
+    ``do_sample`` (False = deterministic search), ``top_p`` / ``temperature`` (sampling only).
     """
 
     num_visual_tokens: int = 32
@@ -111,9 +133,29 @@ class ReportConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
+    do_sample: bool = False
+    top_p: float = 1.0
+    temperature: float = 1.0
+    findings: tuple[str, ...] = ()
+    findings_noise: float = 0.01
 
     def __post_init__(self):
         self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
+        if self.findings:
+            from volumevlm.text.labeler import KNOWN_FINDINGS, resolve_findings
+
+            self.findings = tuple(resolve_findings([str(f) for f in self.findings]))
+            unknown = [f for f in self.findings if f not in KNOWN_FINDINGS]
+            if unknown or len(set(self.findings)) != len(self.findings):
+                raise VolumeVLMError(f"report config: findings must be distinct findings the labeler knows, got {list(self.findings)}")
+        else:
+            self.findings = ()
+        self.do_sample = bool(self.do_sample)
+        if not (0.0 < float(self.top_p) <= 1.0 and float(self.temperature) > 0.0 and 0.0 <= float(self.findings_noise) < 0.5):
+            raise VolumeVLMError(
+                f"report config: need 0 < top_p <= 1, temperature > 0 and 0 <= findings_noise < 0.5, got "
+                f"{self.top_p!r}, {self.temperature!r}, {self.findings_noise!r}"
+            )
         if self.lora_target_modules is not None:
             self.lora_target_modules = tuple(str(m) for m in self.lora_target_modules)
         if self.pretrained is not None:
@@ -149,7 +191,7 @@ class ReportConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise VolumeVLMError(f"report config: unknown keys {unknown}; known: {sorted(known)}")
-        for key in ("section_names", "lora_target_modules"):
+        for key in ("section_names", "lora_target_modules", "findings"):
             if isinstance(values.get(key), str):
                 raise VolumeVLMError(f"report config: {key} must be a list of strings, got one string")
             if values.get(key) is not None:
@@ -159,6 +201,7 @@ class ReportConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["section_names"] = list(self.section_names)
+        out["findings"] = list(self.findings)
         if self.lora_target_modules is not None:
             out["lora_target_modules"] = list(self.lora_target_modules)
         return out
@@ -182,6 +225,19 @@ def grid_coordinates(grid: Sequence[int], device=None) -> torch.Tensor:
     """Token centres in [-1, 1] per axis, float32 [gx*gy*gz, 3], x-major (the encoder's token order)."""
     axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2.0 - 1.0 for n in grid]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def finding_features(tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+    """What the findings classifier reads: [B, 2C], the mean and the max over the grid
+    tokens of encoder tokens [B, N (+ R), C] (registers, after the grid, are left out when
+    ``grid`` says where the grid ends). The max keeps a small local abnormality (a
+    stone, a lesion) that the mean over the whole body washes out."""
+    if tokens.ndim != 3:
+        raise VolumeVLMError(f"findings classifier: expected encoder tokens [B, N, C], got {list(tokens.shape)}")
+    if grid is not None:
+        tokens = tokens[:, : int(math.prod(grid))]
+    tokens = tokens.float()
+    return torch.cat([tokens.mean(dim=1), tokens.amax(dim=1)], dim=-1)
 
 
 class _CrossAttentionBlock(nn.Module):
@@ -377,6 +433,17 @@ class ReportGenerator(nn.Module):
             position_frequencies=config.position_frequencies,
         )
         self.bos_id, self.eos_id, self.pad_id = _special_ids(tokenizer, decoder)
+        if config.findings:
+            n = len(config.findings)
+            # A linear probe of the frozen encoder (fitted by the training task, see
+            # volumevlm.train.report.fit_findings_classifier) predicts the findings at
+            # inference, so no report is needed; the decoder reads one prefix token per
+            # finding: the learned "absent" and "present" embeddings mixed by P(present).
+            self.findings_classifier = nn.Linear(2 * self.encoder_dim, n)
+            nn.init.zeros_(self.findings_classifier.weight)
+            nn.init.zeros_(self.findings_classifier.bias)
+            self.register_buffer("finding_thresholds", torch.full((n,), 0.5))
+            self.finding_embeddings = nn.Parameter(torch.randn(n, 2, self.hidden_size) * 0.02)
 
     # ------------------------------------------------------------------ construction
 
@@ -538,12 +605,78 @@ class ReportGenerator(nn.Module):
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return tidy_wordpiece_text(text) if self.tokenizer_source == "vlm" else text.strip()
 
+    # ------------------------------------------------------------------ findings
+
+    def findings_readings(self, reports: Sequence[str]) -> torch.Tensor:
+        """The labeler's reading of reports: float [B, F] over ``config.findings``, 1 where
+        a report affirms (or hedges on) a finding, 0 where it denies or does not mention it."""
+        from volumevlm.text.labeler import findings_matrix, label_reports
+
+        self._need_findings()
+        labels = label_reports(list(reports), self.config.findings)
+        return torch.from_numpy(findings_matrix(labels, self.config.findings, uncertain_as=1).astype("float32"))
+
+    def findings_of(self, present: Sequence[Any]) -> torch.Tensor:
+        """float [B, F] from B collections of finding names (plain English or keys): 1 = present."""
+        from volumevlm.text.labeler import resolve_findings
+
+        self._need_findings()
+        out = torch.zeros(len(present), len(self.config.findings))
+        column = {key: j for j, key in enumerate(self.config.findings)}
+        for i, names in enumerate(present):
+            if isinstance(names, str):
+                raise VolumeVLMError("report findings: give a collection of finding names per case, not one string")
+            for key in resolve_findings(list(names)):
+                if key not in column:
+                    raise VolumeVLMError(f"report findings: {key!r} is not one of this head's findings {list(self.config.findings)}")
+                out[i, column[key]] = 1.0
+        return out
+
+    @torch.no_grad()
+    def predict_findings(self, encoder_tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """P(present) float [B, F] over ``config.findings`` from the image alone (the findings classifier)."""
+        self._need_findings()
+        return torch.sigmoid(self.findings_classifier(finding_features(encoder_tokens, grid).to(self.findings_classifier.weight.dtype)))
+
+    def findings_calls(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Present (1.0) / absent (0.0) [B, F]: probabilities at or above each finding's threshold."""
+        return (probabilities >= self.finding_thresholds.to(probabilities.device)).to(probabilities.dtype)
+
+    def _need_findings(self) -> None:
+        if not self.config.findings:
+            raise VolumeVLMError("report head: this head is not conditioned on findings (its config lists none)")
+
+    def findings_prefix(self, findings: torch.Tensor) -> torch.Tensor:
+        """Prefix embeddings [B, F, H] of findings float [B, F] in [0, 1] (P(present) or 0/1)."""
+        n = len(self.config.findings)
+        if findings.ndim != 2 or findings.shape[1] != n:
+            raise VolumeVLMError(f"report head: findings must be [B, {n}] over {list(self.config.findings)}, got {list(findings.shape)}")
+        table = self.finding_embeddings
+        p = findings.to(device=table.device, dtype=table.dtype).clamp(0.0, 1.0)[..., None]
+        return (1.0 - p) * table[None, :, 0] + p * table[None, :, 1]
+
     # ------------------------------------------------------------------ training
 
-    def visual_prefix(self, encoder_tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
-        """Visual prefix embeddings [B, K, H] of encoder tokens [B, N, C]."""
+    def visual_prefix(self, encoder_tokens: torch.Tensor, grid: Sequence[int] | None = None,
+                      findings: torch.Tensor | Sequence[Any] | None = None) -> torch.Tensor:
+        """Prefix embeddings [B, P, H] of encoder tokens [B, N, C]: with findings
+        conditioning, F finding tokens then the K visual tokens (P = F + K), else the K
+        visual tokens. findings: float [B, F] (1 = present; e.g. the labeler's reading of
+        the true report), or B collections of finding names; None = the image's own
+        predicted calls (:meth:`predict_findings` at the fitted thresholds)."""
         dtype = self.decoder.get_input_embeddings().weight.dtype
-        return self.resampler(encoder_tokens.to(dtype), grid)
+        visual = self.resampler(encoder_tokens.to(dtype), grid)
+        if not self.config.findings:
+            if findings is not None:
+                raise VolumeVLMError("report head: findings were given but this head is not conditioned on findings")
+            return visual
+        if findings is None:
+            findings = self.findings_calls(self.predict_findings(encoder_tokens, grid))
+        elif not isinstance(findings, torch.Tensor):
+            findings = self.findings_of(findings)
+        if findings.shape[0] != visual.shape[0]:
+            raise VolumeVLMError(f"report head: findings for {findings.shape[0]} cases but {visual.shape[0]} images")
+        return torch.cat([self.findings_prefix(findings).to(dtype), visual], dim=1)
 
     def prefix_inputs(
         self,
@@ -553,15 +686,17 @@ class ReportGenerator(nn.Module):
         labels: torch.Tensor | None = None,
         grid: Sequence[int] | None = None,
         case_index: torch.Tensor | None = None,
+        findings: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The decoder's inputs with the visual prefix in front.
+        """The decoder's inputs with the prefix (:meth:`visual_prefix`) in front.
 
         encoder_tokens [B, N, C]; input_ids / attention_mask / labels long [M, T]; case_index
-        long [M] (which case each text row belongs to; None = row i is case i, M = B).
-        Returns {"inputs_embeds" [M, K + T, H], "attention_mask" [M, K + T],
-        "labels" [M, K + T] (IGNORE_INDEX on the K prefix positions)}.
+        long [M] (which case each text row belongs to; None = row i is case i, M = B);
+        findings float [B, F] or None (see :meth:`visual_prefix`).
+        Returns {"inputs_embeds" [M, P + T, H], "attention_mask" [M, P + T],
+        "labels" [M, P + T] (IGNORE_INDEX on the P prefix positions)}.
         """
-        prefix = self.visual_prefix(encoder_tokens, grid)
+        prefix = self.visual_prefix(encoder_tokens, grid, findings)
         if case_index is not None:
             prefix = prefix[case_index.to(prefix.device)]
         if prefix.shape[0] != input_ids.shape[0]:
@@ -584,11 +719,12 @@ class ReportGenerator(nn.Module):
         labels: torch.Tensor,
         grid: Sequence[int] | None = None,
         case_index: torch.Tensor | None = None,
+        findings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy (scalar) over the labelled report tokens; the
-        visual prefix (and BOS/prompt/padding) carry IGNORE_INDEX labels. Shapes as in
-        :meth:`prefix_inputs`."""
-        inputs = self.prefix_inputs(encoder_tokens, input_ids, attention_mask, labels, grid, case_index)
+        prefix (and BOS/prompt/padding) carry IGNORE_INDEX labels. Shapes as in
+        :meth:`prefix_inputs`; training passes the labeler's findings of the reports."""
+        inputs = self.prefix_inputs(encoder_tokens, input_ids, attention_mask, labels, grid, case_index, findings)
         logits = self.decoder(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
         # Position t predicts token t + 1.
         shifted = inputs["labels"][:, 1:]
@@ -602,15 +738,19 @@ class ReportGenerator(nn.Module):
         encoder_tokens: torch.Tensor,
         prompts: Sequence[str] | None = None,
         grid: Sequence[int] | None = None,
+        findings: torch.Tensor | Sequence[Any] | None = None,
         **generation: Any,
     ) -> list[str]:
         """Reports of B cases from their encoder tokens [B, N, C] (see :func:`encoder_features`).
 
         prompts: None -> whole reports (with ``sections``: header by header, joined as
         ``FINDINGS:`` lines and an ``IMPRESSION:`` block); or B strings, each continued
-        (the continuation only is returned). generation: overrides of the config's
-        defaults (max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
-        length_penalty). Deterministic (no sampling). Returns B strings.
+        (the continuation only is returned). findings (heads conditioned on findings):
+        None = the image's own predicted findings; or float [B, F] / B collections of
+        finding names to write from (e.g. the labeler's reading of a known report).
+        generation: overrides of the config's defaults (max_new_tokens, num_beams,
+        repetition_penalty, no_repeat_ngram_size, length_penalty, do_sample, top_p,
+        temperature). Deterministic unless do_sample. Returns B strings.
         """
         unknown = sorted(set(generation) - set(GENERATION_KEYS))
         if unknown:
@@ -619,7 +759,7 @@ class ReportGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            prefix = self.visual_prefix(encoder_tokens, grid)
+            prefix = self.visual_prefix(encoder_tokens, grid, findings)
             batch = prefix.shape[0]
             if prompts is not None:
                 prompts = list(prompts)
@@ -673,9 +813,12 @@ class ReportGenerator(nn.Module):
         from transformers import GenerationConfig
 
         beams = int(settings["num_beams"])
+        sample = bool(settings["do_sample"])
+        sampling = {"top_p": float(settings["top_p"]), "temperature": float(settings["temperature"])} if sample else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=sample,
+            **sampling,
             num_beams=beams,
             repetition_penalty=float(settings["repetition_penalty"]),
             no_repeat_ngram_size=int(settings["no_repeat_ngram_size"]),
@@ -716,9 +859,11 @@ def _special_ids(tokenizer, decoder) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = None, **generation: Any) -> list[str]:
+def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = None, findings: Any = None,
+                     **generation: Any) -> list[str]:
     """Reports for preprocessed images float [B, 1, X, Y, Z] in [0, 1] (``vlm.preprocess``):
-    the VolumeVLM's encoder (no grad, eval mode) then its report head. Raises the
+    the VolumeVLM's encoder (no grad, eval mode) then its report head (findings: see
+    :meth:`ReportGenerator.generate`; None = the image's own predictions). Raises the
     VolumeVLMError of ``vlm.head("report")`` when the checkpoint has no report head."""
     head = vlm.head("report")
     if images.ndim != 5 or images.shape[1] != 1:
@@ -729,4 +874,4 @@ def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = 
         tokens, grid = encoder_features(vlm.encoder(images.to(vlm.device)))
     finally:
         vlm.encoder.train(was_training)
-    return head.generate(tokens, prompts=prompts, grid=grid, **generation)
+    return head.generate(tokens, prompts=prompts, grid=grid, findings=findings, **generation)

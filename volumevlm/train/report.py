@@ -53,6 +53,9 @@ REPORT_DEFAULTS: dict[str, Any] = {
     "generate_cases": 8,  # validation cases generated at each validation end (0: none)
     "final_generate_cases": None,  # at the final validation (None: every validation case)
     "log_samples": 2,  # generated reports printed to the log at each validation end
+    # Condition the decoder on findings (head.findings empty: the checkpoint's findings the
+    # labeler knows); a findings classifier on the frozen encoder is fitted for inference.
+    "condition_on_findings": True,
 }
 
 
@@ -120,6 +123,8 @@ class ReportCollate:
         batch: dict[str, Any] = self.generator.encode_targets(targets, prompts)
         batch["case_index"] = torch.tensor(case_index, dtype=torch.long)
         batch["reports"] = [item["report"] for item in items]
+        if self.generator.config.findings:
+            batch["findings"] = self.generator.findings_readings(batch["reports"])
         batch["ids"] = [item["id"] for item in items]
         if "tokens" in items[0]:
             grids = {tuple(item["grid"]) for item in items}
@@ -153,6 +158,88 @@ def precompute_tokens(encoder, dataset, batch_size: int, device: torch.device | 
     finally:
         encoder.train(was_training)
     return cases
+
+
+@torch.no_grad()
+def case_features(encoder, dataset, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`~volumevlm.models.report.finding_features` [N, 2C] of a PretrainDataset's
+    cases: one no-grad, eval-mode encoder pass (for ``report.precompute: false``)."""
+    from volumevlm.data.datasets import collate_cases
+    from volumevlm.models.report import encoder_features, finding_features
+
+    was_training = encoder.training
+    encoder.eval()
+    rows = []
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_cases):
+            tokens, grid = encoder_features(encoder(batch["image"].to(device)))
+            rows.append(finding_features(tokens, grid).cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(rows)
+
+
+def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.Tensor, seed: int = 0,
+                            folds: int = 5) -> dict[str, Any]:
+    """Fit the head's findings classifier (a linear probe of the frozen encoder) and its thresholds.
+
+    features float [N, 2C] (:func:`~volumevlm.models.report.finding_features` of the
+    training cases); readings float [N, F] (the labeler's reading of their reports, the
+    targets). Per finding: scikit-learn's standardised, class-balanced logistic regression;
+    the call threshold maximises F1 on out-of-fold probabilities (``folds``-fold
+    cross-validation), so it is not tuned on predictions of cases the probe was fitted to.
+    A finding with fewer than ``folds`` positive (or negative) cases gets a constant
+    prediction (its training prevalence) and a threshold of 0.5. The standardisation is
+    folded into the linear layer. Returns {"findings", "thresholds", "oof_f1", "positives"}
+    (out-of-fold figures on the training cases: a first look at how well the image alone
+    predicts each finding)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = features.double().numpy()
+    y = readings.numpy().astype(int)
+    if x.shape[0] != y.shape[0] or y.shape[1] != len(generator.config.findings):
+        raise VolumeVLMError(f"findings classifier: {x.shape[0]} feature rows, readings {list(y.shape)} "
+                             f"for {len(generator.config.findings)} findings")
+    weight = np.zeros((y.shape[1], x.shape[1]))
+    bias = np.zeros(y.shape[1])
+    thresholds = np.full(y.shape[1], 0.5)
+    oof_f1: dict[str, float | None] = {}
+    for j, name in enumerate(generator.config.findings):
+        positives = int(y[:, j].sum())
+        if min(positives, len(y) - positives) < folds:
+            rate = min(max(positives / max(len(y), 1), 1e-4), 1 - 1e-4)
+            bias[j] = math.log(rate / (1 - rate))
+            oof_f1[name] = None
+            continue
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+        split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        oof = cross_val_predict(probe, x, y[:, j], cv=split, method="predict_proba")[:, 1]
+        best_f1, best_t = -1.0, 0.5
+        for t in np.unique(oof):
+            called = oof >= t
+            tp = int((called & (y[:, j] == 1)).sum())
+            f1 = 2 * tp / (called.sum() + positives)
+            if f1 > best_f1:
+                best_f1, best_t = f1, float(t)
+        probe.fit(x, y[:, j])
+        scaler, logistic = probe[0], probe[1]
+        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+        weight[j] = logistic.coef_[0] / scale
+        bias[j] = logistic.intercept_[0] - float((logistic.coef_[0] * scaler.mean_ / scale).sum())
+        thresholds[j] = best_t
+        oof_f1[name] = round(best_f1, 4)
+    layer = generator.findings_classifier
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight).to(layer.weight.dtype))
+        layer.bias.copy_(torch.from_numpy(bias).to(layer.bias.dtype))
+        generator.finding_thresholds.copy_(torch.from_numpy(thresholds).to(generator.finding_thresholds.dtype))
+    layer.requires_grad_(False)
+    return {"findings": list(generator.config.findings), "thresholds": [round(float(t), 4) for t in thresholds],
+            "oof_f1": oof_f1, "positives": {n: int(v) for n, v in zip(generator.config.findings, y.sum(axis=0))}}
 
 
 # ---------------------------------------------------------------------- metrics
@@ -222,14 +309,21 @@ class ReportModule(L.LightningModule):
         with torch.no_grad():
             return encoder_features(self.encoder(batch["image"]))
 
-    def batch_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def batch_loss(self, batch: Mapping[str, Any], noise: float = 0.0) -> torch.Tensor:
+        """Next-token loss; the decoder reads the labeler's findings of the batch's reports
+        (teacher forcing), each flipped with probability ``noise``."""
         tokens, grid = self.visual(batch)
+        findings = batch.get("findings")
+        if findings is not None and noise > 0:
+            flip = torch.rand(findings.shape, device=findings.device) < noise
+            findings = torch.where(flip, 1.0 - findings, findings)
         return self.generator(
-            tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"]
+            tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"],
+            findings=findings,
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.batch_loss(batch)
+        loss = self.batch_loss(batch, noise=float(self.generator.config.findings_noise))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["reports"]))
         return loss
 
@@ -239,7 +333,8 @@ class ReportModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         tokens, grid = self.visual(batch)
         loss = self.generator(
-            tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"]
+            tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"],
+            findings=batch.get("findings"),
         )
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["reports"]))
         limit = self.generate_cases
@@ -254,16 +349,29 @@ class ReportModule(L.LightningModule):
         if not self._gen_cases:
             return
         cases, self._gen_cases = self._gen_cases, []
+        conditioned = bool(self.generator.config.findings)
         generated: list[str] = []
+        oracle: list[str] = []
         for start in range(0, len(cases), 32):
             chunk = cases[start : start + 32]
             grids = {c[1] for c in chunk}
             grid = grids.pop() if len(grids) == 1 else None
-            generated += self.generator.generate(torch.stack([c[0] for c in chunk]), grid=grid)
+            tokens = torch.stack([c[0] for c in chunk])
+            generated += self.generator.generate(tokens, grid=grid)
+            if conditioned:
+                # The same decoder given the findings of the true report: how good the text
+                # would be with a perfect findings classifier.
+                readings = self.generator.findings_readings([c[2] for c in chunk])
+                oracle += self.generator.generate(tokens, grid=grid, findings=readings)
         # Compared with what the head is trained to write (no EXAMINATION/TECHNIQUE lines).
         references = [self.generator.reference_text(c[2]) for c in cases]
         self.samples = [{"id": c[3], "reference": r, "generated": g} for c, r, g in zip(cases, references, generated)]
+        for sample, text in zip(self.samples, oracle):
+            sample["generated_from_true_findings"] = text
         self.scores = report_scores(generated, references, self.findings)
+        if conditioned:
+            self.scores.update({f"oracle_{k}": v for k, v in report_scores(oracle, references, self.findings).items()
+                                if k in ("clinical_f1", "clinical_f1_micro", "bleu4", "rouge_l", "distinct_ratio")})
         for key, value in self.scores.items():
             if math.isfinite(value):
                 self.log(f"val/{key}", value, prog_bar=key in ("clinical_f1", "distinct_ratio"))
@@ -328,7 +436,14 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     init_dir = Path(str(init_from)).expanduser()
     model = VolumeVLM.from_pretrained(init_dir)
     model.requires_grad_(False)
-    head_config = ReportConfig.from_dict(settings["head"])
+    head_settings = dict(settings["head"])
+    if settings["condition_on_findings"] and not head_settings.get("findings"):
+        head_settings["findings"] = scored_findings(model.findings) or []
+        if not head_settings["findings"]:
+            raise VolumeVLMError(f"{init_dir}: none of the checkpoint's findings is known to the labeler; set report.head.findings")
+    elif not settings["condition_on_findings"]:
+        head_settings["findings"] = []
+    head_config = ReportConfig.from_dict(head_settings)
     generator = ReportGenerator.build(head_config, model)
 
     root = Path(str(cfg.data.root)).expanduser()
@@ -357,6 +472,17 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     else:
         train_set, val_set = CaseImages(train_data), (CaseImages(val_data) if val_data else None)
         module_encoder, workers = model.encoder, int(cfg.data.get("num_workers") or 0)
+    findings_probe: dict[str, Any] | None = None
+    if head_config.findings:
+        from volumevlm.models.report import finding_features
+
+        if settings["precompute"]:
+            features = torch.stack([finding_features(c["tokens"][None], c["grid"])[0] for c in train_set.cases])
+        else:
+            features = case_features(model.encoder, train_data, val_batch_size)
+        readings = generator.findings_readings([row["report"] for row in train_rows])
+        findings_probe = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed))
+        log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
     encode_s = time.perf_counter() - encode_started
     log.info("report: %d train / %d val cases; encoder pass %.1f s", len(train_set), len(val_set or []), encode_s)
 
@@ -417,6 +543,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
                      "preprocess": model.preprocess.to_dict(), "precompute": bool(settings["precompute"])},
             "encoder_pass_s": round(encode_s, 1),
             "head_parameters": sum(p.numel() for p in generator.parameters()),
+            "findings_classifier": findings_probe,
             "samples": samples[:3],
             "model_dir": None if model_dir is None else str(model_dir),
             "device": str(trainer.strategy.root_device),
