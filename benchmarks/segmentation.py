@@ -19,8 +19,9 @@ Prints a table, writes ``benchmarks/results/segmentation-<device>-<date>.json``
 
 The synthetic cohort is NOT clinical data; nothing here is a clinical accuracy.
 
-Small defaults run on a 2-core CPU in minutes (``--steps 40 --eval-cases 6``); ``--full``
-is the demo's budget (150 steps, every held-out case)::
+Small defaults are sized for a shared 2-core CPU (30 steps on 48x48x32 crops, a
+MONAI UNet of widths 8..64, 4 held-out cases); ``--full`` is the demo's budget (150
+steps on 64x64x48 crops, UNet widths 16..128, every held-out case)::
 
     volumevlm demo --no-heads --no-eval --out demo-output        # cohort + pretrained model
     nice -n 10 python benchmarks/segmentation.py --checkpoint demo-output/model \\
@@ -48,6 +49,9 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (1.0, 0.25, 0.1)
 NETS = ("ours", "unet")
+# Optional (--nets ours,unet,tokens): our decoder without the image path, on tokens alone
+# (the decoder before the image path existed), to see what the path adds.
+EXTRA_NETS = ("tokens",)
 # The issue's bar: >= 0.90 on these, >= 0.85 mean over all structures.
 HEADLINE = ("liver", "spleen", "lung_left", "lung_right", "heart")
 
@@ -176,10 +180,10 @@ def build_net(kind: str, model, args: argparse.Namespace) -> nn.Module:
     from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
 
     config = SegmentationConfig(num_classes=max(LABELS) + 1, label_names=dict(LABELS), feature_size=args.feature_size,
-                                roi_size=tuple(model.encoder_config.image_size))
-    if kind == "ours":
+                                roi_size=tuple(model.encoder_config.image_size), image_path=kind != "tokens")
+    if kind in ("ours", "tokens"):
         return SegmentationNet.from_encoder(model.encoder, config)
-    return ScratchUNet(model.encoder_config, config)
+    return ScratchUNet(model.encoder_config, config, channels=args.unet_channels)
 
 
 # ---------------------------------------------------------------------- report
@@ -188,7 +192,7 @@ def build_net(kind: str, model, args: argparse.Namespace) -> nn.Module:
 def format_table(results: Mapping[str, Any]) -> str:
     """Per-label Dice (and HD95) of both nets at each fraction, as a text table."""
     runs = results["runs"]
-    keys = [(f, n) for f in results["fractions"] for n in NETS if f"{n}@{f:g}" in runs]
+    keys = [(f, n) for f in results["fractions"] for n in NETS + EXTRA_NETS if f"{n}@{f:g}" in runs]
     names = sorted({name for r in runs.values() for name in r["metrics"]["per_label"]})
     head = "label".ljust(18) + "".join(f"{n}@{f:g}".rjust(12) for f, n in keys)
     lines = ["Dice (HD95 mm below the means), held-out synthetic cases (NOT clinical data)", head]
@@ -217,9 +221,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="labelled cohort folder (manifest.jsonl)")
     parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS))
     parser.add_argument("--nets", default=",".join(NETS))
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--eval-cases", type=int, default=6, help="held-out (val) cases scored; 0: all")
-    parser.add_argument("--crop", default="64,64,48")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eval-cases", type=int, default=4, help="held-out (val) cases scored; 0: all")
+    parser.add_argument("--crop", default="48,48,32", help="training crop X,Y,Z (--full: the demo's 64,64,48)")
+    parser.add_argument("--unet-channels", default="8,16,32,64",
+                        help="MONAI UNet widths per level (--full: 16,32,64,128)")
     parser.add_argument("--foreground-crop", type=float, default=0.5)
     parser.add_argument("--feature-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -228,16 +234,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-volume cache")
     parser.add_argument("--full", action="store_true", help="the demo's budget: 150 steps, every held-out case")
+    parser.add_argument("--merge", type=Path, action="append", default=[], metavar="JSON",
+                        help="add the runs of an earlier results file made with the same settings and "
+                             "held-out cases (e.g. the nets trained in separate processes); repeatable")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     args = parser.parse_args(argv)
     if args.full:
-        args.steps, args.eval_cases = 150, 0
+        args.steps, args.eval_cases, args.crop, args.unet_channels = 150, 0, "64,64,48", "16,32,64,128"
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.nets = [n for n in args.nets.split(",") if n]
-    if set(args.nets) - set(NETS):
-        parser.error(f"--nets: known nets are {', '.join(NETS)}")
+    if set(args.nets) - set(NETS + EXTRA_NETS):
+        parser.error(f"--nets: known nets are {', '.join(NETS + EXTRA_NETS)}")
     args.crop = [int(v) for v in args.crop.split(",")]
+    args.unet_channels = [int(v) for v in args.unet_channels.split(",")]
     return args
 
 
@@ -260,9 +270,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.data}: no labelled 'val' cases to score")
     cohort_info = args.data / "cohort.json"
     synthetic = bool(json.loads(cohort_info.read_text()).get("synthetic")) if cohort_info.is_file() else False
+    # What every net sees: the checkpoint's preprocessing and its encoder's HU windows.
+    input_spec = json.loads(json.dumps({"preprocess": model.preprocess.to_dict(),
+                                        "input_windows": model.encoder_config.to_dict()["input_windows"]}))
     runs: dict[str, Any] = {}
+    merged: list[str] = []
+    for path in args.merge:
+        earlier = json.loads(path.read_text())
+        if earlier.get("settings", {}).get("steps") != args.steps or earlier["data"]["eval_cases"] != len(eval_rows) \
+                or earlier["settings"].get("crop") != args.crop or earlier.get("input") != input_spec:
+            raise SystemExit(f"{path}: made with other steps / crop / held-out cases / input; not comparable")
+        runs.update(earlier["runs"])
+        merged.append(f"{path.name}: {earlier['command']}")
     for fraction in args.fractions:
         for kind in args.nets:
+            if f"{kind}@{fraction:g}" in runs:
+                continue  # merged from an earlier file
             L.seed_everything(args.seed, verbose=False)
             datamodule = SegmentationDataModule(args.data, model.preprocess, batch_size=args.batch_size,
                                                 cache_dir=args.cache_dir, label_fraction=fraction)
@@ -289,18 +312,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "eval_cases": len(eval_rows), "eval_split": "val", "synthetic": synthetic,
                  "note": "synthetic cohort, NOT clinical data" if synthetic else "user data"},
         "checkpoint": str(args.checkpoint),
+        "input": input_spec,
         "settings": {"steps": args.steps, "crop": args.crop, "foreground_crop": args.foreground_crop,
                      "batch_size": args.batch_size, "lr": args.lr, "feature_size": args.feature_size,
-                     "loss": "DiceCE (MONAI, batch Dice)", "grid": "preprocessed", "seed": args.seed},
+                     "loss": "DiceCE (MONAI, batch Dice)", "grid": "preprocessed", "seed": args.seed,
+                     "unet_channels": args.unet_channels},
         "fractions": args.fractions,
+        "merged_from": merged,
         "runs": runs,
     }
     print(format_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"segmentation-cpu-{date.date().isoformat()}"
+    complete = all(f"{n}@{f:g}" in runs for n in NETS for f in args.fractions)
+    if not complete:  # a partial run does not overwrite the comparison
+        stem += "-" + "-".join(args.nets)
     path = write_text_atomic(args.out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
     print(f"results: {path}")
-    if set(NETS) <= set(args.nets) and len(args.fractions) > 0:
+    if complete:
         ours = [runs[f"ours@{f:g}"]["metrics"]["mean_dice"] or 0.0 for f in args.fractions]
         unet = [runs[f"unet@{f:g}"]["metrics"]["mean_dice"] or 0.0 for f in args.fractions]
         plot = plot_label_efficiency(

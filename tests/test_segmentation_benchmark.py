@@ -174,15 +174,22 @@ def pretrained(tmp_path_factory):
 
 
 def test_tiny_benchmark_run_trains_both_nets_on_the_stated_share_of_cases(bench, pretrained, tmp_path):
+    """The yardstick in one process, ours in a second that merges the first's file (how a
+    slow machine splits the run): both at each fraction on the stated share of cases."""
     cohort, checkpoint = pretrained
     rows = [json.loads(line) for line in (cohort / "manifest.jsonl").read_text().splitlines() if line.strip()]
     labelled = [r for r in rows if r.get("split") == "train" and r.get("label")]
-    argv = ["--checkpoint", str(checkpoint), "--data", str(cohort), "--fractions", "1.0,0.25", "--steps", "1",
-            "--eval-cases", "2", "--crop", "16,16,16", "--feature-size", "4", "--threads", "1",
-            "--out", str(tmp_path / "results")]
+    common = ["--checkpoint", str(checkpoint), "--data", str(cohort), "--fractions", "1.0,0.25", "--steps", "1",
+              "--eval-cases", "2", "--crop", "16,16,16", "--feature-size", "4", "--threads", "1",
+              "--out", str(tmp_path / "results")]
+    first = bench.main([*common, "--nets", "unet"])
+    partial = sorted((tmp_path / "results").glob("segmentation-cpu-*"))
+    assert [f.name.endswith("-unet.json") for f in partial] == [True]  # no plot of half a comparison
+    argv = [*common, "--nets", "ours", "--merge", str(partial[0])]
     results = bench.main(argv)
     runs = results["runs"]
     assert set(runs) == {"ours@1", "unet@1", "ours@0.25", "unet@0.25"}
+    assert runs["unet@1"] == first["runs"]["unet@1"]
     for fraction in (1.0, 0.25):
         expected = max(1, math.ceil(fraction * len(labelled)))
         assert runs[f"ours@{fraction:g}"]["train_cases"] == runs[f"unet@{fraction:g}"]["train_cases"] == expected
@@ -190,10 +197,13 @@ def test_tiny_benchmark_run_trains_both_nets_on_the_stated_share_of_cases(bench,
         metrics = run["metrics"]
         assert metrics["cases"] == 2
         assert all(0.0 <= v["dice"] <= 1.0 for v in metrics["per_label"].values())
-    files = sorted((tmp_path / "results").glob("segmentation-cpu-*"))
+    files = sorted(set((tmp_path / "results").glob("segmentation-cpu-*")) - set(partial))
     assert [f.suffix for f in files] == [".json", ".png"]
     saved = json.loads(files[0].read_text())
     assert saved["command"] == "benchmarks/segmentation.py " + " ".join(argv)
+    assert saved["merged_from"] and "--nets unet" in saved["merged_from"][0]
     assert saved["data"]["synthetic"] is True and "NOT clinical" in saved["data"]["note"]
     assert saved["device"].startswith("cpu") and all(saved["versions"][k] for k in ("torch", "monai", "lightning"))
     assert saved["runs"] == json.loads(json.dumps(runs))
+    with pytest.raises(SystemExit, match="not comparable"):
+        bench.main([*common[:-2], "--steps", "2", "--out", str(tmp_path / "other"), "--merge", str(files[0])])

@@ -444,6 +444,8 @@ class SegmentationDataModule(L.LightningDataModule):
 # cfg.segmentation keys and their defaults (anything else is an error).
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "feature_size": 16,
+    # The decoder's conv path on the image (SegmentationConfig.image_path).
+    "image_path": True,
     "freeze_encoder": False,
     "label_fraction": 1.0,
     "lr": OPTIMIZER_DEFAULTS["lr"],
@@ -524,6 +526,7 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
         num_classes=max(LABELS) + 1,
         label_names=dict(LABELS),
         feature_size=settings["feature_size"],
+        image_path=settings["image_path"],
         roi_size=tuple(model.encoder_config.image_size),
         sw_overlap=settings["sw_overlap"],
         freeze_encoder=settings["freeze_encoder"],
