@@ -14,7 +14,7 @@ training cases, the rule of ``segmentation.label_fraction``), then scores both o
 same held-out cases (the cohort's ``val`` split) on the preprocessed grid with
 ``volumevlm.eval.metrics`` (per-label Dice and HD95 in mm).
 
-Prints a table, writes ``benchmarks/results/segmentation-<device>-<date>.json``
+Prints a table, writes ``benchmarks/results/segmentation-cpu-<date>-<steps>steps.json``
 (device, versions, date, command) and a PNG plot of mean Dice against label fraction.
 
 The synthetic cohort is NOT clinical data; nothing here is a clinical accuracy.
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print(format_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"segmentation-cpu-{date.date().isoformat()}"
+    stem = f"segmentation-cpu-{date.date().isoformat()}-{args.steps}steps"
     complete = all(f"{n}@{f:g}" in runs for n in NETS for f in args.fractions)
     if not complete:  # a partial run does not overwrite the comparison
         stem += "-" + "-".join(args.nets)
