@@ -12,8 +12,9 @@
                            (UnetrPrUpBlock) to that level (skip connection)
            level 0:        a conv stem on the image itself (UnetrBasicBlock)
            image path (``image_path``, on by default): the image, seen through the
-                           encoder's own HU windows, goes down a small residual conv
-                           path (one strided UnetResBlock per level, the same factors);
+                           encoder's own HU windows, goes down a small conv path (per
+                           level a conv strided by that level's factors, then a
+                           residual block);
                            at every level 0..S its feature map is ADDED to the token
                            skip (to the bottleneck through a 1x1x1 projection), so
                            the fine levels see fine image structure, not only coarse
@@ -23,9 +24,9 @@
       -> UnetOutBlock -> logits [B, num_classes, X, Y, Z] (the padding cropped off)
 
 Why the image path: with token skips alone every level above the voxels is a coarse
-token upsampled, and the demo head (150 steps) stayed near "background only" (mean Dice
-about 0.09 over 14 structures); boundaries live at the voxel scale, which a ViT with
-8x8x6 patches never sees directly. Checkpoints written before the option (their
+token upsampled (the demo head, 150 steps, stayed near "background only": mean Dice
+about 0.09 over 14 structures), while boundaries live at the voxel scale, which a ViT
+with 8x8x6 patches never sees directly. docs/segmentation.md has the measurements. Checkpoints written before the option (their
 config has no ``image_path`` key) load as they were built, without it.
 
 The patch size need not be a power of two nor isotropic (tiny 8x8x6, small 16x16x8,

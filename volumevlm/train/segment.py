@@ -168,7 +168,7 @@ class SegmentationModule(L.LightningModule):
     foreground_crop: probability that a training crop is centred on a voxel of one
         foreground class present in the case, the class drawn uniformly (MONAI's
         RandCropByLabelClasses idea); else the crop is uniform. Why: with uniform crops
-        the small structures (adrenals, gallbladder, pancreas) are a fraction of a
+        the small structures (gallbladder, pancreas, inferior vena cava) are a fraction of a
         percent of the voxels a step sees, and a short run learns "background only".
     flip_axes / flip_prob: random flips of the batch along these spatial axes (0, 1, 2
         = X, Y, Z of the RAS grid); flipping X mirrors left and right, so the
