@@ -11,9 +11,23 @@
            level 1..S-1:   an earlier feature map brought up by transposed convolutions
                            (UnetrPrUpBlock) to that level (skip connection)
            level 0:        a conv stem on the image itself (UnetrBasicBlock)
+           image path (``image_path``, on by default): the image, seen through the
+                           encoder's own HU windows, goes down a small conv path (per
+                           level a conv strided by that level's factors, then a
+                           residual block);
+                           at every level 0..S its feature map is ADDED to the token
+                           skip (to the bottleneck through a 1x1x1 projection), so
+                           the fine levels see fine image structure, not only coarse
+                           tokens brought up by transposed convolutions
            S-1 ... 0:      UnetrUpBlock: transposed conv up one level, concat the skip,
                            residual conv block
       -> UnetOutBlock -> logits [B, num_classes, X, Y, Z] (the padding cropped off)
+
+Why the image path: with token skips alone every level above the voxels is a coarse
+token upsampled (the demo head, 150 steps, stayed near "background only": mean Dice
+about 0.09 over 14 structures), while boundaries live at the voxel scale, which a ViT
+with 8x8x6 patches never sees directly. docs/segmentation.md has the measurements. Checkpoints written before the option (their
+config has no ``image_path`` key) load as they were built, without it.
 
 The patch size need not be a power of two nor isotropic (tiny 8x8x6, small 16x16x8,
 base 8x8x8): each axis' patch size is split into its prime factors, one per level
@@ -89,6 +103,9 @@ class SegmentationConfig:
         module acts on it).
     norm_name: MONAI norm of the decoder blocks ("instance", "batch", ...).
     res_block: residual conv blocks in the decoder.
+    image_path: a conv path on the image feeds every decoder level (see the module
+        docstring). A config dict WITHOUT this key (a checkpoint written before it
+        existed) means False: :meth:`from_dict` rebuilds the net that was saved.
     """
 
     num_classes: int = len(LABELS)
@@ -99,6 +116,7 @@ class SegmentationConfig:
     freeze_encoder: bool = False
     norm_name: str = "instance"
     res_block: bool = True
+    image_path: bool = True
 
     def __post_init__(self):
         self.num_classes = int(self.num_classes)
@@ -107,6 +125,7 @@ class SegmentationConfig:
         self.roi_size = tuple(int(v) for v in self.roi_size)  # type: ignore[assignment]
         self.sw_overlap = float(self.sw_overlap)
         self.freeze_encoder = bool(self.freeze_encoder)
+        self.image_path = bool(self.image_path)
         if self.num_classes < 2:
             raise VolumeVLMError(f"segmentation config: num_classes must be at least 2 (background + one), got {self.num_classes}")
         bad = [k for k in self.label_names if not 0 <= k < self.num_classes]
@@ -136,6 +155,8 @@ class SegmentationConfig:
         unknown = set(data) - known
         if unknown:
             raise VolumeVLMError(f"segmentation config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        # Saved before the image path existed: that net had none.
+        data.setdefault("image_path", False)
         return cls(**data)
 
 
@@ -154,7 +175,7 @@ class SegmentationNet(nn.Module):
 
     def __init__(self, encoder_config, config: SegmentationConfig):
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+        from monai.networks.blocks import UnetOutBlock, UnetResBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
         from volumevlm.models.encoder import VolumeEncoder
 
@@ -175,7 +196,23 @@ class SegmentationNet(nn.Module):
             for level in range(1, levels)
         ]
 
-        self.stem = UnetrBasicBlock(3, enc.in_channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
+        if config.image_path:
+            # The stem sees the image through the encoder's HU windows (soft-tissue
+            # contrast is a few percent of the [0, 1] input range otherwise).
+            self.stem = UnetrBasicBlock(3, enc.embed_channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
+            # Down one level: a conv whose kernel is that level's factor (strided like a
+            # patch embedding, so odd factors such as 3 divide exactly), then a residual block.
+            def down(level: int) -> nn.Module:
+                factor = self.factors[level - 1]
+                return nn.Sequential(
+                    nn.Conv3d(widths[level - 1], widths[level], kernel_size=factor, stride=factor),
+                    UnetResBlock(3, widths[level], widths[level], kernel_size=3, stride=1, norm_name=norm),
+                )
+
+            self.image_down = nn.ModuleList(down(level) for level in range(1, levels))
+            self.image_bottleneck = nn.Sequential(down(levels), nn.Conv3d(widths[levels], enc.dim, kernel_size=1))
+        else:
+            self.stem = UnetrBasicBlock(3, enc.in_channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
         self.skips = nn.ModuleList()
         for level in range(1, levels):
             width = widths[level]
@@ -259,8 +296,16 @@ class SegmentationNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last_3d)
             maps = [m.contiguous(memory_format=torch.channels_last_3d) for m in maps]
         skips = [self.skips[i](maps[src]) for i, src in enumerate(self.skip_sources)]  # levels 1..S-1
-        skips = [self.stem(x)] + skips  # level 0 first
         h = maps[-1]
+        if self.config.image_path:
+            image = self.stem(self.encoder.windows(x))
+            fine = [image]
+            for down in self.image_down:
+                fine.append(down(fine[-1]))
+            skips = [image] + [token + conv for token, conv in zip(skips, fine[1:])]
+            h = h + self.image_bottleneck(fine[-1])
+        else:
+            skips = [self.stem(x)] + skips  # level 0 first
         for up, level in zip(self.ups, range(len(self.factors) - 1, -1, -1)):
             h = up(h, skips[level])
         logits = self.out(h)
