@@ -12,7 +12,7 @@ drives both):
 at each label fraction (default 1.0, 0.25, 0.1: the first share of the labelled
 training cases, the rule of ``segmentation.label_fraction``), then scores both on the
 same held-out cases (the cohort's ``val`` split) on the preprocessed grid with
-``volumevlm.eval.metrics`` (per-label Dice and HD95 in mm).
+``volumevlm.metrics`` (per-label Dice and HD95 in mm).
 
 Prints a table, writes ``benchmarks/results/segmentation-cpu-<date>-<steps>steps.json``
 (device, versions, date, command) and a PNG plot of mean Dice against label fraction.
@@ -99,8 +99,8 @@ class ScratchUNet(nn.Module):
 def score_case(pred: np.ndarray, target: np.ndarray, label_names: Mapping[int, str],
                spacing: Sequence[float]) -> dict[str, dict[str, float | None]]:
     """{"dice": {name: Dice | None}, "hd95": {name: mm | inf | None}} of one case's
-    [X, Y, Z] label maps (foreground labels only), by volumevlm.eval.metrics."""
-    from volumevlm.eval.metrics import dice_per_label, hd95_per_label
+    [X, Y, Z] label maps (foreground labels only), by volumevlm.metrics."""
+    from volumevlm.metrics import dice_per_label, hd95_per_label
 
     names = {k: v for k, v in label_names.items() if k != 0}
     return {"dice": dice_per_label(pred, target, names), "hd95": hd95_per_label(pred, target, names, spacing)}

@@ -175,7 +175,7 @@ class SegmentationNet(nn.Module):
 
     def __init__(self, encoder_config, config: SegmentationConfig):
         super().__init__()
-        from monai.networks.blocks import UnetOutBlock, UnetResBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrPrUpBlock, UnetrUpBlock
 
         from volumevlm.models.encoder import VolumeEncoder
 
