@@ -52,3 +52,11 @@ def seg_content(path) -> dict:
         "frame_of_reference": seg.FrameOfReferenceUID,
         "frames": frames,
     }
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    """A 4x4 rotation about the z axis (for oblique test geometries)."""
+    t = np.deg2rad(degrees)
+    r = np.eye(4)
+    r[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return r

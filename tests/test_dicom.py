@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ct_files import zip_series
+from ct_files import rotation_z, zip_series
 from volumevlm.errors import InputError
 from volumevlm.io import (
     LPS_TO_RAS,
@@ -27,19 +27,11 @@ from volumevlm.io import (
     write_nifti,
 )
 
-
-def _rotation_z(degrees):
-    t = np.deg2rad(degrees)
-    r = np.eye(4)
-    r[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
-    return r
-
-
 AFFINES = {
     "LPS": np.array([[-0.9, 0, 0, 20], [0, -1.1, 0, 25], [0, 0, 2.0, -40], [0, 0, 0, 1.0]]),
     "PSL": np.array([[0, 0, -2.5, 10], [-0.8, 0, 0, 20], [0, 1.2, 0, -30], [0, 0, 0, 1.0]]),
     "LAI": np.array([[-1.0, 0, 0, 5], [0, 1.0, 0, -7], [0, 0, -3.0, 30], [0, 0, 0, 1.0]]),
-    "oblique": _rotation_z(30) @ np.array([[1.0, 0, 0, -20], [0, 1.2, 0, -25], [0, 0, 2.0, -30], [0, 0, 0, 1.0]]),
+    "oblique": rotation_z(30) @ np.array([[1.0, 0, 0, -20], [0, 1.2, 0, -25], [0, 0, 2.0, -30], [0, 0, 0, 1.0]]),
 }
 STUDY, SERIES = "1.2.826.0.1.3680043.10.7", "1.2.826.0.1.3680043.10.7.1"
 # The phantom's HU range on some of these small grids holds no tissue; that warning is not under test here.

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
+from ct_files import rotation_z
 from volumevlm.errors import GeometryError, InputError
 from volumevlm.io import (
     LPS_TO_RAS,
@@ -29,20 +30,12 @@ from volumevlm.io import (
     write_nifti,
 )
 
-
-def _rotation_z(degrees):
-    t = np.deg2rad(degrees)
-    r = np.eye(4)
-    r[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
-    return r
-
-
 AFFINES = {
     "RAS": np.array([[1.25, 0, 0, -30], [0, 1.5, 0, -30], [0, 0, 2.5, -30], [0, 0, 0, 1.0]]),
     "LPS": np.array([[-0.9, 0, 0, 20], [0, -1.1, 0, 25], [0, 0, 2.0, -40], [0, 0, 0, 1.0]]),
     "PSL": np.array([[0, 0, -2.5, 10], [-0.8, 0, 0, 20], [0, 1.2, 0, -30], [0, 0, 0, 1.0]]),
     "LAI": np.array([[-1.0, 0, 0, 5], [0, 1.0, 0, -7], [0, 0, -3.0, 30], [0, 0, 0, 1.0]]),
-    "oblique": _rotation_z(30) @ np.array([[1.0, 0, 0, -20], [0, 1.2, 0, -25], [0, 0, 2.0, -30], [0, 0, 0, 1.0]]),
+    "oblique": rotation_z(30) @ np.array([[1.0, 0, 0, -20], [0, 1.2, 0, -25], [0, 0, 2.0, -30], [0, 0, 0, 1.0]]),
 }
 
 

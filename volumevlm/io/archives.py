@@ -82,6 +82,7 @@ def unpack_zip(path: str | os.PathLike, folder: str | os.PathLike, *, max_bytes:
                     counted = _copy_counted(src.read, dst.write, limit=max_bytes, counted=counted, source=source,
                                             what="the zip archive")
                 written.append(target)
+    # zipfile raises NotImplementedError for a compression method it cannot inflate.
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, zlib.error) as err:
         raise InputError(source, "not a readable zip archive", detail=one_line(err)) from None
     return written
