@@ -20,6 +20,7 @@ def test_demo_leaves_a_cohort_a_loadable_model_and_an_evaluation_with_intervals(
     # the yardsticks are in the table that ends the demo, beside zero-shot
     table = printed[printed.index("zero-shot AUROC"):]
     assert "linear probe AUROC" in table and "voxel probe AUROC" in table
+    assert "text->section precision@10" in table  # free-phrased queries, judged by the labeler
 
     manifest = [json.loads(line) for line in (out / "cohort" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 16 and all(row["synthetic"] for row in manifest)

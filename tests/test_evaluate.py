@@ -39,7 +39,7 @@ REQUIRED = [
     ("zero_shot", "macro_auroc"), ("zero_shot", "per_finding"), ("phenotypes", "macro_auroc"),
     ("retrieval", "r1_pool32"), ("retrieval", "r5_pool32"), ("segmentation", "mean_dice"),
     ("segmentation", "per_label"), ("report", "clinical_f1"), ("report", "bleu4"), ("report", "rouge_l"),
-    ("report", "distinct_ratio"),
+    ("report", "distinct_ratio"), ("text_retrieval", "precision_at_10"), ("text_retrieval", "negated_positive_rate_at_10"),
 ]
 PLOTS = ("roc_curves.png", "retrieval_recall.png", "dice_boxplot.png", "segmentation_overlay.png", "label_efficiency.png")
 
@@ -213,6 +213,7 @@ def test_a_checkpoint_without_heads_reports_skipped_sections_on_the_command_line
     assert code == 0
     printed = capsys.readouterr().out
     assert "chance" in printed and "zero-shot AUROC" in printed and "skipped" in printed
+    assert "text->section precision@10" in printed and "negated queries" in printed
     metrics = json.loads((out / METRICS_NAME).read_text())
     assert metrics["segmentation"] == {"skipped": f"no segmentation head in {runs['plain']}"}
     assert metrics["report"] == {"skipped": f"no report head in {runs['plain']}"}
@@ -260,3 +261,63 @@ def test_bad_arguments_fail_in_one_line(runs, capsys, tmp_path):
     assert cli_main(["evaluate", "--checkpoint", str(runs["plain"]), *common, "--label-efficiency", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "metrics.json" in err
+
+
+def test_text_retrieval_matches_a_hand_computation_over_the_index_sections(evaluated, by_hand, runs):
+    """The corpus is what ``volumevlm index build --sections`` indexes (its own reader here),
+    embedded one text at a time; each query's top sections are ranked and judged by hand."""
+    from volumevlm.inference.index import read_reports
+    from volumevlm.text.labeler import label_findings
+    from volumevlm.text.queries import load_query_set
+
+    section = evaluated[0]["text_retrieval"]
+    model = by_hand["model"]
+    corpus = [text for text, meta in read_reports(runs["cohort"] / "manifest.jsonl", sections=True)]
+    assert section["corpus_sections"] == len(corpus) and section["reports"] == COHORT_CASES
+    queries = load_query_set("synthetic")
+    with torch.no_grad():
+        corpus_emb = torch.cat([model.encode_text([text]) for text in corpus]).numpy()
+    readings = [label_findings(text, queries.keys) for text in corpus]
+    precision, negated = {}, {}
+    for polarity, into in (("positive", precision), ("negated", negated)):
+        for key, text in queries.queries(polarity):
+            positive = [reading.get(key) == "positive" for reading in readings]
+            if not any(positive):
+                continue
+            with torch.no_grad():
+                scores = (corpus_emb @ model.encode_text([text])[0].numpy()).tolist()
+            # Best first; at equal scores the outcome against the model first.
+            against = positive if polarity == "positive" else [not p for p in positive]
+            ranked = sorted(range(len(corpus)), key=lambda i: (-scores[i], against[i]))  # noqa: B023 (used at once)
+            depth = min(10, sum(positive)) if polarity == "positive" else 10
+            into.setdefault(key, []).append(sum(positive[i] for i in ranked[:depth]) / depth)
+    assert precision, "the tiny cohort's reports state no finding at all"
+    for key, values in precision.items():
+        assert section["per_finding"][key]["precision_at_10"] == pytest.approx(np.mean(values), abs=1e-6), key
+        assert section["per_finding"][key]["negated_positive_rate_at_10"] == pytest.approx(np.mean(negated[key]), abs=1e-6)
+    assert section["precision_at_10"] == pytest.approx(np.mean([np.mean(v) for v in precision.values()]), abs=1e-6)
+    assert section["findings_scored"] == len(precision)
+    assert section["queries"] == section["negated_queries"] == 3 * len(queries.keys)
+    assert all(q["top_hit"] in corpus for q in section["per_query"])
+
+
+def test_text_retrieval_skips_with_a_reason(runs, tmp_path, capsys):
+    from volumevlm.eval.evaluate import format_table, read_split, text_retrieval_section
+
+    model = volumevlm.load(runs["plain"])
+    rows = read_split(runs["cohort"], "test")
+    without_reports = [{k: v for k, v in row.items() if k != "report"} for row in rows]
+    assert text_retrieval_section(model, without_reports) == {
+        "skipped": "no case of the split has a report (the corpus is their sections)"}
+    model.text = None
+    assert text_retrieval_section(model, rows) == {"skipped": "the checkpoint has no text tower"}
+    table = format_table({"n_cases": 1, "split": "test", "text_retrieval": {"skipped": "the checkpoint has no text tower"}})
+    assert "text_retrieval" in table and "no text tower" in table
+    # A bad --text-queries file: one line naming it, before any case is encoded.
+    bad = tmp_path / "queries.yaml"
+    bad.write_text("name: x\nfindings:\n  not_a_finding:\n    positive: [Q.]\n")
+    code = cli_main(["evaluate", "--checkpoint", str(runs["plain"]), "--data", str(runs["cohort"]),
+                     "--out", str(tmp_path / "o"), "--no-progress", "--text-queries", str(bad)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "not_a_finding" in err

@@ -39,6 +39,15 @@ retrieval
     ``image_to_report`` / ``report_to_image``, and recall@k over the whole split
     (``full_set``). Plots: ``retrieval_recall.png`` (image -> report, the whole split drawn
     as the largest pool) and ``retrieval_recall_t2i.png``.
+text_retrieval
+    text -> report-section search with free-phrased queries per finding
+    (``--text-queries``; default: the bundled set of the checkpoint's finding set,
+    :mod:`volumevlm.text.queries`) over the organ-system sections of the evaluated cases'
+    reports (what ``volumevlm index build --sections`` indexes), judged by the findings
+    labeler: ``precision_at_10`` (share of sections stating the finding among the top
+    min(10, positives)), ``negated_positive_rate_at_10`` (for "No ..." queries, share of
+    sections stating it among the top 10; lower is better), ``per_finding``,
+    ``per_query`` (each query's top hit), ``queries``, ``chance``.
 segmentation (needs the segmentation head)
     each labelled case segmented and brought back to its own geometry, compared with its
     label map there: ``per_label`` Dice and HD95 (mm, the input's voxel spacing),
@@ -412,6 +421,83 @@ def retrieval_section(encoded, out: Path, synthetic: bool) -> tuple[dict[str, An
     return section, plots
 
 
+TEXT_RETRIEVAL_K = 10
+TEXT_BATCH = 64
+
+
+@torch.no_grad()
+def _encode_texts(model, texts: Sequence[str]) -> torch.Tensor:
+    """Unit text embeddings [N, E], in batches, as ``volumevlm index build`` embeds entries
+    (``model.encode_text`` of each text, eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [model.encode_text(list(texts[lo:lo + TEXT_BATCH])).float().cpu() for lo in range(0, len(texts), TEXT_BATCH)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+def text_retrieval_section(model, rows, queries: Any = None, k: int = TEXT_RETRIEVAL_K) -> dict[str, Any]:
+    """Text -> report-section retrieval with free-phrased queries per finding
+    (:mod:`volumevlm.text.queries`; ``queries``: a QuerySet, a bundled name or a YAML path,
+    None for the bundled set of the model's findings), judged by the findings labeler.
+
+    Corpus: the organ-system sections of the evaluated cases' reports, each "HEADER: text"
+    (:func:`volumevlm.text.sections.report_sections`, what ``volumevlm index build
+    --sections`` indexes), embedded with the model's text tower. Each section is read by
+    the labeler on its own; one it reads as stating a finding present is a hit for that
+    finding's positive queries and a miss-to-avoid for its negated ones. The figures are
+    :func:`volumevlm.metrics.text_retrieval_precision`."""
+    from volumevlm.data.datasets import case_report
+    from volumevlm.metrics import text_retrieval_precision
+    from volumevlm.text.labeler import POSITIVE, label_findings, resolve_findings
+    from volumevlm.text.queries import QuerySet, load_query_set, query_set_for
+    from volumevlm.text.sections import report_sections
+
+    if getattr(model, "text", None) is None or not callable(getattr(model, "encode_text", None)):
+        return {"skipped": "the checkpoint has no text tower"}
+    if queries is None:
+        query_set = query_set_for(model.findings)
+    else:
+        query_set = queries if isinstance(queries, QuerySet) else load_query_set(queries)
+    if query_set is None:
+        return {"skipped": "no bundled text-retrieval queries for the checkpoint's findings (give --text-queries FILE)"}
+    reports = [report for report in (case_report(row) for row in rows) if report is not None]
+    if not reports:
+        return {"skipped": "no case of the split has a report (the corpus is their sections)"}
+    corpus = [section for report in reports for section in report_sections(report)]
+    names = query_set.keys
+    labeler_keys = {name: resolve_findings([name])[0] for name in names}
+    readings = [label_findings(section, list(dict.fromkeys(labeler_keys.values()))) for section in corpus]
+    positive = np.array([[reading.get(labeler_keys[name]) == POSITIVE for name in names] for reading in readings])
+    asked = [(name, text, False) for name, text in query_set.queries("positive")]
+    asked += [(name, text, True) for name, text in query_set.queries("negated")]
+    corpus_emb = _encode_texts(model, corpus)
+    query_emb = _encode_texts(model, [text for _, text, _ in asked])
+    figures = text_retrieval_precision(query_emb, corpus_emb, [a[0] for a in asked], [a[2] for a in asked], positive,
+                                       names, k=k)
+    per_query = []
+    for (name, text, negated), result in zip(asked, figures.pop("per_query")):
+        top = corpus[result["top"][0]]
+        per_query.append({"finding": name, "query": text, "negated": negated, "value": result["value"],
+                          "k": result["k"], "top_hit": top,
+                          "top_hit_reading": readings[result["top"][0]].get(labeler_keys[name])})
+    return {
+        **figures,
+        "queries": len([a for a in asked if not a[2]]),
+        "negated_queries": len([a for a in asked if a[2]]),
+        "query_set": query_set.name,
+        "corpus_sections": len(corpus),
+        "reports": len(reports),
+        "k": k,
+        "definition": (f"positive queries: share of sections the labeler reads as stating the finding among the top "
+                       f"min({k}, positives); negated queries: share of such sections among the top {k}; "
+                       "means over each finding's queries, then over findings with a positive section"),
+        "per_query": per_query,
+    }
+
+
 def segmentation_section(model, rows, out: Path, synthetic: bool, progress=None) -> tuple[dict[str, Any], list[str]]:
     """Per-case masks in each case's own geometry against its label map there."""
     import nibabel as nib
@@ -555,12 +641,14 @@ def evaluate(
     progress: bool = True,
     command: str | None = None,
     visible_codes: str | None = None,
+    text_queries: Any = None,
 ) -> dict[str, Any]:
     """Run every protocol (see the module docstring); write ``out/metrics.json`` and the
     plots; return the metrics dict (as written)."""
     import volumevlm
     from volumevlm.io.writers import write_text_atomic
     from volumevlm.models.vlm import VolumeVLM
+    from volumevlm.text.queries import load_query_set
 
     started = time.perf_counter()
     if int(batch_size) < 1:
@@ -570,6 +658,8 @@ def evaluate(
     model = VolumeVLM.from_pretrained(checkpoint, device=device)  # what volumevlm.load does
     rows = read_split(data, split)
     synthetic = is_synthetic(data, rows)
+    # A bad --text-queries file is reported before the long encoding pass, not after it.
+    query_set = load_query_set(text_queries) if text_queries is not None else None
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     plots: list[str] = []
@@ -588,6 +678,10 @@ def evaluate(
         metrics["retrieval"], more = retrieval_section(encoded, out, synthetic)
         plots += more
         timings["zero_shot_phenotypes_retrieval_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        metrics["text_retrieval"] = text_retrieval_section(model, rows, query_set)
+        timings["text_retrieval_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         metrics["linear_probe"], metrics["baseline"] = probe_sections(
@@ -622,7 +716,7 @@ def evaluate(
         "device": device_description(model.device),
         "versions": package_versions("volumevlm", "torch", "monai", "transformers", "numpy"),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or _default_command(checkpoint, data, out, split, prompts, batch_size),
+        "command": command or _default_command(checkpoint, data, out, split, prompts, batch_size, text_queries),
         "plots": sorted(Path(p).name for p in plots),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "elapsed_s": round(time.perf_counter() - started, 1),
@@ -635,11 +729,13 @@ def evaluate(
     return result
 
 
-def _default_command(checkpoint, data, out, split, prompts, batch_size) -> str:
+def _default_command(checkpoint, data, out, split, prompts, batch_size, text_queries=None) -> str:
     parts = ["volumevlm", "evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
              "--split", str(split), "--batch-size", str(batch_size)]
     if isinstance(prompts, str):
         parts += ["--prompts", prompts]
+    if isinstance(text_queries, (str, os.PathLike)):
+        parts += ["--text-queries", os.fspath(text_queries)]
     return shlex.join(parts)
 
 
@@ -689,6 +785,14 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             n = rt.get("pairs") or 1
             rows.append((f"{label} R@1 / R@5 (all {n})", f"{_fmt(full.get('r1'))} / {_fmt(full.get('r5'))}",
                          f"{min(1, n) / n:.3f} / {min(5, n) / n:.3f}"))
+    tr = metrics.get("text_retrieval", {})
+    if tr and "skipped" not in tr:
+        chance = tr.get("chance") or {}
+        k = tr.get("k", 10)
+        rows.append((f"text->section precision@{k} ({tr.get('findings_scored')} findings, {tr.get('queries')} queries)",
+                     _fmt(tr.get(f"precision_at_{k}")), _fmt(chance.get(f"precision_at_{k}"))))
+        rows.append((f"text->section positives in top {k}, negated queries (lower is better)",
+                     _fmt(tr.get(f"negated_positive_rate_at_{k}")), _fmt(chance.get(f"negated_positive_rate_at_{k}"))))
     if "skipped" not in seg:
         rows.append((f"segmentation mean Dice ({seg.get('labels_scored')} labels)", _fmt(seg.get("mean_dice")), "-"))
         hd = seg.get("mean_hd95_mm")
@@ -700,7 +804,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
         rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
     sections = {name: metrics.get(name, {}) for name in ("zero_shot", "linear_probe", "phenotypes", "retrieval",
-                                                          "segmentation", "report")}
+                                                          "text_retrieval", "segmentation", "report")}
     sections["baseline.voxel_probe"] = metrics.get("baseline", {}).get("voxel_probe", {})
     for name, section in sections.items():
         if "skipped" in section:
@@ -739,6 +843,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--visible-phecodes", default=None, metavar="CODES|FILE",
                         help="phecodes an image can show, comma-separated or a file with one per line, scored as "
                              "phenotypes.macro_auroc_image_visible (default: the synthetic cohort's own)")
+    parser.add_argument("--text-queries", default=None, metavar="NAME|YAML",
+                        help="free-phrased text-retrieval queries per finding: a finding set's bundled queries "
+                             "(synthetic) or a YAML file (default: the bundled set of the checkpoint's findings)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -749,6 +856,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, args.out, split=args.split, prompts=args.prompts, batch_size=args.batch_size,
         cache_dir=args.cache_dir, label_efficiency=args.label_efficiency, device=args.device,
         progress=not args.no_progress, command=command, visible_codes=args.visible_phecodes,
+        text_queries=args.text_queries,
     )
     print(format_table(metrics))
     print(f"metrics: {Path(args.out) / METRICS_NAME}; plots: {', '.join(metrics['plots']) or 'none'}")

@@ -25,6 +25,12 @@ Retrieval
     greater than or EQUAL to it, so a tie never helps (a model that gives every
     candidate the same score has rank = number of candidates, not 1).
 
+Text retrieval
+    :func:`text_retrieval_precision` scores queries that name a finding against a corpus
+    of texts the findings labeler has read: precision@k of the positive queries (k
+    shrinks to the number of positives when there are fewer) and, for negated queries,
+    the share of positives among the top k. Ties count against the model here too.
+
 Segmentation
     :func:`dice_per_label` and :func:`hd95_per_label` compare two integer label maps
     [X, Y, Z] one label at a time.
@@ -44,7 +50,7 @@ from volumevlm.errors import VolumeVLMError
 
 __all__ = [
     "auroc", "per_finding_auroc", "macro_auroc", "macro_auroc_interval", "roc_curve_points",
-    "recall_at_k", "retrieval_recall", "pool_recall",
+    "recall_at_k", "retrieval_recall", "pool_recall", "text_retrieval_precision",
     "dice_per_label", "surface_voxels", "hd95_per_label",
     "dice_counts", "dice_from_counts", "hd95_per_class", "summarize_dice", "summarize_hd95",
 ]
@@ -314,6 +320,117 @@ def pool_recall(
         for k, h in zip(ks, hits):
             out[f"r{k}_pool{p}"] = float(h / n_pools)
     return out
+
+
+def text_retrieval_precision(
+    query_emb: Any,
+    corpus_emb: Any,
+    query_findings: Sequence[str],
+    query_negated: Sequence[bool],
+    corpus_positive: Any,
+    findings: Sequence[str],
+    k: int = 10,
+) -> dict[str, Any]:
+    """How well text queries naming a finding retrieve texts that state it.
+
+    query_emb [Q, E], corpus_emb [M, E]: embeddings, scored by their dot product (pass
+    unit rows for cosine). query_findings: the finding (a name of ``findings``) each query
+    names; query_negated: True for a query that denies it ("The spleen is not enlarged.").
+    corpus_positive [M, F] bool: column j is True where the judge (the findings labeler)
+    reads corpus text i as stating finding ``findings[j]`` present; hedged or denied
+    mentions are False.
+
+    For a query of a finding with P positive texts in the corpus, the corpus is ranked by
+    score, equal scores putting the outcome that counts against the model first:
+
+    * positive query: precision@k' with k' = min(k, P), the share of positives among the
+      top k' (so a finding with fewer than k positives can still reach 1.0: every one of
+      them ranked first);
+    * negated query: the share of positives among the top min(k, M) (lower is better; the
+      target is at most 1 in 10).
+
+    A finding with no positive text in the corpus is not scored (None): neither figure
+    means anything there. Per finding, each figure is the mean over its queries; the
+    headline figures are the unweighted means over scored findings. Chance is what a
+    random ranking gives on average: P / M for both figures.
+
+    Returns {"precision_at_{k}", "negated_positive_rate_at_{k}" (macro, None when nothing
+    is scored), "findings_scored", "chance": {both figures}, "per_finding": {name:
+    {both figures, "positives", "queries", "negated_queries", "chance"}}, "per_query":
+    [{"finding", "negated", "value", "k", "top": corpus rows of the top k, best first}]}.
+    """
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise VolumeVLMError(f"text_retrieval_precision: k must be a positive integer, got {k!r}")
+    k = int(k)
+    q = _array(query_emb, "query_emb")
+    c = _array(corpus_emb, "corpus_emb")
+    positive = _array(corpus_positive, "corpus_positive") != 0
+    names = [str(n) for n in findings]
+    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1] or c.shape[0] == 0:
+        raise VolumeVLMError(f"text_retrieval_precision: need query_emb [Q, E] and corpus_emb [M, E] with M >= 1, "
+                             f"got {q.shape} and {c.shape}")
+    if positive.shape != (c.shape[0], len(names)):
+        raise VolumeVLMError(f"text_retrieval_precision: corpus_positive must be [M, F] = {(c.shape[0], len(names))}, "
+                             f"got {positive.shape}")
+    if len(query_findings) != q.shape[0] or len(query_negated) != q.shape[0]:
+        raise VolumeVLMError(f"text_retrieval_precision: {q.shape[0]} queries but {len(query_findings)} findings and "
+                             f"{len(query_negated)} negation flags")
+    if not (np.isfinite(q).all() and np.isfinite(c).all()):
+        raise VolumeVLMError("text_retrieval_precision: embeddings hold NaN or inf")
+    column = {name: j for j, name in enumerate(names)}
+    unknown = [f for f in query_findings if f not in column]
+    if unknown:
+        raise VolumeVLMError(f"text_retrieval_precision: query finding {unknown[0]!r} is not a column of corpus_positive")
+    n_corpus = c.shape[0]
+    scores = q @ c.T
+    per_query: list[dict[str, Any]] = []
+    values: dict[str, dict[bool, list[float]]] = {name: {False: [], True: []} for name in names}
+    for i, (name, negated) in enumerate(zip(query_findings, query_negated)):
+        pos = positive[:, column[name]]
+        n_pos = int(pos.sum())
+        negated = bool(negated)
+        # Best score first; at equal scores the outcome that counts against the model comes
+        # first (a non-positive for a positive query, a positive for a negated one).
+        tie_break = ~pos if negated else pos
+        order = np.lexsort((tie_break, -scores[i]))
+        depth = min(k, n_corpus) if negated else min(k, n_pos)
+        value = None
+        if n_pos > 0:
+            value = float(pos[order[:depth]].mean())
+            values[name][negated].append(value)
+        per_query.append({"finding": name, "negated": negated, "value": value, "k": depth,
+                          "top": [int(j) for j in order[:min(k, n_corpus)]]})
+    p_key, n_key = f"precision_at_{k}", f"negated_positive_rate_at_{k}"
+    asked = set(query_findings)
+    per_finding: dict[str, dict[str, Any]] = {}
+    for name in (n for n in names if n in asked):
+        n_pos = int(positive[:, column[name]].sum())
+        pos_values, neg_values = values[name][False], values[name][True]
+        per_finding[name] = {
+            p_key: float(np.mean(pos_values)) if pos_values else None,
+            n_key: float(np.mean(neg_values)) if neg_values else None,
+            "positives": n_pos,
+            "queries": sum(1 for f, neg in zip(query_findings, query_negated) if f == name and not neg),
+            "negated_queries": sum(1 for f, neg in zip(query_findings, query_negated) if f == name and neg),
+            "chance": n_pos / n_corpus,
+        }
+
+    def macro(key: str) -> float | None:
+        kept = [v[key] for v in per_finding.values() if v[key] is not None]
+        return float(np.mean(kept)) if kept else None
+
+    def macro_chance(key: str) -> float | None:
+        kept = [v["chance"] for v in per_finding.values() if v[key] is not None]
+        return float(np.mean(kept)) if kept else None
+
+    return {
+        p_key: macro(p_key),
+        n_key: macro(n_key),
+        "findings_scored": sum(1 for v in per_finding.values() if v[p_key] is not None),
+        "chance": {p_key: macro_chance(p_key), n_key: macro_chance(n_key)},
+        "per_finding": per_finding,
+        "per_query": per_query,
+    }
 
 
 # --------------------------------------------------------------------------- segmentation
