@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from volumevlm.train.losses import PretrainObjective, clip_loss, gather_no_grad, gather_with_grad
+from volumevlm.train.losses import PretrainObjective, clip_loss, gather_no_grad, gather_with_grad, supervised_contrastive
 
 
 def brute_force_clip(img, txt, scale):
@@ -314,3 +314,23 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
                 assert float(single[key].abs().sum()) > 0, key
                 for res in ranks:
                     assert torch.allclose(res[f"{name}.{key}"], single[key], rtol=1e-10, atol=1e-12), (name, key)
+
+
+def test_supervised_contrastive_matches_a_hand_computation():
+    # Rows 0 and 2 share a label and point the same way; row 1 is alone in its class.
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    loss = supervised_contrastive(emb, labels, temperature=0.5)
+    # Anchor 0: similarities / 0.5 to rows 1 and 2 are 0 and 2; its positive is row 2:
+    # -log(e^2 / (e^0 + e^2)) = log(1 + e^-2). Anchor 2 likewise; row 1 has no positive.
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
+    loss.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
+    # Swapping which rows agree changes the loss: the labels, not the order, decide.
+    swapped = supervised_contrastive(emb.detach(), torch.tensor([[1.0], [1.0], [0.0]]), temperature=0.5)
+    # Anchor 0's positive is now row 1 (similarity 0 against row 2's 2), anchor 1's is row 0
+    # (both similarities 0): the mean of log(1 + e^2) and log 2.
+    assert swapped.item() == pytest.approx((math.log(1 + math.exp(2)) + math.log(2)) / 2, rel=1e-6)
+    # No anchor with a positive: zero, with a gradient path.
+    alone = supervised_contrastive(emb, torch.eye(3), temperature=0.5)
+    assert alone.item() == 0.0 and alone.requires_grad

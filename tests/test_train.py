@@ -441,3 +441,56 @@ def test_the_datamodule_reads_each_case_once_as_the_labeler_does_and_holds_compa
         PretrainDataModule(cohort, in_memory=True, num_workers=1)
     assert "\n" not in str(err.value)
     assert np.isfinite(with_readings["loss"].item())
+
+
+def test_section_text_term_groups_sections_by_the_labelers_reading(cohort):
+    import random
+
+    from volumevlm.train.datamodule import PretrainDataModule
+    from volumevlm.train.losses import supervised_contrastive
+    from volumevlm.train.module import PretrainModule
+
+    datamodule = PretrainDataModule(cohort, batch_size=2)
+    datamodule.setup()
+    module = PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
+                            objective={"section_text_weight": 1.0, "section_text_others_per_case": 1},
+                            tokenizer=datamodule.tokenizer, phecode_vocab=datamodule.phecode_vocab,
+                            findings=["splenomegaly", "ascites"])
+    reports = [
+        "FINDINGS:\nSPLEEN: Splenomegaly.\nPANCREAS: Unremarkable.\nPERITONEUM: No free fluid.",
+        None,
+        "FINDINGS:\nSPLEEN: No splenomegaly.\nPERITONEUM: Small volume ascites.",
+    ]
+    texts, findings, _ = module.section_texts(reports, rng=random.Random(0))
+    # Every section that states a finding, and one other per report (the drawn one varies).
+    stated = {"SPLEEN: Splenomegaly.": [1, 0], "PERITONEUM: Small volume ascites.": [0, 1]}
+    assert set(stated) <= set(texts) and len(texts) == len(stated) + 2
+    for text, row in zip(texts, findings.tolist()):
+        assert row == stated.get(text, [0, 0]), text
+    assert "SPLEEN: No splenomegaly." in texts or "PERITONEUM: No free fluid." in texts or "PANCREAS: Unremarkable." in texts
+    module.eval()
+    with torch.no_grad():
+        loss = module.section_text_loss(reports, rng=random.Random(0))
+        by_hand = supervised_contrastive(module.model.encode_text(texts), findings, temperature=0.1)
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="section_text_temperature"):
+        PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
+                       objective={"section_text_weight": 1.0, "section_text_temperature": 0.0},
+                       tokenizer=datamodule.tokenizer, phecode_vocab=datamodule.phecode_vocab, findings=["ascites"])
+
+
+def test_section_text_term_is_added_to_the_loss_and_trains(cohort, tmp_path):
+    out = tmp_path / "out"
+    _, objects = train(shrunk_config(cohort, out, "model.objective.section_text_weight=0.5", "debug=fdr"))
+    module, datamodule = objects["module"], objects["datamodule"]
+    batch = next(iter(datamodule.train_dataloader()))
+    module.eval()
+    import random
+
+    with torch.no_grad():
+        random.seed(5)
+        losses = module.compute_losses(batch)
+    assert torch.isfinite(losses["section_text"]) and losses["section_text"] > 0
+    expected = losses["clip"] + losses["phenotype"] + 0.5 * losses["section_text"]
+    assert torch.allclose(losses["loss"], expected, atol=1e-5)
+    assert volumevlm.load(out / "model").text_config is not None

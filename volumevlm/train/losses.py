@@ -151,3 +151,25 @@ class PretrainObjective:
             # keep every parameter in the graph (DDP's unused-parameter check)
             loss = loss + _zero_like_graph(image_emb, text_emb, phenotype_logits, logit_scale)
         return {"loss": loss, "clip": clip, "phenotype": phen}
+
+
+def supervised_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020) over one set of embeddings.
+
+    emb [N, E] unit rows; labels [N, ...]: rows with equal labels are positives of each
+    other, every other row a negative. For each anchor i with at least one positive,
+    -mean over its positives p of log softmax_j!=i(emb_i . emb_j / temperature)[p]; the
+    mean over those anchors (0 with a gradient path when no anchor has a positive).
+    """
+    n = emb.shape[0]
+    flat = labels.reshape(n, -1)
+    same = (flat[:, None, :] == flat[None, :, :]).all(dim=-1)
+    self_mask = torch.eye(n, dtype=torch.bool, device=emb.device)
+    positives = same & ~self_mask
+    anchors = positives.any(dim=1)
+    if not bool(anchors.any()):
+        return emb.sum() * 0.0
+    logits = (emb @ emb.T / float(temperature)).masked_fill(self_mask, float("-inf"))
+    log_prob = torch.log_softmax(logits.float(), dim=1).masked_fill(~positives, 0.0)
+    per_anchor = log_prob.sum(dim=1)[anchors] / positives.sum(dim=1)[anchors]
+    return -per_anchor.mean()

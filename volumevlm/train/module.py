@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from volumevlm.errors import VolumeVLMError
@@ -51,6 +52,15 @@ OBJECTIVE_DEFAULTS: dict[str, Any] = {
     # each scored against every case by the labeler (training-only bias, not exported).
     "sentence_weight": 0.0,
     "sentences_per_case": 2,
+    # > 0: a text-only supervised contrastive term on the organ-system sections of the
+    # batch's reports, grouped by what the labeler reads in each ("SPLEEN: Splenomegaly."
+    # with its kind, "SPLEEN: No splenomegaly." with the normal sections): the text tower
+    # learns to place a section by the findings it states, negation included, which text
+    # -> section retrieval needs (evaluate's text_retrieval).
+    "section_text_weight": 0.0,
+    "section_text_temperature": 0.1,
+    # every section that states a finding, plus up to this many others per case
+    "section_text_others_per_case": 2,
 }
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -181,18 +191,25 @@ class PretrainModule(L.LightningModule):
         self.findings_weight = float(self.objective_config["findings_weight"])
         self.sentence_weight = float(self.objective_config["sentence_weight"])
         self.sentences_per_case = int(self.objective_config["sentences_per_case"])
-        for name in ("findings_weight", "sentence_weight"):
+        self.section_text_weight = float(self.objective_config["section_text_weight"])
+        self.section_text_temperature = float(self.objective_config["section_text_temperature"])
+        self.section_text_others = int(self.objective_config["section_text_others_per_case"])
+        if self.section_text_temperature <= 0 or self.section_text_others < 0:
+            raise ValueError("model.objective.section_text_temperature must be > 0 and section_text_others_per_case "
+                             f">= 0, got {self.section_text_temperature} and {self.section_text_others}")
+        for name in ("findings_weight", "sentence_weight", "section_text_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.objective.{name} must be >= 0, got {getattr(self, name)}")
         if self.sentences_per_case < 1:
             raise ValueError(f"model.objective.sentences_per_case must be >= 1, got {self.sentences_per_case}")
-        if self.findings_weight or self.sentence_weight:
+        if self.findings_weight or self.sentence_weight or self.section_text_weight:
             from volumevlm.text.labeler import resolve_findings
 
             try:
                 self.report_finding_keys = resolve_findings(self.model.findings)
             except VolumeVLMError as err:
-                which = "findings_weight" if self.findings_weight else "sentence_weight"
+                which = next(name for name in ("findings_weight", "sentence_weight", "section_text_weight")
+                             if getattr(self, name))
                 raise ValueError(f"model.objective.{which}: the labeler cannot read the model's findings ({err})") from None
         self.findings_space = str(self.objective_config["findings_space"])
         if self.findings_space not in ("image", "shared"):
@@ -342,7 +359,45 @@ class PretrainModule(L.LightningModule):
         if self.sentence_weight:
             losses["sentences"] = self.sentence_loss(image_emb, out["logit_scale"], batch["report"], readings)
             losses["loss"] = losses["loss"] + self.sentence_weight * losses["sentences"]
+        if self.section_text_weight:
+            losses["section_text"] = self.section_text_loss(batch["report"], readings).to(losses["loss"].dtype)
+            losses["loss"] = losses["loss"] + self.section_text_weight * losses["section_text"]
         return losses
+
+    def section_texts(self, reports: Sequence[str | None], readings: Sequence[CaseReading] | None = None,
+                      rng: random.Random | None = None) -> tuple[list[str], torch.Tensor, list | None]:
+        """The sections the text-only term reads: (texts [N], the labeler's readings float
+        [N, F] (1 present or hedged), token ids or None). Every section of the batch's
+        reports that states a finding, plus up to ``section_text_others_per_case`` others
+        of each report drawn at random (most sections state nothing; all of them would
+        drown the few that do)."""
+        rng = rng or random
+        if readings is None:
+            readings = [read_case(r, None, self.report_finding_keys) for r in reports]
+        tokens_ok = self._tokens_usable(readings)
+        texts, findings, ids = [], [], []
+        for report, reading in zip(reports, readings):
+            if report is None:
+                continue
+            stating = [s for s in reading.sections if s[1] is not None and float(np.sum(s[1])) > 0]
+            others = [s for s in reading.sections if s[1] is not None and float(np.sum(s[1])) == 0]
+            for text, section_findings, token_ids in stating + rng.sample(others, min(self.section_text_others, len(others))):
+                texts.append(text), findings.append(section_findings), ids.append(token_ids)
+        width = len(self.report_finding_keys)
+        table = torch.as_tensor(np.stack(findings), dtype=torch.float32) if findings else torch.zeros(0, width)
+        return texts, table.to(self.device), (ids if tokens_ok else None)
+
+    def section_text_loss(self, reports: Sequence[str | None], readings: Sequence[CaseReading] | None = None,
+                          rng: random.Random | None = None) -> torch.Tensor:
+        """:func:`~volumevlm.train.losses.supervised_contrastive` of the text embeddings of
+        :meth:`section_texts`, sections with the same reading being positives of each other."""
+        from volumevlm.train.losses import supervised_contrastive
+
+        texts, findings, ids = self.section_texts(reports, readings, rng)
+        if len(texts) < 2:
+            return sum(p.sum() * 0.0 for p in self.model.text_projection.parameters())
+        emb = self.model.encode_text(texts, token_ids=ids)
+        return supervised_contrastive(emb.float(), findings, self.section_text_temperature)
 
     def finding_sentences(self, reports: Sequence[str | None], per_case: int | None = None,
                           rng: random.Random | None = None,
@@ -454,7 +509,7 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         self.log("train/clip", losses["clip"], batch_size=size)
         self.log("train/phenotype", losses["phenotype"], batch_size=size)
-        for name in ("findings", "sentences"):
+        for name in ("findings", "sentences", "section_text"):
             if name in losses:
                 self.log(f"train/{name}", losses[name], batch_size=size)
         self.log("train/temperature", 1.0 / self.model.scale().detach(), batch_size=size)
