@@ -468,6 +468,13 @@ def test_section_text_term_groups_sections_by_the_labelers_reading(cohort):
     for text, row in zip(texts, findings.tolist()):
         assert row == stated.get(text, [0, 0]), text
     assert "SPLEEN: No splenomegaly." in texts or "PERITONEUM: No free fluid." in texts or "PANCREAS: Unremarkable." in texts
+    # With negations, each stating section also comes denied, read by the labeler.
+    module.section_text_negations = True
+    more, more_findings, _ = module.section_texts(reports, rng=random.Random(0))
+    denied = dict(zip(more, more_findings.tolist()))
+    assert denied["SPLEEN: No splenomegaly."] == [0, 0] and denied["PERITONEUM: No small volume ascites."] == [0, 0]
+    assert len(more) == len(texts) + 2
+    module.section_text_negations = False
     module.eval()
     with torch.no_grad():
         loss = module.section_text_loss(reports, rng=random.Random(0))
@@ -494,3 +501,16 @@ def test_section_text_term_is_added_to_the_loss_and_trains(cohort, tmp_path):
     expected = losses["clip"] + losses["phenotype"] + 0.5 * losses["section_text"]
     assert torch.allclose(losses["loss"], expected, atol=1e-5)
     assert volumevlm.load(out / "model").text_config is not None
+
+
+def test_negated_sections_differ_by_negation_and_the_labeler_confirms_the_denial():
+    from volumevlm.train.targets import negated_section
+
+    keys = ("splenomegaly", "ascites", "osteopenia", "vertebral_compression_fracture")
+    assert negated_section("SPLEEN: Splenomegaly, measuring 15.1 cm in length.", keys) == \
+        "SPLEEN: No splenomegaly, measuring 15.1 cm in length."
+    # Only the sentence that states a finding changes; a denial already there stays.
+    assert negated_section("MUSCULOSKELETAL: No compression fracture. Diffuse osteopenia.", keys) == \
+        "MUSCULOSKELETAL: No compression fracture. No diffuse osteopenia."
+    assert negated_section("PERITONEUM: No ascites.", keys) is None  # states nothing present
+    assert negated_section("PERITONEUM: Possible trace free fluid in the pelvis.", keys) is None  # hedged only

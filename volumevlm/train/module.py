@@ -61,6 +61,9 @@ OBJECTIVE_DEFAULTS: dict[str, Any] = {
     "section_text_temperature": 0.1,
     # every section that states a finding, plus up to this many others per case
     "section_text_others_per_case": 2,
+    # true: also each stating section with its findings denied ("SPLEEN: No splenomegaly,
+    # 15 cm."), read by the labeler: hard negatives that differ by negation only
+    "section_text_negations": False,
 }
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -194,6 +197,7 @@ class PretrainModule(L.LightningModule):
         self.section_text_weight = float(self.objective_config["section_text_weight"])
         self.section_text_temperature = float(self.objective_config["section_text_temperature"])
         self.section_text_others = int(self.objective_config["section_text_others_per_case"])
+        self.section_text_negations = bool(self.objective_config["section_text_negations"])
         if self.section_text_temperature <= 0 or self.section_text_others < 0:
             raise ValueError("model.objective.section_text_temperature must be > 0 and section_text_others_per_case "
                              f">= 0, got {self.section_text_temperature} and {self.section_text_others}")
@@ -370,7 +374,8 @@ class PretrainModule(L.LightningModule):
         [N, F] (1 present or hedged), token ids or None). Every section of the batch's
         reports that states a finding, plus up to ``section_text_others_per_case`` others
         of each report drawn at random (most sections state nothing; all of them would
-        drown the few that do)."""
+        drown the few that do), plus with ``section_text_negations`` the stating sections'
+        negated counterparts (:func:`~volumevlm.train.targets.negated_section`)."""
         rng = rng or random
         if readings is None:
             readings = [read_case(r, None, self.report_finding_keys) for r in reports]
@@ -381,7 +386,10 @@ class PretrainModule(L.LightningModule):
                 continue
             stating = [s for s in reading.sections if s[1] is not None and float(np.sum(s[1])) > 0]
             others = [s for s in reading.sections if s[1] is not None and float(np.sum(s[1])) == 0]
-            for text, section_findings, token_ids in stating + rng.sample(others, min(self.section_text_others, len(others))):
+            drawn = stating + rng.sample(others, min(self.section_text_others, len(others)))
+            if self.section_text_negations:
+                drawn += list(reading.negations)
+            for text, section_findings, token_ids in drawn:
                 texts.append(text), findings.append(section_findings), ids.append(token_ids)
         width = len(self.report_finding_keys)
         table = torch.as_tensor(np.stack(findings), dtype=torch.float32) if findings else torch.zeros(0, width)

@@ -11,6 +11,7 @@ functions here: one definition either way.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ class CaseReading:
         at least one finding.
     sections: (section text "HEADER: text", findings float32 [F], token ids), or the whole
         report as its one section when it has none.
+    negations: (text, findings float32 [F], token ids) of :func:`negated_section` of every
+        section that states a finding present (where the labeler confirms the denial).
     report_tokens: token ids of the whole report (truncated at ``token_length``), or None.
     phenotype_targets: float32 [V] multi-hot phecodes over the vocabulary; None when not
         computed.
@@ -39,15 +42,16 @@ class CaseReading:
     by field, and these hold no tensors to move.
     """
 
-    __slots__ = ("findings", "statuses", "sentences", "sections", "report_tokens", "phenotype_targets",
+    __slots__ = ("findings", "statuses", "sentences", "sections", "negations", "report_tokens", "phenotype_targets",
                  "token_length", "keys")
 
     def __init__(self, findings=None, statuses=None, sentences=(), sections=(), report_tokens=None,
-                 phenotype_targets=None, token_length: int = 0, keys: tuple[str, ...] = ()):
+                 phenotype_targets=None, token_length: int = 0, keys: tuple[str, ...] = (), negations=()):
         self.findings = findings
         self.statuses = statuses
         self.sentences = sentences
         self.sections = sections
+        self.negations = negations
         self.report_tokens = report_tokens
         self.phenotype_targets = phenotype_targets
         self.token_length = int(token_length)
@@ -74,6 +78,36 @@ def finding_sentence_candidates(report: str, keys: Sequence[str]) -> list[tuple[
     return [(text, labels) for text, labels in candidates if labels]
 
 
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+
+
+def negated_section(section: str, keys: Sequence[str]) -> str | None:
+    """The section with every sentence that states a finding present turned into its
+    denial ("SPLEEN: Splenomegaly, 15 cm." -> "SPLEEN: No splenomegaly, 15 cm."): a hard
+    negative that differs from the section by negation only. None when the section states
+    nothing present, or when the labeler still reads one of its findings as present after
+    the change (the denial did not take)."""
+    from volumevlm.text.labeler import POSITIVE, label_findings
+
+    header, colon, body = section.partition(": ")
+    if not colon:
+        header, body = "", section
+    prefix = f"{header}: " if header else ""
+    before = label_findings(section, keys)
+    if POSITIVE not in before.values():
+        return None
+    sentences = []
+    for sentence in _SENTENCE_BREAK.split(body):
+        if POSITIVE in label_findings(prefix + sentence, keys).values():
+            sentence = "No " + sentence[:1].lower() + sentence[1:]
+        sentences.append(sentence)
+    text = prefix + " ".join(sentences)
+    after = label_findings(text, keys)
+    if any(after.get(key) == POSITIVE for key, status in before.items() if status == POSITIVE):
+        return None
+    return text
+
+
 def read_case(report: str | None, phecodes: Sequence[str] | None, keys: Sequence[str],
               tokenize: Callable[[str], list[int]] | None = None, token_length: int = 0,
               phecode_vocab=None) -> CaseReading:
@@ -97,6 +131,9 @@ def read_case(report: str | None, phecodes: Sequence[str] | None, keys: Sequence
         if keys else (),
         sections=tuple((text, findings_vector(text, keys) if keys else None, ids(text))
                        for text in report_sections(report)),
+        negations=tuple((text, findings_vector(text, keys), ids(text))
+                        for text in (negated_section(section, keys) for section in report_sections(report))
+                        if text is not None) if keys else (),
         report_tokens=ids(report),
         phenotype_targets=phenotype,
         token_length=token_length if tokenize else 0,
