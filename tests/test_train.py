@@ -472,8 +472,9 @@ def test_section_text_term_groups_sections_by_the_labelers_reading(cohort):
     module.section_text_negations = True
     more, more_findings, _ = module.section_texts(reports, rng=random.Random(0))
     denied = dict(zip(more, more_findings.tolist()))
-    assert denied["SPLEEN: No splenomegaly."] == [0, 0] and denied["PERITONEUM: No small volume ascites."] == [0, 0]
-    assert len(more) == len(texts) + 2
+    assert len(more) == len(texts) + 2 and set(texts) < set(more)
+    assert [denied[text] for text in more if text not in texts] == [[0, 0], [0, 0]]
+    assert any(text.startswith("SPLEEN: ") and "plenomegaly" in text for text in set(more) - set(texts))
     module.section_text_negations = False
     module.eval()
     with torch.no_grad():
@@ -504,13 +505,26 @@ def test_section_text_term_is_added_to_the_loss_and_trains(cohort, tmp_path):
 
 
 def test_negated_sections_differ_by_negation_and_the_labeler_confirms_the_denial():
-    from volumevlm.train.targets import negated_section
+    from volumevlm.text.labeler import label_findings
+    from volumevlm.train.targets import NEGATION_FORMS, negated_section
 
     keys = ("splenomegaly", "ascites", "osteopenia", "vertebral_compression_fracture")
-    assert negated_section("SPLEEN: Splenomegaly, measuring 15.1 cm in length.", keys) == \
-        "SPLEEN: No splenomegaly, measuring 15.1 cm in length."
+    sentence = "Splenomegaly, measuring 15.1 cm in length."
+    forms = {"SPLEEN: No splenomegaly, measuring 15.1 cm in length.",
+             "SPLEEN: Splenomegaly, measuring 15.1 cm in length is not seen.",
+             "SPLEEN: Splenomegaly, measuring 15.1 cm in length is absent."}
+    assert len(NEGATION_FORMS) == len(forms)
+    denied = negated_section(f"SPLEEN: {sentence}", keys)
+    assert denied in forms and denied == negated_section(f"SPLEEN: {sentence}", keys)  # fixed per sentence
+    assert label_findings(denied, keys) == {"splenomegaly": "negative"}
     # Only the sentence that states a finding changes; a denial already there stays.
-    assert negated_section("MUSCULOSKELETAL: No compression fracture. Diffuse osteopenia.", keys) == \
-        "MUSCULOSKELETAL: No compression fracture. No diffuse osteopenia."
+    denied = negated_section("MUSCULOSKELETAL: No compression fracture. Diffuse osteopenia.", keys)
+    assert denied.startswith("MUSCULOSKELETAL: No compression fracture. ") and denied != \
+        "MUSCULOSKELETAL: No compression fracture. Diffuse osteopenia."
+    assert label_findings(denied, keys) == {"vertebral_compression_fracture": "negative", "osteopenia": "negative"}
+    # Over many sentences every form is used.
+    used = {negated_section(f"PERITONEUM: {size} ascites.", keys).split(" ", 1)[1][:3] for size in
+            ("Small", "Moderate", "Large", "Trace", "Mild", "Small volume", "Moderate volume", "Large volume")}
+    assert {"No "} < used
     assert negated_section("PERITONEUM: No ascites.", keys) is None  # states nothing present
     assert negated_section("PERITONEUM: Possible trace free fluid in the pelvis.", keys) is None  # hedged only

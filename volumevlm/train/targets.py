@@ -79,14 +79,29 @@ def finding_sentence_candidates(report: str, keys: Sequence[str]) -> list[tuple[
 
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+# How a stated sentence is denied. Radiologists write the negation before the finding ("No
+# splenomegaly.") and after it ("Splenomegaly is not seen.", "... is absent."); the
+# synthetic reports nearly always put it first, so a text tower trained on them alone reads
+# only that form. Each sentence gets one form, fixed by a checksum of its text (the same
+# every epoch and every run).
+NEGATION_FORMS: tuple[str, ...] = ("No {lower}", "{bare} is not seen.", "{bare} is absent.")
+
+
+def _denied(sentence: str, form: str) -> str:
+    bare = sentence.rstrip(" .")
+    return form.format(lower=sentence[:1].lower() + sentence[1:], bare=bare)
 
 
 def negated_section(section: str, keys: Sequence[str]) -> str | None:
     """The section with every sentence that states a finding present turned into its
-    denial ("SPLEEN: Splenomegaly, 15 cm." -> "SPLEEN: No splenomegaly, 15 cm."): a hard
-    negative that differs from the section by negation only. None when the section states
-    nothing present, or when the labeler still reads one of its findings as present after
-    the change (the denial did not take)."""
+    denial ("SPLEEN: Splenomegaly, 15 cm." -> "SPLEEN: No splenomegaly, 15 cm." or
+    "SPLEEN: Splenomegaly, 15 cm is not seen.", :data:`NEGATION_FORMS`): a hard negative
+    that differs from the section by negation only. A form the labeler does not read as a
+    denial of that sentence falls back to "No ...". None when the section states nothing
+    present, or when the labeler still reads one of its findings as present after the
+    change (the denial did not take)."""
+    import zlib
+
     from volumevlm.text.labeler import POSITIVE, label_findings
 
     header, colon, body = section.partition(": ")
@@ -99,7 +114,11 @@ def negated_section(section: str, keys: Sequence[str]) -> str | None:
     sentences = []
     for sentence in _SENTENCE_BREAK.split(body):
         if POSITIVE in label_findings(prefix + sentence, keys).values():
-            sentence = "No " + sentence[:1].lower() + sentence[1:]
+            form = NEGATION_FORMS[zlib.crc32(sentence.encode("utf-8")) % len(NEGATION_FORMS)]
+            denied = _denied(sentence, form)
+            if POSITIVE in label_findings(prefix + denied, keys).values():
+                denied = _denied(sentence, NEGATION_FORMS[0])
+            sentence = denied
         sentences.append(sentence)
     text = prefix + " ".join(sentences)
     after = label_findings(text, keys)
