@@ -22,7 +22,9 @@ loss starts at the labels' entropy instead of at log 2), linear warm-up then a c
 decay over the budget (the fraction of ``--budget-s`` or ``--max-steps`` spent, whichever
 is further along), no augmentation. The budget (``--budget-s``; by default the demo
 pretraining's ``elapsed_s`` from ``--budget-from PRETRAIN/metrics.json``, else 500 s)
-counts the training loop, data reading included, and stops after the step that crosses it.
+counts the training loop, data reading included, and stops after the step that crosses it;
+with ``--compare`` on a demo output folder the pretraining's metrics.json beside the
+compared checkpoint is found without ``--budget-from``.
 
 ``--compare METRICS_JSON`` (``volumevlm evaluate``'s metrics.json of our model on the same
 cohort and splits) puts our zero-shot, ``linear_probe`` and ``baseline.voxel_probe``
@@ -378,7 +380,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"{DEFAULT_BUDGET_S:g}; 0 with --max-steps: steps only)")
     parser.add_argument("--budget-from", type=Path, default=None, metavar="PRETRAIN_METRICS_JSON",
                         help="a pretraining run's metrics.json (the demo's OUT/pretrain/metrics.json): its "
-                             "elapsed_s is the budget")
+                             "elapsed_s is the budget (default: the one beside --compare's checkpoint, if any)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--splits", default=EVAL_SPLITS, help=f"held-out splits scored (default {EVAL_SPLITS})")
     parser.add_argument("--compare", type=Path, default=None, metavar="METRICS_JSON",
@@ -412,18 +414,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_budget(args: argparse.Namespace) -> tuple[float | None, str]:
-    """(seconds or None for steps only, where the figure came from)."""
+def demo_pretrain_metrics(compare: Mapping[str, Any] | None) -> Path | None:
+    """The pretraining metrics.json of the demo output the compared checkpoint sits in
+    (``OUT/model`` beside ``OUT/pretrain/metrics.json``), when there is one."""
+    if not compare or not compare.get("checkpoint"):
+        return None
+    path = Path(compare["checkpoint"]).parent / "pretrain" / "metrics.json"
+    return path if path.is_file() else None
+
+
+def resolve_budget(args: argparse.Namespace, compare: Mapping[str, Any] | None = None) -> tuple[float | None, str]:
+    """(seconds or None for steps only, where the figure came from): ``--budget-s``, else
+    the ``elapsed_s`` of ``--budget-from`` or of the compared demo's pretraining, else
+    steps only when ``--max-steps`` is given, else the default."""
     from volumevlm.errors import InputError
 
     if args.budget_s is not None:
         return (args.budget_s or None), "--budget-s"
-    if args.budget_from is not None:
+    source = args.budget_from or demo_pretrain_metrics(compare)
+    if source is not None:
         try:
-            seconds = float(json.loads(args.budget_from.read_text())["elapsed_s"])
+            seconds = float(json.loads(Path(source).read_text())["elapsed_s"])
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InputError(args.budget_from, f"no pretraining elapsed_s to take the budget from ({type(err).__name__}: {err})") from None
-        return seconds, f"elapsed_s of {args.budget_from}"
+            raise InputError(source, f"no pretraining elapsed_s to take the budget from ({type(err).__name__}: {err})") from None
+        return seconds, f"elapsed_s of {source}"
     if args.max_steps is not None:
         return None, "--max-steps only"
     return DEFAULT_BUDGET_S, "default"
@@ -442,7 +456,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    budget_s, budget_source = resolve_budget(args)
     spec = input_from_checkpoint(args.checkpoint) if args.checkpoint else input_from_experiment(args.experiment, args.override)
     batch_size = int(args.batch_size or spec["batch_size"] or 16)
 
@@ -457,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     eval_targets = finding_targets([row.get("findings") for row in eval_rows], names)
     synthetic = is_synthetic(args.data, train_rows + eval_rows)
     compare = compared_figures(args.compare, args.splits, len(eval_rows)) if args.compare else None
+    budget_s, budget_source = resolve_budget(args, compare)
 
     torch.manual_seed(args.seed)
     model = FindingsClassifier(args.net, len(names), spec["input_windows"], spec["input_range"])
@@ -519,4 +533,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from volumevlm.errors import VolumeVLMError
+
+    try:
+        main()
+    except VolumeVLMError as err:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {err}") from None

@@ -199,3 +199,25 @@ def test_held_out_splits_and_the_comparison_must_match(bench, cohort, tmp_path):
         bench.compared_figures(other, "val,test", 4)
     same = bench.compared_figures(other, "test", 3)
     assert same["zero_shot"]["macro_auroc"] == 0.61
+
+
+def test_the_budget_is_the_demo_pretrainings_time_unless_told(bench, tmp_path):
+    """--budget-s wins; else the elapsed_s of --budget-from, or of the pretraining beside
+    the compared checkpoint (a demo output folder); else steps only, else 500 s. A file
+    without elapsed_s is a one-line error naming it."""
+    demo = tmp_path / "demo"
+    (demo / "pretrain").mkdir(parents=True)
+    (demo / "pretrain" / "metrics.json").write_text(json.dumps({"elapsed_s": 497.0, "global_step": 300}))
+    compare = {"checkpoint": str(demo / "model")}
+
+    def budget(*argv, compare=None):
+        return bench.resolve_budget(bench.parse_args(["--data", "x", *argv]), compare)
+
+    assert budget("--budget-s", "60", compare=compare) == (60.0, "--budget-s")
+    assert budget("--budget-from", str(demo / "pretrain" / "metrics.json"))[0] == 497.0
+    assert budget(compare=compare) == (497.0, f"elapsed_s of {demo / 'pretrain' / 'metrics.json'}")
+    assert budget("--max-steps", "5") == (None, "--max-steps only")
+    assert budget() == (500.0, "default")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="bad.json: no pretraining elapsed_s"):
+        budget("--budget-from", str(tmp_path / "bad.json"))
