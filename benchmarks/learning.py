@@ -69,6 +69,8 @@ TRAIN_SPLIT = "train"
 EVAL_SPLITS = "val,test"
 SYNTHETIC_NOTE = "synthetic cohort, NOT clinical data"
 # Sections of a ``volumevlm evaluate`` metrics.json shown beside the supervised figures.
+LABELS = {"zero_shot": "zero-shot\n(ours)", "linear_probe": "linear probe\n(ours)",
+          "baseline.voxel_probe": "voxel probe\n(no model)"}
 COMPARED = (("zero_shot", ("zero_shot",)), ("linear_probe", ("linear_probe",)),
             ("baseline.voxel_probe", ("baseline", "voxel_probe")))
 
@@ -327,11 +329,12 @@ def compared_figures(path: Path, splits: str, n_cases: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- report
 
 
-def _fmt(value: Any, interval: Any = None) -> str:
-    if value is None:
-        return "-"
-    text = f"{float(value):.3f}"
-    return f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else text
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def _fmt_interval(interval: Any) -> str:
+    return "-" if not interval else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def format_table(results: Mapping[str, Any]):
@@ -340,23 +343,23 @@ def format_table(results: Mapping[str, Any]):
     from rich.table import Table
 
     compare = results.get("compare") or {}
-    columns = [("supervised " + results["settings"]["net"], results["supervised"])]
-    columns += [(name.replace("baseline.", ""), compare[name]) for name, _ in COMPARED
-                if name in compare and "skipped" not in compare[name]]
+    columns = [(f"supervised\n{results['settings']['net']}", results["supervised"])]
+    columns += [(LABELS[name], compare[name]) for name, _ in COMPARED if name in compare and "skipped" not in compare[name]]
     data = results["data"]
     title = (f"Held-out AUROC, {data['eval_cases']} cases of {data['eval_splits']!r}; supervised: "
              f"{results['training']['steps']} steps in {results['training']['train_s']:.0f} s")
     table = Table(title=title, caption=SYNTHETIC_NOTE if data.get("synthetic") else None)
     table.add_column("finding", no_wrap=True)
-    table.add_column("train prevalence", justify="right")
+    table.add_column("train\nprevalence", justify="right")
     for label, _ in columns:
         table.add_column(label, justify="right")
     for name, prevalence in results["prevalence"].items():
         table.add_row(name, _fmt(prevalence), *(_fmt((section.get("per_finding") or {}).get(name))
                                                 for _, section in columns))
     table.add_section()
-    table.add_row("macro [95% CI]", "", *(_fmt(section.get("macro_auroc"), section.get("macro_auroc_ci95"))
-                                          for _, section in columns))
+    table.add_row("macro AUROC", "", *(_fmt(section.get("macro_auroc")) for _, section in columns))
+    table.add_row("95% CI (bootstrap over cases)", "", *(_fmt_interval(section.get("macro_auroc_ci95"))
+                                                          for _, section in columns))
     table.add_row("chance", "", *("0.500" for _ in columns))
     return table
 
@@ -524,7 +527,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "compare": compare,
         "note": (f"{SYNTHETIC_NOTE}. " if synthetic else "") + volumevlm.NOT_FOR_CLINICAL_USE,
     }
-    Console().print(format_table(results))
+    console = Console()
+    # Piped to a file, Rich would wrap the table at 80 columns.
+    (console if console.is_terminal else Console(width=120)).print(format_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"learning-{device_slug(device)}-{date.date().isoformat()}" + (f"-{args.tag}" if args.tag else "")
     path = write_text_atomic(args.out / f"{stem}.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
