@@ -336,6 +336,19 @@ def test_prompts_name_the_present_findings_of_each_section(pretrained, train_cas
                 assert int(batch["case_index"][rows]) == i
                 rows += 1
         assert rows == len(batch["case_index"])
+    # Training may keep only a share of the normal sections (bare header prompts); every
+    # section whose prompt names a finding stays.
+    torch.manual_seed(0)
+    thinned = ReportCollate(generator, normal_rate=0.2)(items)
+    def prompts_of(batch):
+        return [generator.decode(row[1:].tolist()).split(":")[0] for row in batch["input_ids"]]
+    named = [i for i, p in enumerate(prompts_of(clean)) if ". " in p]
+    assert named and sum(". " in p for p in prompts_of(thinned)) == len(named)
+    normal = len(clean["case_index"]) - len(named)
+    assert 0 < len(thinned["case_index"]) - len(named) < 0.6 * normal
+    assert set(thinned["case_index"].tolist()) == {0, 1, 2}
+    with pytest.raises(VolumeVLMError, match="normal_section_rate"):
+        ReportCollate(generator, normal_rate=0.0)
     with pytest.raises(VolumeVLMError, match="section_findings names findings"):
         ReportGenerator.build({**TINY_HEAD, "findings": ["ascites"], "findings_in_prompt": True,
                                "section_findings": {"SPLEEN": ["splenomegaly"]}}, model)

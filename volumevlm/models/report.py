@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -354,8 +355,8 @@ def finding_words(key: str) -> str:
 def section_findings_of(reports: Sequence[str], findings: Sequence[str], section_names: Sequence[str],
                         share: float = 0.2) -> dict[str, list[str]]:
     """Which findings each organ section reports, read from reports: a finding belongs to
-    every section where the labeler reads it present in at least ``share`` of the times it
-    reads it present in any section (IMPRESSION, which restates them all, is left out).
+    the section where the labeler reads it present most often, and to every section where
+    it does at least ``share`` times as often (IMPRESSION, which restates them all, is left out).
     Returns {section: [finding keys in ``findings`` order]} for the sections seen."""
     from volumevlm.text.labeler import findings_matrix, label_reports
 
@@ -368,10 +369,10 @@ def section_findings_of(reports: Sequence[str], findings: Sequence[str], section
             counts[name] = counts.get(name, 0) + row
     if not counts:
         return {}
-    total = sum(counts.values())
+    most = np.max(np.stack(list(counts.values())), axis=0)
     out = {}
     for name, row in counts.items():
-        out[name] = [f for j, f in enumerate(findings) if row[j] > 0 and row[j] >= share * total[j]]
+        out[name] = [f for j, f in enumerate(findings) if row[j] > 0 and row[j] >= share * most[j]]
     return out
 
 

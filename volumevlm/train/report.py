@@ -56,6 +56,10 @@ REPORT_DEFAULTS: dict[str, Any] = {
     # Condition the decoder on findings (head.findings empty: the checkpoint's findings the
     # labeler knows); a findings classifier on the frozen encoder is fitted for inference.
     "condition_on_findings": True,
+    # Share of the sections whose prompt names no finding that a training batch keeps (1.0:
+    # all). Normal sections are most of every report and are learnt at once; dropping most
+    # of them spends the steps on the sections that must follow their findings.
+    "normal_section_rate": 1.0,
 }
 
 
@@ -113,11 +117,16 @@ class ReportCollate:
     A head conditioned on findings also gets "findings" float [B, F]: the labeler's
     reading of each report (teacher forcing), each finding flipped with probability
     ``noise`` (training's ``findings_noise``; 0 for validation). The prompts of a head
-    with ``findings_in_prompt`` name the same, flipped, findings."""
+    with ``findings_in_prompt`` name the same, flipped, findings; of the sections whose
+    prompt names none, a share ``normal_rate`` is kept (training's ``normal_section_rate``;
+    1 for validation; a case keeps at least one section)."""
 
-    def __init__(self, generator, noise: float = 0.0):
+    def __init__(self, generator, noise: float = 0.0, normal_rate: float = 1.0):
+        if not 0.0 < float(normal_rate) <= 1.0:
+            raise VolumeVLMError(f"report.normal_section_rate must be in (0, 1], got {normal_rate!r}")
         self.generator = generator
         self.noise = float(noise)
+        self.normal_rate = float(normal_rate)
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         reports = [item["report"] for item in items]
@@ -132,7 +141,14 @@ class ReportCollate:
                 present = self.generator.present_findings(findings)
         prompts, targets, case_index = [], [], []
         for i, item in enumerate(items):
-            for prompt, target in self.generator.training_texts(item["report"], present[i]):
+            pairs = self.generator.training_texts(item["report"], present[i])
+            if self.normal_rate < 1.0 and self.generator.config.findings_in_prompt:
+                # A section is normal when its prompt is the bare header (no finding named).
+                plain = self.generator.training_texts(item["report"])
+                kept = [pair for pair, bare in zip(pairs, plain)
+                        if pair[0] != bare[0] or float(torch.rand(())) < self.normal_rate]
+                pairs = kept or pairs[:1]
+            for prompt, target in pairs:
                 prompts.append(prompt)
                 targets.append(target)
                 case_index.append(i)
@@ -504,7 +520,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     log.info("report: %d train / %d val cases; encoder pass %.1f s", len(train_set), len(val_set or []), encode_s)
 
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                              num_workers=workers, collate_fn=ReportCollate(generator, head_config.findings_noise),
+                              num_workers=workers,
+                              collate_fn=ReportCollate(generator, head_config.findings_noise, float(settings["normal_section_rate"])),
                               persistent_workers=workers > 0)
     val_loader = (DataLoader(val_set, batch_size=val_batch_size, shuffle=False, num_workers=workers,
                              collate_fn=ReportCollate(generator),
