@@ -28,6 +28,7 @@ from volumevlm.models.report import (
     VisualResampler,
     encoder_features,
     generate_reports,
+    section_pairs,
     tidy_wordpiece_text,
 )
 from volumevlm.text import label_findings
@@ -227,16 +228,21 @@ def test_save_with_the_model_then_load_generates_the_same_text(overfit, train_ca
 # ---------------------------------------------------------------------- findings conditioning
 
 
-@pytest.fixture(scope="module")
-def conditioned(pretrained, train_cases):
+@pytest.fixture(scope="module", params=[False, True], ids=["findings-tokens", "findings-in-prompt"])
+def conditioned(pretrained, train_cases, request):
     """A findings-conditioned head overfitted on the three cases (teacher forcing with the
-    labeler's readings, no flips), its findings classifier fitted on their image features."""
-    from volumevlm.models.report import finding_features
+    labeler's readings, no flips), its findings classifier fitted on their image features;
+    with the findings as prefix tokens only, or also as words in the section prompts."""
+    from volumevlm.models.report import finding_features, section_findings_of
     from volumevlm.train.report import ReportModule, fit_findings_classifier
 
     torch.manual_seed(0)
     model = volumevlm.load(pretrained)
-    generator = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_noise": 0.0}, model)
+    settings = {**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_noise": 0.0}
+    if request.param:
+        sections = section_findings_of(train_cases["reports"], SYNTHETIC_FINDINGS, (*SECTIONS, IMPRESSION_HEADER))
+        settings.update(findings_in_prompt=True, section_findings=sections)
+    generator = ReportGenerator.build(settings, model)
     batch = batch_of(generator, train_cases)
     module = ReportModule(generator)
     optimizer = torch.optim.AdamW(generator.parameters(), lr=3e-3)
@@ -275,6 +281,79 @@ def test_cases_with_different_findings_get_reports_stating_their_own(conditioned
     assert present(swapped[0]) == wanted[1]
     names = [sorted(w) for w in wanted]
     assert generator.generate(train_cases["tokens"], grid=train_cases["grid"], findings=names) == texts
+
+
+def test_section_findings_are_read_from_the_reports_sections():
+    from volumevlm.models.report import section_findings_of
+
+    reports = [
+        "FINDINGS:\nLIVER AND BILIARY TREE: The liver is enlarged. Diffuse hepatic steatosis.\nSPLEEN: Splenomegaly.\n"
+        "PERITONEUM: No ascites.\n\nIMPRESSION:\n1. Hepatomegaly.\n2. Splenomegaly.\n",
+        "FINDINGS:\nLIVER AND BILIARY TREE: Unremarkable.\nSPLEEN: Unremarkable spleen.\nPERITONEUM: Moderate ascites.\n"
+        "\nIMPRESSION:\n1. Ascites.\n",
+    ]
+    names = (*SECTIONS, IMPRESSION_HEADER)
+    mapping = section_findings_of(reports, SYNTHETIC_FINDINGS, names)
+    assert mapping["SPLEEN"] == ["splenomegaly"]
+    assert mapping["LIVER AND BILIARY TREE"] == ["hepatic_steatosis", "hepatomegaly"]
+    assert mapping["PERITONEUM"] == ["ascites"]
+    assert IMPRESSION_HEADER not in mapping  # it restates them all
+
+
+def test_prompts_name_the_present_findings_of_each_section(pretrained, train_cases):
+    from volumevlm.train.report import ReportCollate
+
+    model = volumevlm.load(pretrained)
+    sections = {"SPLEEN": ["splenomegaly"], "LIVER AND BILIARY TREE": ["hepatic_steatosis", "hepatomegaly"]}
+    generator = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_in_prompt": True,
+                                       "section_findings": sections}, model)
+    present = ["splenomegaly", "hepatomegaly", "ascites", "hepatic_steatosis"]
+    assert generator.prompt_text("SPLEEN", present) == "splenomegaly. SPLEEN:"
+    # In the head's finding order, whatever order they are given in.
+    assert generator.prompt_text("LIVER AND BILIARY TREE", present) == "hepatic steatosis, hepatomegaly. LIVER AND BILIARY TREE:"
+    assert generator.prompt_text("PANCREAS", []) == "PANCREAS:"
+    # A section the mapping does not list, and the impression, name every present finding.
+    assert generator.prompt_text("PERITONEUM", ["ascites"]) == "ascites. PERITONEUM:"
+    assert generator.prompt_text(IMPRESSION_HEADER, present) == "hepatic steatosis, hepatomegaly, splenomegaly, ascites. IMPRESSION:"
+    # Without the option the prompt is the header alone.
+    plain = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS)}, model)
+    assert plain.prompt_text("SPLEEN", present) == "SPLEEN:"
+    # Training prompts carry the (flipped) findings the batch also carries as tokens.
+    items = [{"tokens": t, "grid": train_cases["grid"], "report": r, "id": str(i)}
+             for i, (t, r) in enumerate(zip(train_cases["tokens"], train_cases["reports"]))]
+    torch.manual_seed(0)
+    noisy = ReportCollate(generator, noise=0.45)(items)
+    clean = ReportCollate(generator)(items)
+    assert torch.equal(clean["findings"], generator.findings_readings(train_cases["reports"]))
+    assert not torch.equal(noisy["findings"], clean["findings"])  # 54 values at 0.45: some flipped
+    for batch in (clean, noisy):
+        rows = 0
+        for i, report in enumerate(train_cases["reports"]):
+            case_present = generator.present_findings(batch["findings"][i:i + 1])[0]
+            for name, _ in section_pairs(report, generator.config.section_names):
+                prompt = generator._encode(generator.prompt_text(name, case_present))
+                assert batch["input_ids"][rows, 1:1 + len(prompt)].tolist() == prompt
+                assert int(batch["case_index"][rows]) == i
+                rows += 1
+        assert rows == len(batch["case_index"])
+    # Training may keep only a share of the normal sections (bare header prompts); every
+    # section whose prompt names a finding stays.
+    torch.manual_seed(0)
+    thinned = ReportCollate(generator, normal_rate=0.2)(items)
+    def prompts_of(batch):
+        return [generator.decode(row[1:].tolist()).split(":")[0] for row in batch["input_ids"]]
+    named = [i for i, p in enumerate(prompts_of(clean)) if ". " in p]
+    assert named and sum(". " in p for p in prompts_of(thinned)) == len(named)
+    normal = len(clean["case_index"]) - len(named)
+    assert 0 < len(thinned["case_index"]) - len(named) < 0.6 * normal
+    assert set(thinned["case_index"].tolist()) == {0, 1, 2}
+    with pytest.raises(VolumeVLMError, match="normal_section_rate"):
+        ReportCollate(generator, normal_rate=0.0)
+    with pytest.raises(VolumeVLMError, match="section_findings names findings"):
+        ReportGenerator.build({**TINY_HEAD, "findings": ["ascites"], "findings_in_prompt": True,
+                               "section_findings": {"SPLEEN": ["splenomegaly"]}}, model)
+    with pytest.raises(VolumeVLMError, match="findings_in_prompt needs findings"):
+        ReportGenerator.build({**TINY_HEAD, "findings_in_prompt": True}, model)
 
 
 def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():

@@ -56,6 +56,13 @@ def test_merlin_like_is_merlins_recipe_on_one_gpu():
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 1
     assert cfg.trainer.precision == "bf16-mixed"
     assert cfg.model.encoder.name in ("small", "base")
+    # What the CPU runs measured carries over (docs/learning.md, "The GPU recipe").
+    demo = compose_config(["experiment=demo", "data.root=x"])
+    for recipe in (cfg, demo):
+        assert (recipe.model.text.pooling, recipe.model.text.pooled_norm, recipe.model.text.sections) == ("mean", "batch", False)
+        assert recipe.model.objective.findings_weight > 0 and recipe.model.objective.sentence_weight > 0
+        assert recipe.model.objective.findings_space == "shared"
+        assert len(recipe.model.encoder.input_windows) == 3
 
 
 def test_every_key_is_overridable_and_bad_overrides_fail_in_one_line():

@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,6 +102,12 @@ class ReportConfig:
     ``findings_noise``: during training the decoder reads the labeler's reading of the
     training report (teacher forcing), each finding flipped with this probability so it
     learns to write what the prefix says without trusting it blindly.
+    ``findings_in_prompt``: the present findings are also written, as words, in front of
+    each section's header ("splenomegaly. SPLEEN:"): a small decoder learns to copy a word
+    it reads long before it learns what 18 new prefix embeddings mean. ``section_findings``
+    names the findings each section's prompt may carry (section -> findings, fitted from
+    the training reports by :func:`section_findings_of`); a section it does not list, and
+    IMPRESSION, carry every present finding.
 
     Generation defaults: ``max_new_tokens`` (per section when ``sections``),
     ``num_beams`` (1 = greedy), ``repetition_penalty`` (1.0 = off),
@@ -138,6 +145,8 @@ class ReportConfig:
     temperature: float = 1.0
     findings: tuple[str, ...] = ()
     findings_noise: float = 0.01
+    findings_in_prompt: bool = False
+    section_findings: dict[str, tuple[str, ...]] | None = None
 
     def __post_init__(self):
         self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
@@ -150,6 +159,17 @@ class ReportConfig:
                 raise VolumeVLMError(f"report config: findings must be distinct findings the labeler knows, got {list(self.findings)}")
         else:
             self.findings = ()
+        self.findings_in_prompt = bool(self.findings_in_prompt)
+        if self.findings_in_prompt and not self.findings:
+            raise VolumeVLMError("report config: findings_in_prompt needs findings (report.head.findings or condition_on_findings)")
+        if self.section_findings is not None:
+            if not isinstance(self.section_findings, Mapping):
+                raise VolumeVLMError(f"report config: section_findings must map section names to findings, got {self.section_findings!r}")
+            mapped = {str(k): tuple(str(f) for f in v) for k, v in self.section_findings.items()}
+            stray = sorted({f for v in mapped.values() for f in v} - set(self.findings))
+            if stray:
+                raise VolumeVLMError(f"report config: section_findings names findings the head does not have: {stray}")
+            self.section_findings = mapped
         self.do_sample = bool(self.do_sample)
         if not (0.0 < float(self.top_p) <= 1.0 and float(self.temperature) > 0.0 and 0.0 <= float(self.findings_noise) < 0.5):
             raise VolumeVLMError(
@@ -202,6 +222,8 @@ class ReportConfig:
         out = asdict(self)
         out["section_names"] = list(self.section_names)
         out["findings"] = list(self.findings)
+        if self.section_findings is not None:
+            out["section_findings"] = {k: list(v) for k, v in self.section_findings.items()}
         if self.lora_target_modules is not None:
             out["lora_target_modules"] = list(self.lora_target_modules)
         return out
@@ -323,6 +345,35 @@ class VisualResampler(nn.Module):
 
 
 # ---------------------------------------------------------------------- text helpers
+
+
+def finding_words(key: str) -> str:
+    """A finding key as the words a prompt writes ("abdominal_aortic_aneurysm" -> "abdominal aortic aneurysm")."""
+    return key.replace("_", " ")
+
+
+def section_findings_of(reports: Sequence[str], findings: Sequence[str], section_names: Sequence[str],
+                        share: float = 0.2) -> dict[str, list[str]]:
+    """Which findings each organ section reports, read from reports: a finding belongs to
+    the section where the labeler reads it present most often, and to every section where
+    it does at least ``share`` times as often (IMPRESSION, which restates them all, is left out).
+    Returns {section: [finding keys in ``findings`` order]} for the sections seen."""
+    from volumevlm.text.labeler import findings_matrix, label_reports
+
+    counts: dict[str, Any] = {}
+    for report in reports:
+        for name, text in section_pairs(report, section_names):
+            if name == IMPRESSION_HEADER:
+                continue
+            row = findings_matrix(label_reports([f"{name}: {text}"], findings), findings, uncertain_as=1)[0]
+            counts[name] = counts.get(name, 0) + row
+    if not counts:
+        return {}
+    most = np.max(np.stack(list(counts.values())), axis=0)
+    out = {}
+    for name, row in counts.items():
+        out[name] = [f for j, f in enumerate(findings) if row[j] > 0 and row[j] >= share * most[j]]
+    return out
 
 
 def tidy_wordpiece_text(text: str) -> str:
@@ -546,18 +597,36 @@ class ReportGenerator(nn.Module):
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_text(self, section: str) -> str:
-        """The prompt of a section: its header with a colon ("LIVER AND BILIARY TREE:")."""
-        return f"{section}:"
+    def prompt_text(self, section: str, present: Sequence[str] = ()) -> str:
+        """The prompt of a section: its header with a colon ("LIVER AND BILIARY TREE:"),
+        with ``findings_in_prompt`` preceded by the words of the present findings that
+        section reports ("splenomegaly. SPLEEN:"; see :meth:`section_words`)."""
+        words = self.section_words(section, present)
+        return f"{words}. {section}:" if words else f"{section}:"
 
-    def training_texts(self, report: str) -> list[tuple[str | None, str]]:
+    def section_words(self, section: str, present: Sequence[str]) -> str:
+        """The present findings (keys) a section's prompt names, as words in the head's
+        finding order ("" when none, or without ``findings_in_prompt``)."""
+        if not self.config.findings_in_prompt or not present:
+            return ""
+        mapping = self.config.section_findings or {}
+        allowed = set(mapping[section]) if section in mapping and section != IMPRESSION_HEADER else None
+        chosen = set(present)
+        keys = [f for f in self.config.findings if f in chosen and (allowed is None or f in allowed)]
+        return ", ".join(finding_words(k) for k in keys)
+
+    def present_findings(self, findings: torch.Tensor) -> list[list[str]]:
+        """Finding keys at >= 0.5 per case of a findings tensor [B, F] over ``config.findings``."""
+        return [[self.config.findings[j] for j in range(findings.shape[1]) if float(row[j]) >= 0.5] for row in findings]
+
+    def training_texts(self, report: str, present: Sequence[str] = ()) -> list[tuple[str | None, str]]:
         """(prompt, target) pairs a report trains on: one per section present (prompt =
-        the header) with ``sections``; else, or when the report has none of the sections,
-        (None, whole report)."""
+        the header, with ``findings_in_prompt`` after the words of ``present``) with
+        ``sections``; else, or when the report has none of the sections, (None, whole report)."""
         if self.config.sections:
             pairs = section_pairs(report, self.config.section_names)
             if pairs:
-                return [(self.prompt_text(name), text) for name, text in pairs]
+                return [(self.prompt_text(name, present), text) for name, text in pairs]
         return [(None, report.strip())]
 
     def reference_text(self, report: str) -> str:
@@ -670,13 +739,21 @@ class ReportGenerator(nn.Module):
             if findings is not None:
                 raise VolumeVLMError("report head: findings were given but this head is not conditioned on findings")
             return visual
-        if findings is None:
-            findings = self.findings_calls(self.predict_findings(encoder_tokens, grid))
-        elif not isinstance(findings, torch.Tensor):
-            findings = self.findings_of(findings)
+        findings = self.case_findings(encoder_tokens, grid, findings)
         if findings.shape[0] != visual.shape[0]:
             raise VolumeVLMError(f"report head: findings for {findings.shape[0]} cases but {visual.shape[0]} images")
         return torch.cat([self.findings_prefix(findings).to(dtype), visual], dim=1)
+
+    def case_findings(self, encoder_tokens: torch.Tensor, grid: Sequence[int] | None = None,
+                      findings: torch.Tensor | Sequence[Any] | None = None) -> torch.Tensor:
+        """The findings a case is written from, float [B, F]: the given ones (a tensor, or
+        collections of names), else the image's calls (:meth:`predict_findings` at the
+        fitted thresholds)."""
+        if findings is None:
+            return self.findings_calls(self.predict_findings(encoder_tokens, grid))
+        if not isinstance(findings, torch.Tensor):
+            return self.findings_of(findings)
+        return findings
 
     def prefix_inputs(
         self,
@@ -759,8 +836,11 @@ class ReportGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            if self.config.findings:
+                findings = self.case_findings(encoder_tokens, grid, findings)
             prefix = self.visual_prefix(encoder_tokens, grid, findings)
             batch = prefix.shape[0]
+            present = self.present_findings(findings) if self.config.findings_in_prompt else [[] for _ in range(batch)]
             if prompts is not None:
                 prompts = list(prompts)
                 if len(prompts) != batch:
@@ -770,7 +850,7 @@ class ReportGenerator(nn.Module):
                 return self._continue(prefix, [None] * batch, settings)
             found: dict[str, list[str]] = {}
             for name in self.config.section_names:
-                found[name] = self._continue(prefix, [self.prompt_text(name)] * batch, settings)
+                found[name] = self._continue(prefix, [self.prompt_text(name, present[i]) for i in range(batch)], settings)
             return [self._assemble({name: texts[i] for name, texts in found.items()}) for i in range(batch)]
         finally:
             self.train(was_training)

@@ -56,6 +56,10 @@ REPORT_DEFAULTS: dict[str, Any] = {
     # Condition the decoder on findings (head.findings empty: the checkpoint's findings the
     # labeler knows); a findings classifier on the frozen encoder is fitted for inference.
     "condition_on_findings": True,
+    # Share of the sections whose prompt names no finding that a training batch keeps (1.0:
+    # all). Normal sections are most of every report and are learnt at once; dropping most
+    # of them spends the steps on the sections that must follow their findings.
+    "normal_section_rate": 1.0,
 }
 
 
@@ -108,23 +112,51 @@ class CaseImages(Dataset):
 class ReportCollate:
     """Batches for :class:`ReportModule`: the cases' tokens [B, N, C] (+ grid) or images
     [B, 1, X, Y, Z], "reports"/"ids" lists, and one text row per (case, section):
-    "input_ids"/"attention_mask"/"labels" long [M, T] and "case_index" long [M]."""
+    "input_ids"/"attention_mask"/"labels" long [M, T] and "case_index" long [M].
 
-    def __init__(self, generator):
+    A head conditioned on findings also gets "findings" float [B, F]: the labeler's
+    reading of each report (teacher forcing), each finding flipped with probability
+    ``noise`` (training's ``findings_noise``; 0 for validation). The prompts of a head
+    with ``findings_in_prompt`` name the same, flipped, findings; of the sections whose
+    prompt names none, a share ``normal_rate`` is kept (training's ``normal_section_rate``;
+    1 for validation; a case keeps at least one section)."""
+
+    def __init__(self, generator, noise: float = 0.0, normal_rate: float = 1.0):
+        if not 0.0 < float(normal_rate) <= 1.0:
+            raise VolumeVLMError(f"report.normal_section_rate must be in (0, 1], got {normal_rate!r}")
         self.generator = generator
+        self.noise = float(noise)
+        self.normal_rate = float(normal_rate)
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        reports = [item["report"] for item in items]
+        findings = None
+        present: list[Sequence[str]] = [()] * len(items)
+        if self.generator.config.findings:
+            findings = self.generator.findings_readings(reports)
+            if self.noise > 0:
+                flip = torch.rand(findings.shape) < self.noise
+                findings = torch.where(flip, 1.0 - findings, findings)
+            if self.generator.config.findings_in_prompt:
+                present = self.generator.present_findings(findings)
         prompts, targets, case_index = [], [], []
         for i, item in enumerate(items):
-            for prompt, target in self.generator.training_texts(item["report"]):
+            pairs = self.generator.training_texts(item["report"], present[i])
+            if self.normal_rate < 1.0 and self.generator.config.findings_in_prompt:
+                # A section is normal when its prompt is the bare header (no finding named).
+                plain = self.generator.training_texts(item["report"])
+                kept = [pair for pair, bare in zip(pairs, plain)
+                        if pair[0] != bare[0] or float(torch.rand(())) < self.normal_rate]
+                pairs = kept or pairs[:1]
+            for prompt, target in pairs:
                 prompts.append(prompt)
                 targets.append(target)
                 case_index.append(i)
         batch: dict[str, Any] = self.generator.encode_targets(targets, prompts)
         batch["case_index"] = torch.tensor(case_index, dtype=torch.long)
-        batch["reports"] = [item["report"] for item in items]
-        if self.generator.config.findings:
-            batch["findings"] = self.generator.findings_readings(batch["reports"])
+        batch["reports"] = reports
+        if findings is not None:
+            batch["findings"] = findings
         batch["ids"] = [item["id"] for item in items]
         if "tokens" in items[0]:
             grids = {tuple(item["grid"]) for item in items}
@@ -309,21 +341,17 @@ class ReportModule(L.LightningModule):
         with torch.no_grad():
             return encoder_features(self.encoder(batch["image"]))
 
-    def batch_loss(self, batch: Mapping[str, Any], noise: float = 0.0) -> torch.Tensor:
-        """Next-token loss; the decoder reads the labeler's findings of the batch's reports
-        (teacher forcing), each flipped with probability ``noise``."""
+    def batch_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Next-token loss; the decoder reads the findings the batch carries (the labeler's
+        reading of its reports, flipped by the training collate: :class:`ReportCollate`)."""
         tokens, grid = self.visual(batch)
-        findings = batch.get("findings")
-        if findings is not None and noise > 0:
-            flip = torch.rand(findings.shape, device=findings.device) < noise
-            findings = torch.where(flip, 1.0 - findings, findings)
         return self.generator(
             tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid, case_index=batch["case_index"],
-            findings=findings,
+            findings=batch.get("findings"),
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.batch_loss(batch, noise=float(self.generator.config.findings_noise))
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["reports"]))
         return loss
 
@@ -418,7 +446,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
 
     from volumevlm.data.datasets import PretrainDataset
     from volumevlm.data.manifest import read_manifest
-    from volumevlm.models.report import ReportConfig, ReportGenerator
+    from volumevlm.models.report import ReportConfig, ReportGenerator, section_findings_of
     from volumevlm.models.vlm import VolumeVLM
     from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, build_trainer, checkpoint_dir, data_provenance
 
@@ -443,14 +471,19 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             raise VolumeVLMError(f"{init_dir}: none of the checkpoint's findings is known to the labeler; set report.head.findings")
     elif not settings["condition_on_findings"]:
         head_settings["findings"] = []
-    head_config = ReportConfig.from_dict(head_settings)
-    generator = ReportGenerator.build(head_config, model)
-
     root = Path(str(cfg.data.root)).expanduser()
     manifest = read_manifest(root / MANIFEST_NAME)
     train_rows = _rows_with_reports(manifest.rows, "train")
     if cfg.data.get("train_limit") is not None:
         train_rows = train_rows[: int(cfg.data.train_limit)]
+    if head_settings.get("findings_in_prompt") and head_settings.get("section_findings") is None and head_settings["findings"]:
+        # Which organ section states which finding, read from the training reports once.
+        head_settings["section_findings"] = section_findings_of(
+            [row["report"] for row in train_rows], ReportConfig.from_dict(head_settings).findings,
+            ReportConfig.from_dict(head_settings).section_names)
+    head_config = ReportConfig.from_dict(head_settings)
+    generator = ReportGenerator.build(head_config, model)
+
     val_rows = _rows_with_reports(manifest.rows, "val")
     if not train_rows:
         raise InputError(manifest.path, "no training case (split 'train') has a report")
@@ -486,10 +519,12 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     encode_s = time.perf_counter() - encode_started
     log.info("report: %d train / %d val cases; encoder pass %.1f s", len(train_set), len(val_set or []), encode_s)
 
-    collate = ReportCollate(generator)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                              num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
-    val_loader = (DataLoader(val_set, batch_size=val_batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                              num_workers=workers,
+                              collate_fn=ReportCollate(generator, head_config.findings_noise, float(settings["normal_section_rate"])),
+                              persistent_workers=workers > 0)
+    val_loader = (DataLoader(val_set, batch_size=val_batch_size, shuffle=False, num_workers=workers,
+                             collate_fn=ReportCollate(generator),
                              persistent_workers=workers > 0) if val_set else None)
     module = ReportModule(generator, encoder=module_encoder, optimizer=settings["optimizer"],
                           generate_cases=settings["generate_cases"], log_samples=settings["log_samples"],
