@@ -63,6 +63,7 @@ def test_merlin_like_is_merlins_recipe_on_one_gpu():
         assert recipe.model.objective.findings_weight > 0 and recipe.model.objective.sentence_weight > 0
         assert recipe.model.objective.findings_space == "shared"
         assert len(recipe.model.encoder.input_windows) == 3
+        assert recipe.model.objective.section_text_weight > 0 and recipe.model.objective.section_text_negations
 
 
 def test_every_key_is_overridable_and_bad_overrides_fail_in_one_line():
