@@ -357,10 +357,10 @@ def test_save_and_load_give_identical_segmentation_logits(pretrained, tmp_path):
     config = SegmentationConfig(feature_size=4, roi_size=model.encoder_config.image_size)
     net = SegmentationNet.from_encoder(model.encoder, config).eval()
     with torch.no_grad():  # the copy is the head's own: training it leaves model.encoder alone
-        net.encoder.patch_embed.bias.add_(1.0)
+        net.encoder.registers.add_(1.0)
         for p in net.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    assert not torch.equal(net.encoder.patch_embed.bias, model.encoder.patch_embed.bias)
+    assert not torch.equal(net.encoder.registers, model.encoder.registers)
     model.attach_head("segmentation", net)
     saved = model.save_pretrained(tmp_path / "with_head")
     loaded = volumevlm.load(saved)
