@@ -609,45 +609,38 @@ def hd95_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int, s
     return out
 
 
-def summarize_hd95(hd95: torch.Tensor, label_names: Mapping[int, str]) -> dict[str, float]:
-    """{"hd95_<name>": mean over the cases with a distance, "mean_hd95": mean over
-    labels, "mean_hd95_large": mean over :data:`~volumevlm.data.labels.LARGE_ORGANS`}
-    from hd95 [N, K] (mm)."""
+def _per_label_means(values: torch.Tensor, label_names: Mapping[int, str], key: str) -> dict[str, float]:
+    """{"<key>_<name>": mean over the cases with a finite value, "mean_<key>": mean over
+    foreground labels, "mean_<key>_large": mean over LARGE_ORGANS} from values [N, K]
+    (label 0, the background, is left out; so is a label with no finite value)."""
     out: dict[str, float] = {}
     per_label: dict[str, float] = {}
-    for k in range(1, hd95.shape[1]):
-        column = hd95[:, k]
+    for k in range(1, values.shape[1]):
+        column = values[:, k]
         column = column[torch.isfinite(column)]
         if column.numel():
             name = label_names.get(k, f"label_{k}")
             per_label[name] = float(column.mean())
-            out[f"hd95_{name}"] = per_label[name]
+            out[f"{key}_{name}"] = per_label[name]
     if per_label:
-        out["mean_hd95"] = sum(per_label.values()) / len(per_label)
+        out[f"mean_{key}"] = sum(per_label.values()) / len(per_label)
     large = [per_label[name] for name in LARGE_ORGANS if name in per_label]
     if large:
-        out["mean_hd95_large"] = sum(large) / len(large)
+        out[f"mean_{key}_large"] = sum(large) / len(large)
     return out
+
+
+def summarize_hd95(hd95: torch.Tensor, label_names: Mapping[int, str]) -> dict[str, float]:
+    """{"hd95_<name>": mean over the cases with a distance, "mean_hd95": mean over
+    labels, "mean_hd95_large": mean over :data:`~volumevlm.data.labels.LARGE_ORGANS`}
+    from hd95 [N, K] (mm)."""
+    return _per_label_means(hd95, label_names, "hd95")
 
 
 def summarize_dice(counts: torch.Tensor, label_names: Mapping[int, str]) -> dict[str, float]:
     """{"dice_<name>": mean over cases, "mean_dice": mean over foreground labels,
     "mean_dice_large": mean over :data:`~volumevlm.data.labels.LARGE_ORGANS`} from
     counts [N, K, 3]; labels absent from every case (prediction and target) are left out."""
-    dice = dice_from_counts(counts)  # [N, K]
-    out: dict[str, float] = {}
-    per_label: dict[str, float] = {}
-    for k in range(1, dice.shape[1]):
-        column = dice[:, k]
-        column = column[~torch.isnan(column)]
-        if column.numel():
-            name = label_names.get(k, f"label_{k}")
-            per_label[name] = float(column.mean())
-            out[f"dice_{name}"] = per_label[name]
-    if per_label:
-        out["mean_dice"] = sum(per_label.values()) / len(per_label)
-    large = [per_label[name] for name in LARGE_ORGANS if name in per_label]
-    if large:
-        out["mean_dice_large"] = sum(large) / len(large)
+    out = _per_label_means(dice_from_counts(counts), label_names, "dice")  # NaN: absent from both
     out["cases"] = float(counts.shape[0])
     return out
