@@ -51,7 +51,7 @@ FRACTIONS = (1.0, 0.25, 0.1)
 NETS = ("ours", "unet")
 # Optional (--nets ours,unet,tokens): our decoder without the image path, on tokens alone
 # (the decoder before the image path existed), to see what the path adds.
-EXTRA_NETS = ("tokens",)
+EXTRA_NETS = ("tokens", "stem")
 # The bar: >= 0.90 on these, >= 0.85 mean over all structures.
 HEADLINE = ("liver", "spleen", "lung_left", "lung_right", "heart")
 
@@ -180,8 +180,9 @@ def build_net(kind: str, model, args: argparse.Namespace) -> nn.Module:
     from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
 
     config = SegmentationConfig(num_classes=max(LABELS) + 1, label_names=dict(LABELS), feature_size=args.feature_size,
-                                roi_size=tuple(model.encoder_config.image_size), image_path=kind != "tokens")
-    if kind in ("ours", "tokens"):
+                                roi_size=tuple(model.encoder_config.image_size), image_path=kind == "ours",
+                                stem_skips=kind == "stem")
+    if kind in ("ours", "tokens", "stem"):
         return SegmentationNet.from_encoder(model.encoder, config)
     return ScratchUNet(model.encoder_config, config, channels=args.unet_channels)
 

@@ -113,6 +113,85 @@ def test_a_config_saved_before_the_image_path_rebuilds_the_net_it_was():
     assert SegmentationConfig.from_dict(new.config.to_dict()).image_path is True
 
 
+@pytest.mark.parametrize("patch, stages", [((8, 8, 6), 3), ((4, 4, 2), 2), ((16, 16, 8), 3)])
+def test_stem_skips_feed_the_levels_the_stem_reaches_for_unseen_input_sizes(patch, stages):
+    """With stem_skips the skips of the levels the conv stem reaches are the stem's own
+    maps (same grid as that level), the other levels keep token skips, the voxel level
+    sees the HU windows, and the logits keep any input's shape."""
+    from volumevlm.models.encoder import stem_strides
+
+    enc = EncoderConfig(image_size=(32, 32, 24), patch_size=patch, dim=16, depth=2, heads=2, num_registers=1,
+                        input_windows=WINDOWS, stem="conv", stem_stages=stages)
+    net = SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(32, 32, 24), image_path=False,
+                                                  stem_skips=True)).eval()
+    factors = stage_factors(patch)
+    # Which levels the stem reaches, worked out by hand from the strides.
+    level_grids, scale = {}, (1, 1, 1)
+    for level, factor in enumerate(factors[:-1], start=1):
+        scale = tuple(a * b for a, b in zip(scale, factor))
+        level_grids[scale] = level
+    expected, scale = {}, (1, 1, 1)
+    for index, stride in enumerate(stem_strides(patch, stages)[:-1]):
+        scale = tuple(a * b for a, b in zip(scale, stride))
+        if scale in level_grids:
+            expected[level_grids[scale]] = index
+    assert net.stem_levels == expected and expected  # every case here shares at least one level
+    seen: dict[str, tuple] = {}
+    hooks = [net.stem.register_forward_hook(lambda m, i, o: seen.__setitem__("level0_in", tuple(i[0].shape)))]
+    for level, skip in enumerate(net.skips, start=1):
+        hooks.append(skip.register_forward_hook(
+            lambda m, i, o, level=level: seen.__setitem__(f"skip{level}", (tuple(i[0].shape), tuple(o.shape)))))
+    for shape in [(29, 35, 17), (40, 18, 30)]:
+        seen.clear()
+        x = torch.rand(2, 1, *shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = net(x)
+            stem_maps = net.encoder(torch.nn.functional.pad(
+                x, [0, (-shape[2]) % patch[2], 0, (-shape[1]) % patch[1], 0, (-shape[0]) % patch[0]])).stem_maps
+        assert logits.shape == (2, net.config.num_classes, *shape)
+        padded = [s + (-s) % p for s, p in zip(shape, patch)]
+        assert seen["level0_in"] == (2, len(WINDOWS), *padded)
+        grid = list(padded)
+        for level in range(1, len(factors)):
+            grid = [g // f for g, f in zip(grid, factors[level - 1])]
+            read, made = seen[f"skip{level}"]
+            assert made[2:] == tuple(grid)
+            if level in expected:
+                assert read == tuple(stem_maps[expected[level]].shape)
+            else:  # a token map
+                assert read[1] == enc.dim
+    for hook in hooks:
+        hook.remove()
+
+
+def test_the_stem_skips_reach_the_logits():
+    """Zeroing the stem-map skip blocks changes the logits: the stem's maps are used."""
+    enc = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2, num_registers=0,
+                        stem="conv", stem_stages=2)
+    net = SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=False,
+                                                  stem_skips=True)).eval()
+    assert net.stem_levels == {1: 0}
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = net(x)
+        for parameter in net.skips[0].parameters():
+            parameter.zero_()
+        without = net(x)
+    assert not torch.allclose(before, without)
+
+
+def test_stem_skips_refuse_a_patch_encoder_and_the_image_path_in_one_line():
+    enc = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2)
+    with pytest.raises(VolumeVLMError, match="stem_skips needs an encoder with a convolutional stem"):
+        SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=False, stem_skips=True))
+    with pytest.raises(VolumeVLMError, match="set one"):
+        SegmentationConfig(image_path=True, stem_skips=True)
+    # A config saved before the option rebuilds without it.
+    saved = SegmentationConfig(image_path=False).to_dict()
+    del saved["stem_skips"]
+    assert SegmentationConfig.from_dict(saved).stem_skips is False
+
+
 def test_foreground_crops_are_centred_on_a_present_structure():
     from volumevlm.train.segment import SegmentationModule
 

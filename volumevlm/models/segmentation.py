@@ -106,6 +106,11 @@ class SegmentationConfig:
     image_path: a conv path on the image feeds every decoder level (see the module
         docstring). A config dict WITHOUT this key (a checkpoint written before it
         existed) means False: :meth:`from_dict` rebuilds the net that was saved.
+    stem_skips: the skips of the levels the encoder's convolutional stem also reaches
+        are the stem's own (pretrained) maps instead of tokens brought up by transposed
+        convolutions, and the voxel level sees the image through the encoder's HU
+        windows (see the module docstring). Needs an encoder with ``stem="conv"``; not
+        with ``image_path``. Missing from a saved config: False.
     """
 
     num_classes: int = len(LABELS)
@@ -117,6 +122,7 @@ class SegmentationConfig:
     norm_name: str = "instance"
     res_block: bool = True
     image_path: bool = True
+    stem_skips: bool = False
 
     def __post_init__(self):
         self.num_classes = int(self.num_classes)
@@ -126,6 +132,9 @@ class SegmentationConfig:
         self.sw_overlap = float(self.sw_overlap)
         self.freeze_encoder = bool(self.freeze_encoder)
         self.image_path = bool(self.image_path)
+        self.stem_skips = bool(self.stem_skips)
+        if self.image_path and self.stem_skips:
+            raise VolumeVLMError("segmentation config: image_path and stem_skips are two ways to feed the fine levels; set one")
         if self.num_classes < 2:
             raise VolumeVLMError(f"segmentation config: num_classes must be at least 2 (background + one), got {self.num_classes}")
         bad = [k for k in self.label_names if not 0 <= k < self.num_classes]
@@ -157,6 +166,7 @@ class SegmentationConfig:
             raise VolumeVLMError(f"segmentation config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         # Saved before the image path existed: that net had none.
         data.setdefault("image_path", False)
+        data.setdefault("stem_skips", False)
         return cls(**data)
 
 
@@ -177,7 +187,7 @@ class SegmentationNet(nn.Module):
         super().__init__()
         from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrPrUpBlock, UnetrUpBlock
 
-        from volumevlm.models.encoder import VolumeEncoder
+        from volumevlm.models.encoder import VolumeEncoder, stem_channels
 
         self.config = config
         self.encoder = VolumeEncoder(encoder_config)
@@ -196,6 +206,8 @@ class SegmentationNet(nn.Module):
             for level in range(1, levels)
         ]
 
+        # Decoder levels whose skip is a map of the encoder's conv stem: {level: stem map index}.
+        self.stem_levels = self._stem_levels(enc) if config.stem_skips else {}
         if config.image_path:
             # The stem sees the image through the encoder's HU windows (soft-tissue
             # contrast is a few percent of the [0, 1] input range otherwise).
@@ -212,10 +224,16 @@ class SegmentationNet(nn.Module):
             self.image_down = nn.ModuleList(down(level) for level in range(1, levels))
             self.image_bottleneck = nn.Sequential(down(levels), nn.Conv3d(widths[levels], enc.dim, kernel_size=1))
         else:
-            self.stem = UnetrBasicBlock(3, enc.in_channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
+            # With stem skips the voxel level, like the stem, sees the HU windows.
+            channels = enc.embed_channels if config.stem_skips else enc.in_channels
+            self.stem = UnetrBasicBlock(3, channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
         self.skips = nn.ModuleList()
         for level in range(1, levels):
             width = widths[level]
+            if level in self.stem_levels:
+                stem_width = stem_channels(enc.dim, enc.stem_stages)[self.stem_levels[level]]
+                self.skips.append(UnetResBlock(3, stem_width, width, kernel_size=3, stride=1, norm_name=norm))
+                continue
             steps: list[nn.Module] = []
             # From the token grid down to `level`: coarsest factor first.
             for i, stage in enumerate(range(levels - 1, level - 1, -1)):
@@ -239,6 +257,25 @@ class SegmentationNet(nn.Module):
         # Memory layout of the decoder's activations on the CPU (a speed knob only: the
         # results are the same up to float rounding).
         self.channels_last = True
+
+    def _stem_levels(self, enc) -> dict[int, int]:
+        """{decoder level: index into the encoder's stem_maps} where a stem map has the
+        level's resolution (its strides so far equal the level's factors so far)."""
+        from volumevlm.models.encoder import stem_strides
+
+        if enc.stem != "conv":
+            raise VolumeVLMError(f"segmentation config: stem_skips needs an encoder with a convolutional stem "
+                                 f"(model.encoder.stem=conv); this encoder has stem={enc.stem!r}")
+        level_scale, scale = {}, (1, 1, 1)
+        for level, factor in enumerate(self.factors[:-1], start=1):
+            scale = tuple(a * b for a, b in zip(scale, factor))
+            level_scale[scale] = level
+        found, scale = {}, (1, 1, 1)
+        for index, stride in enumerate(stem_strides(enc.patch_size, enc.stem_stages)[:-1]):  # the last makes tokens
+            scale = tuple(a * b for a, b in zip(scale, stride))
+            if scale in level_scale:
+                found[level_scale[scale]] = index
+        return found
 
     # ------------------------------------------------------------------ construction
 
@@ -289,13 +326,18 @@ class SegmentationNet(nn.Module):
             pad[2 * (2 - axis) + 1] = (-spatial[axis]) % patch[axis]
         if any(pad):
             x = F.pad(x, pad)
-        maps = self.encoder(x).feature_maps
+        encoded = self.encoder(x)
+        maps, stem_maps = encoded.feature_maps, encoded.stem_maps
         if self.channels_last and x.device.type == "cpu":
             # The CPU's 3D convolutions (oneDNN) run about twice as fast, backward
             # included, on channels-last activations; the weights stay contiguous.
             x = x.contiguous(memory_format=torch.channels_last_3d)
             maps = [m.contiguous(memory_format=torch.channels_last_3d) for m in maps]
-        skips = [self.skips[i](maps[src]) for i, src in enumerate(self.skip_sources)]  # levels 1..S-1
+            stem_maps = [m.contiguous(memory_format=torch.channels_last_3d) for m in stem_maps]
+        skips = [  # levels 1..S-1
+            self.skips[i](stem_maps[self.stem_levels[i + 1]] if i + 1 in self.stem_levels else maps[src])
+            for i, src in enumerate(self.skip_sources)
+        ]
         h = maps[-1]
         if self.config.image_path:
             image = self.stem(self.encoder.windows(x))
@@ -305,7 +347,7 @@ class SegmentationNet(nn.Module):
             skips = [image] + [token + conv for token, conv in zip(skips, fine[1:])]
             h = h + self.image_bottleneck(fine[-1])
         else:
-            skips = [self.stem(x)] + skips  # level 0 first
+            skips = [self.stem(self.encoder.windows(x) if self.config.stem_skips else x)] + skips  # level 0 first
         for up, level in zip(self.ups, range(len(self.factors) - 1, -1, -1)):
             h = up(h, skips[level])
         logits = self.out(h)
