@@ -76,8 +76,16 @@ def test_negation_and_its_scope(text, expected):
         ("GALLBLADDER: Gallstones absent.", {"gallstones": NEG}),
         # the denial is the finding's own: the next finding in the sentence is still affirmed
         ("Gallstones absent, ascites present.", {"gallstones": NEG, "ascites": POS}),
-        # "absent" that is not next to the finding describes something else
+        ("Pleural effusions: none bilaterally.", {"pleural_effusion": NEG}),
+        ("Ascites, none.", {"ascites": NEG}),
+        # "absent" that is not next to the finding describes something else, and "none"/
+        # "negative" that go on ("none of which", "negative for") do not deny the finding
         ("Splenomegaly with absent flow in the splenic vein.", {"splenomegaly": POS}),
+        ("Splenomegaly, absent flow in the splenic vein.", {"splenomegaly": POS}),
+        ("Multiple renal cysts, none of which enhance.", {"renal_cyst": POS}),
+        ("Splenomegaly, negative for focal lesion.", {"splenomegaly": POS}),
+        # "Gallbladder: absent." says the gallbladder is gone, not that a finding is denied
+        ("GALLBLADDER: Absent.", {"surgically_absent_gallbladder": POS}),
         # a header that names a finding, with a body that does not deny it, still affirms it
         ("Small pleural effusion: unchanged.", {"pleural_effusion": POS}),
     ],

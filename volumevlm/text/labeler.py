@@ -544,12 +544,16 @@ _POST_NEG = re.compile(
 _POST_NEG_REACH = 70
 # A telegraphic denial right after the mention, without a copula: "Gallstones absent.",
 # "Pleural effusions absent bilaterally.", "Ascites: none." (read as "ascites none").
-# Only adjacent: "Splenomegaly with absent flow in the splenic vein" affirms splenomegaly.
-_POST_NEG_NEAR = re.compile(r"^,? (?:(?:now|currently|entirely|completely) )?(?:absent|none|negative|no$)(?![\w-])")
+# Only adjacent: "Splenomegaly with absent flow in the splenic vein" affirms splenomegaly;
+# "none"/"negative"/"no" only end the clause: "Renal cysts, none of which enhance" and
+# "Splenomegaly, negative for focal lesion" affirm.
+_POST_NEG_NEAR = re.compile(r"^(?: (?:(?:now|currently|entirely|completely) )?absent(?![\w-])"
+                            r"|,? (?:(?:(?:now|currently|entirely|completely) )?absent|none|negative|no)(?=$|,| bilaterally$))")
 # A section body that is nothing but a denial ("Gallstones: absent.", "Ascites: none."): the header
 # names the finding, so the two are read as one sentence.
 _DENIAL_BODY = re.compile(
-    r"^\s*(?:absent|none|negative|no|not (?:seen|identified|present|visualized|demonstrated|detected|found))[\s.]*$")
+    r"^\s*(?:absent|none|negative|no|not (?:seen|identified|present|visualized|demonstrated|detected|found))"
+    r"(?: bilaterally)?[\s.]*$")
 
 # Sentence ends: '.' not followed by a digit ("4.2 cm" stays whole; "L1. Diffuse" splits), !, ?.
 _SENTENCE_END = re.compile(r"\.(?!\d)|[!?]")
