@@ -55,6 +55,87 @@ def test_negation_and_its_scope(text, expected):
 @pytest.mark.parametrize(
     "text, expected",
     [
+        # A denial after the finding, with or without a copula, and as a section body.
+        ("Gallstones absent.", {"gallstones": NEG}),
+        ("Gallstones absent", {"gallstones": NEG}),
+        ("Ascites absent.", {"ascites": NEG}),
+        ("Pleural effusion absent bilaterally.", {"pleural_effusion": NEG}),
+        ("Abdominal aortic aneurysm absent.", {"abdominal_aortic_aneurysm": NEG}),
+        ("Gallstones are absent.", {"gallstones": NEG}),
+        ("Gallstones not seen.", {"gallstones": NEG}),
+        ("Gallstones not identified.", {"gallstones": NEG}),
+        ("Gallstones is not present.", {"gallstones": NEG}),
+        ("Ascites not present.", {"ascites": NEG}),
+        ("Gallstones not found.", {"gallstones": NEG}),
+        ("Gallstones were not found.", {"gallstones": NEG}),
+        ("No evidence of gallstones.", {"gallstones": NEG}),
+        ("Gallstones: absent.", {"gallstones": NEG}),
+        ("Ascites: none.", {"ascites": NEG}),
+        ("Hydronephrosis: not seen.", {"hydronephrosis": NEG}),
+        ("Gallstones: negative.", {"gallstones": NEG}),
+        ("GALLBLADDER: Gallstones absent.", {"gallstones": NEG}),
+        # the denial is the finding's own: the next finding in the sentence is still affirmed
+        ("Gallstones absent, ascites present.", {"gallstones": NEG, "ascites": POS}),
+        ("Pleural effusions: none bilaterally.", {"pleural_effusion": NEG}),
+        ("Ascites, none.", {"ascites": NEG}),
+        # "absent" that is not next to the finding describes something else, and "none"/
+        # "negative" that go on ("none of which", "negative for") do not deny the finding
+        ("Splenomegaly with absent flow in the splenic vein.", {"splenomegaly": POS}),
+        ("Splenomegaly, absent flow in the splenic vein.", {"splenomegaly": POS}),
+        ("Multiple renal cysts, none of which enhance.", {"renal_cyst": POS}),
+        ("Splenomegaly, negative for focal lesion.", {"splenomegaly": POS}),
+        # "Gallbladder: absent." says the gallbladder is gone, not that a finding is denied
+        ("GALLBLADDER: Absent.", {"surgically_absent_gallbladder": POS}),
+        # a header that names a finding, with a body that does not deny it, still affirms it
+        ("Small pleural effusion: unchanged.", {"pleural_effusion": POS}),
+    ],
+)
+def test_a_denial_after_the_finding_is_negative(text, expected):
+    assert labels(text, *expected) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # plain words for "enlarged", and "aneurysmal" said of the aorta
+        ("Spleen is big.", {"splenomegaly": POS}),
+        ("Large spleen.", {"splenomegaly": POS}),
+        ("Enlarged spleen.", {"splenomegaly": POS}),
+        ("The spleen is large in size.", {"splenomegaly": POS}),
+        ("SPLEEN: Large.", {"splenomegaly": POS}),
+        ("Large liver.", {"hepatomegaly": POS}),
+        ("Big liver.", {"hepatomegaly": POS}),
+        ("Liver is large.", {"hepatomegaly": POS}),
+        ("LIVER: Big, 21 cm.", {"hepatomegaly": POS}),
+        ("The heart is big.", {"cardiomegaly": POS}),
+        ("Aorta is aneurysmal.", {"abdominal_aortic_aneurysm": POS}),
+        ("Aneurysmal abdominal aorta.", {"abdominal_aortic_aneurysm": POS}),
+        ("Aneurysmal aorta.", {"abdominal_aortic_aneurysm": POS}),
+        # their negated versions deny
+        ("The spleen is not big.", {"splenomegaly": NEG}),
+        ("The spleen is not large.", {"splenomegaly": NEG}),
+        ("Not a large liver.", {"hepatomegaly": NEG}),
+        ("Liver is not large.", {"hepatomegaly": NEG}),
+        ("The heart is not large.", {"cardiomegaly": NEG}),
+        ("The aorta is not aneurysmal.", {"abdominal_aortic_aneurysm": NEG}),
+        ("No aneurysmal abdominal aorta.", {"abdominal_aortic_aneurysm": NEG}),
+        ("Aneurysmal aorta is not seen.", {"abdominal_aortic_aneurysm": NEG}),
+        # a large lesion of an organ is not a large organ; a thoracic aorta is not an abdominal one
+        ("Large liver lesion.", {"hepatomegaly": None, "liver_lesion": POS}),
+        ("Big liver mass.", {"hepatomegaly": None, "liver_lesion": POS}),
+        ("Enlarged accessory spleen.", {"splenomegaly": None}),
+        ("The ascending aorta is aneurysmal.", {"abdominal_aortic_aneurysm": None}),
+        ("Aneurysmal thoracic aorta.", {"abdominal_aortic_aneurysm": None}),
+    ],
+)
+def test_plain_words_for_enlarged_and_aneurysmal(text, expected):
+    got = labels(text, *expected)
+    assert {k: got.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
         ("Possible splenomegaly.", {"splenomegaly": UNC}),
         ("Hepatic steatosis cannot be excluded.", {"hepatic_steatosis": UNC}),
         ("Small bowel obstruction cannot be excluded.", {"bowel_obstruction": UNC}),
@@ -174,6 +255,23 @@ def test_synthetic_reports_agree_with_their_labels():
                     disagreements.append((row["id"], name, got.get(name), "hedged"))
     assert hedged_seen > 0
     assert disagreements == []
+
+
+def test_every_sentence_of_a_synthetic_report_is_read_as_its_case_says():
+    """Pretraining reads single sentences (with their header) as targets, so each sentence,
+    not just each report, must be read right: on 300 synthetic reports (NOT clinical data)
+    no sentence affirms or hedges a finding the case does not have, and none denies one it has."""
+    from volumevlm.data.synthetic.cohort import sample_cohort
+
+    wrong, sentences = [], 0
+    for row in sample_cohort(seed=5, n=300):
+        for _, context in report_sentences(row["report"]):
+            sentences += 1
+            for name, status in label_findings(context, SYNTHETIC_FINDINGS).items():
+                if (status == NEG) == bool(row["findings"][name]):
+                    wrong.append((row["id"], context, name, status))
+    assert sentences > 5000
+    assert wrong == []
 
 
 def test_report_sentences_keep_the_wording_and_the_header_the_labeler_needs():

@@ -37,8 +37,10 @@ How a report is read
    across a clause boundary: "No ascites. Splenomegaly." and "No ascites, but
    splenomegaly." deny only ascites.
 3. Every finding has *mention* patterns (synonyms and free phrasing, e.g. "fatty
-   infiltration of the liver", "the spleen is enlarged", "aneurysmal dilatation of the
-   infrarenal aorta") and *normal* patterns: statements that clearly deny it without a
+   infiltration of the liver", "the spleen is enlarged", plain words such as "the spleen
+   is big" or "large liver" (but not "large liver lesion"), "aneurysmal dilatation of the
+   infrarenal aorta", "the aorta is aneurysmal" (an aorta without a thoracic qualifier
+   is read as the abdominal aorta)) and *normal* patterns: statements that clearly deny it without a
    negation word ("The liver is normal in size" denies hepatomegaly, "Normal heart
    size" denies cardiomegaly, "Subcentimeter lymph nodes" denies lymphadenopathy).
    A normal statement is negative.
@@ -54,7 +56,9 @@ How a report is read
      effusion" denies both, "possible ascites without pleural effusion" hedges
      ascites and denies the effusion;
    * otherwise a *post-negation* shortly after it ("... is not seen", "... has
-     resolved", "... is absent") -> negative;
+     resolved", "... is absent", "... not present"), or a telegraphic denial right
+     next to it ("Gallstones absent.", "Effusions absent bilaterally.", "Ascites: none.",
+     where a section body that only denies is read with its header) -> negative;
    * otherwise positive.
 
    Pseudo-negations ("no change in", "no interval change", "not only") do not negate.
@@ -139,8 +143,15 @@ def _normal_patterns(subjects: str, aspects: str, extra_states: str = "", blocke
 
 
 _LIVER = r"liver|hepatic"
+# Plain words for "enlarged" ("Spleen is big.", "Large liver."). Before the organ's name they
+# only count when no lesion noun follows: "large liver lesion" is a lesion, not hepatomegaly.
+_BIG = r"enlarged|large|big"
+_NOT_BIG = r"not (?:enlarged|large|big)"
+_NOT_A_LESION = (r"(?![\w-]| (?:lesions?|mass(?:es)?|cysts?|hypodensit|hyperdensit|metasta|tumou?rs?|neoplasms?|nodules?"
+                 r"|hemangiomas?|abscess|infarcts?|lacerations?|lobes?|segments?|hilum|vein|artery|capsule))")
 _SIZE = r"size|span|dimensions?|appearance"
 _KIDNEY = r"kidneys?|renal"
+_NOT_THORACIC = r"(?<!thoracic )(?<!ascending )(?<!descending )(?<!thoracoabdominal )"
 
 # finding -> (mention patterns, normal-statement patterns)
 _RULES: dict[str, tuple[list[str], list[str]]] = {
@@ -154,10 +165,11 @@ _RULES: dict[str, tuple[list[str], list[str]]] = {
         _normal_patterns(_LIVER, "attenuation|density|appearance|echotexture"),
     ),
     "hepatomegaly": (
-        [r"hepatomegaly", r"hepatosplenomegaly", rf"(?:liver|hepatic size) {_COP} {_ADV}enlarged",
-         rf"enlarged (?:{_W}){{0,1}}liver", r"enlargement of the liver", r"liver enlargement",
+        [r"hepatomegaly", r"hepatosplenomegaly", rf"(?:liver|hepatic size) {_COP} {_ADV}(?:{_BIG})",
+         rf"enlarged (?:{_W}){{0,1}}liver{_NOT_A_LESION}", rf"(?:large|big) liver{_NOT_A_LESION}",
+         r"enlargement of the liver", r"liver enlargement",
          r"(?:liver|hepatic) size is (?:mildly |moderately |markedly )?increased"],
-        _normal_patterns(_LIVER, _SIZE, r"not enlarged|of normal size|normal-sized|normal sized"),
+        _normal_patterns(_LIVER, _SIZE, rf"{_NOT_BIG}|of normal size|normal-sized|normal sized"),
     ),
     "cirrhosis": (
         [r"cirrho\w+", r"nodular (?:hepatic |liver )?(?:contour|surface|margins?)",
@@ -177,9 +189,10 @@ _RULES: dict[str, tuple[list[str], list[str]]] = {
         [],
     ),
     "splenomegaly": (
-        [r"splenomegaly", r"hepatosplenomegaly", rf"(?:spleen|splenic size) {_COP} {_ADV}enlarged",
-         rf"enlarged (?:{_W}){{0,1}}spleen", r"enlargement of the spleen", r"splenic enlargement"],
-        _normal_patterns(r"spleen|splenic", _SIZE, r"not enlarged|of normal size|normal-sized|normal sized"),
+        [r"splenomegaly", r"hepatosplenomegaly", rf"(?:spleen|splenic size) {_COP} {_ADV}(?:{_BIG})",
+         rf"enlarged (?:(?!accessory)[\w-]+ ){{0,1}}spleen{_NOT_A_LESION}", rf"(?:large|big) spleen{_NOT_A_LESION}",
+         r"enlargement of the spleen", r"splenic enlargement"],
+        _normal_patterns(r"spleen|splenic", _SIZE, rf"{_NOT_BIG}|of normal size|normal-sized|normal sized"),
     ),
     "gallstones": (
         [r"gallstones?", r"cholelith\w*", r"(?:calculus|calculi|stones?) (?:in|within) the gallbladder",
@@ -211,7 +224,10 @@ _RULES: dict[str, tuple[list[str], list[str]]] = {
         [r"abdominal aortic aneurysm\w*", r"(?<![\w-])aaa(?![\w-])",
          r"aneurysmal (?:dilatation|dilation|enlargement) of the (?:(?!ascending|thoracic|descending|arch)[\w-]+ ){0,2}?aorta",
          r"(?:infrarenal|juxtarenal|suprarenal|pararenal) (?:abdominal )?aort(?:ic|a) aneurysm\w*",
-         rf"(?:abdominal |infrarenal |juxtarenal |suprarenal )(?:abdominal )?aorta {_COP} {_ADV}aneurysmal",
+         # "The aorta is aneurysmal.", "Aneurysmal abdominal aorta.": in these abdominal reports an aorta
+         # without a thoracic qualifier is the abdominal aorta.
+         rf"{_NOT_THORACIC}(?:(?:abdominal|infrarenal|juxtarenal|suprarenal) )*aorta {_COP} {_ADV}aneurysmal",
+         r"aneurysmal (?:(?:abdominal|infrarenal|juxtarenal|suprarenal) )*aorta(?![\w-])",
          r"aneurysm of the (?:infrarenal |juxtarenal |suprarenal )?(?:abdominal |infrarenal )aorta"],
         _normal_patterns(r"(?:infrarenal )?(?:abdominal )?aorta|aortic",
                          r"caliber|calibre|diameter|size|appearance", r"not aneurysmal|not dilated|of normal caliber"),
@@ -268,9 +284,10 @@ _RULES: dict[str, tuple[list[str], list[str]]] = {
         _normal_patterns(r"bones|osseous structures|bone", r"density|mineralization|appearance"),
     ),
     "cardiomegaly": (
-        [r"cardiomegaly", rf"(?:heart|cardiac silhouette|heart size|cardiac size) {_COP} {_ADV}(?:enlarged|increased)",
-         r"cardiac enlargement", rf"enlarged (?:{_W}){{0,1}}(?:heart|cardiac silhouette)", r"enlargement of the heart"],
-        _normal_patterns(r"heart|cardiac(?: silhouette)?", _SIZE, r"not enlarged|of normal size|normal-sized|normal sized"),
+        [r"cardiomegaly", rf"(?:heart|cardiac silhouette|heart size|cardiac size) {_COP} {_ADV}(?:{_BIG}|increased)",
+         r"cardiac enlargement", rf"enlarged (?:{_W}){{0,1}}(?:heart|cardiac silhouette)", r"enlargement of the heart",
+         r"(?:large|big) heart(?![\w-])"],
+        _normal_patterns(r"heart|cardiac(?: silhouette)?", _SIZE, rf"{_NOT_BIG}|of normal size|normal-sized|normal sized"),
     ),
     # ---- Merlin (abdominal) ---------------------------------------------------------------
     "biliary_ductal_dilation": (
@@ -519,11 +536,24 @@ _VERSUS_NEAR = re.compile(r"^(?:,? [\w-]+){0,2},? (?:versus|vs)(?![\w-])")
 # Shortly after a mention (within ~70 characters of its clause).
 _POST_NEG = re.compile(
     r"(?<![\w-])(?:(?:is|are|was|were) (?:not (?:seen|identified|present|visualized|visible|demonstrated|evident|"
-    r"appreciated|detected|noted|depicted)|absent|no longer (?:seen|present|visualized|visible|identified|evident|noted))"
+    r"appreciated|detected|noted|depicted|found)|absent|no longer (?:seen|present|visualized|visible|identified|evident|noted))"
     r"|(?:has|have) (?:since |now |completely |interval(?:ly)? )?resolved|(?:is|are) resolved"
-    r"|(?:has|have) been (?:excluded|ruled out)|not (?:seen|identified|visualized|demonstrated|detected|appreciated))(?![\w-])"
+    r"|(?:has|have) been (?:excluded|ruled out)"
+    r"|not (?:seen|identified|visualized|demonstrated|detected|appreciated|present|found|evident|visible))(?![\w-])"
 )
 _POST_NEG_REACH = 70
+# A telegraphic denial right after the mention, without a copula: "Gallstones absent.",
+# "Pleural effusions absent bilaterally.", "Ascites: none." (read as "ascites none").
+# Only adjacent: "Splenomegaly with absent flow in the splenic vein" affirms splenomegaly;
+# "none"/"negative"/"no" only end the clause: "Renal cysts, none of which enhance" and
+# "Splenomegaly, negative for focal lesion" affirm.
+_POST_NEG_NEAR = re.compile(r"^(?: (?:(?:now|currently|entirely|completely) )?absent(?![\w-])"
+                            r"|,? (?:(?:(?:now|currently|entirely|completely) )?absent|none|negative|no)(?=$|,| bilaterally$))")
+# A section body that is nothing but a denial ("Gallstones: absent.", "Ascites: none."): the header
+# names the finding, so the two are read as one sentence.
+_DENIAL_BODY = re.compile(
+    r"^\s*(?:absent|none|negative|no|not (?:seen|identified|present|visualized|demonstrated|detected|found))"
+    r"(?: bilaterally)?[\s.]*$")
 
 # Sentence ends: '.' not followed by a digit ("4.2 cm" stays whole; "L1. Diffuse" splits), !, ?.
 _SENTENCE_END = re.compile(r"\.(?!\d)|[!?]")
@@ -557,7 +587,7 @@ _SECTION_ORGANS: tuple[tuple[re.Pattern, str], ...] = tuple(
     )
 )
 _BARE_ADJECTIVE = re.compile(
-    r"(?:normal(?![\w-])|unremarkable|within normal limits|(?:not |mildly |moderately |markedly |massively )?enlarged|"
+    r"(?:normal(?![\w-])|unremarkable|within normal limits|(?:not |mildly |moderately |markedly |massively )?(?:enlarged|large|big)|"
     r"atrophic|cirrhotic|nodular|aneurysmal|(?:not )?dilated|patent|clear|intact|normal in (?:size|caliber|appearance))"
     r"(?=$|[,:]| (?:in|with|without|measuring|at|to|and|for|by|but)(?![\w-]))"
 )
@@ -590,8 +620,10 @@ def _clauses(report: str) -> list[str]:
             skip = header in SKIPPED_SECTIONS
             organ = _section_organ(header)
             # The header stays as a clause of its own: a mixed-case "header" may be
-            # a finding ("Small pleural effusion: unchanged.").
-            line = f"{header}. {line[m.end():]}"
+            # a finding ("Small pleural effusion: unchanged."); a body that only denies
+            # ("Gallstones: absent.") is about the header, so it joins it.
+            body = line[m.end():]
+            line = f"{header} {body}" if _DENIAL_BODY.match(body) else f"{header}. {body}"
         if skip:
             continue
         line = _LIST_MARK.sub("", line)
@@ -759,7 +791,7 @@ class _Report:
             nearest = cue
         if nearest is not None:
             return UNCERTAIN if nearest.lastgroup == "hedge" else NEGATIVE
-        if _POST_NEG.search(suffix, 0, _POST_NEG_REACH) and not _PSEUDO_NEG.match(suffix):
+        if (_POST_NEG.search(suffix, 0, _POST_NEG_REACH) or _POST_NEG_NEAR.match(suffix)) and not _PSEUDO_NEG.match(suffix):
             return NEGATIVE
         return POSITIVE
 
