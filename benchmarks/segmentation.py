@@ -4,8 +4,9 @@ Trains, on the same labelled cases, with the same crops, augmentation, loss (Dic
 optimizer and number of steps (one :class:`volumevlm.train.segment.SegmentationModule`
 drives both):
 
-* ``ours``: the pretrained encoder of ``--checkpoint`` + the segmentation decoder
-  (:class:`volumevlm.models.segmentation.SegmentationNet`, image path on);
+* ``ours``: the pretrained encoder of ``--checkpoint`` + the segmentation decoder the
+  demo trains (:class:`volumevlm.models.segmentation.SegmentationNet`, ``decoder="unet"``:
+  the encoder's conv stem gives the fine skips);
 * ``unet``: a MONAI ``UNet`` (3D, residual units) trained from scratch, given the same
   input channels (the checkpoint encoder's HU windows, a fixed preprocessing step);
 
@@ -21,7 +22,7 @@ The synthetic cohort is NOT clinical data; nothing here is a clinical accuracy.
 
 Small defaults are sized for a shared 2-core CPU (30 steps on 48x48x32 crops, a
 MONAI UNet of widths 8..64, 4 held-out cases); ``--full`` is the demo's budget (150
-steps on 64x64x48 crops, UNet widths 16..128, every held-out case)::
+steps on 64x64x48 crops, decoder width 16, UNet widths 16..128, every held-out case)::
 
     volumevlm demo --no-heads --no-eval --out demo-output        # cohort + pretrained model
     nice -n 10 python benchmarks/segmentation.py --checkpoint demo-output/model \\
@@ -49,9 +50,9 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (1.0, 0.25, 0.1)
 NETS = ("ours", "unet")
-# Optional (--nets ours,unet,tokens): our decoder without the image path, on tokens alone
-# (the decoder before the image path existed), to see what the path adds.
-EXTRA_NETS = ("tokens", "stem")
+# Optional (--nets ours,unet,tokens,image): the UNETR-style decoder the head had before
+# the "unet" decoder, on tokens alone and with the conv path on the image, to compare.
+EXTRA_NETS = ("tokens", "image")
 # The bar: >= 0.90 on these, >= 0.85 mean over all structures.
 HEADLINE = ("liver", "spleen", "lung_left", "lung_right", "heart")
 
@@ -160,7 +161,7 @@ def train_net(net: nn.Module, datamodule, args: argparse.Namespace, spacing) -> 
 
     module = SegmentationModule(
         net,
-        optimizer={"lr": args.lr, "warmup_steps": min(20, args.steps // 5)},
+        optimizer={"lr": args.lr, "warmup_steps": min(20, args.steps // 5), "encoder_lr_ratio": args.encoder_lr_ratio},
         crop_size=args.crop,
         foreground_crop=args.foreground_crop,
         spacing=spacing,
@@ -180,9 +181,9 @@ def build_net(kind: str, model, args: argparse.Namespace) -> nn.Module:
     from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
 
     config = SegmentationConfig(num_classes=max(LABELS) + 1, label_names=dict(LABELS), feature_size=args.feature_size,
-                                roi_size=tuple(model.encoder_config.image_size), image_path=kind == "ours",
-                                stem_skips=kind == "stem")
-    if kind in ("ours", "tokens", "stem"):
+                                roi_size=tuple(model.encoder_config.image_size), image_path=kind == "image",
+                                decoder="unet" if kind == "ours" else "unetr")
+    if kind in ("ours", "tokens", "image"):
         return SegmentationNet.from_encoder(model.encoder, config)
     return ScratchUNet(model.encoder_config, config, channels=args.unet_channels)
 
@@ -230,6 +231,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--foreground-crop", type=float, default=0.5)
     parser.add_argument("--feature-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--encoder-lr-ratio", type=float, default=1.0,
+                        help="our pretrained encoder's lr = lr * this (segmentation.encoder_lr_ratio)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -243,6 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.full:
         args.steps, args.eval_cases, args.crop, args.unet_channels = 150, 0, "64,64,48", "16,32,64,128"
+        args.feature_size = 16
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.nets = [n for n in args.nets.split(",") if n]
     if set(args.nets) - set(NETS + EXTRA_NETS):
@@ -316,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "input": input_spec,
         "settings": {"steps": args.steps, "crop": args.crop, "foreground_crop": args.foreground_crop,
                      "batch_size": args.batch_size, "lr": args.lr, "feature_size": args.feature_size,
+                     "encoder_lr_ratio": args.encoder_lr_ratio,
                      "loss": "DiceCE (MONAI, batch Dice)", "grid": "preprocessed", "seed": args.seed,
                      "unet_channels": args.unet_channels},
         "fractions": args.fractions,

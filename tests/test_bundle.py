@@ -43,7 +43,9 @@ from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet, s
 
 # The shrunk preprocessing of the pretraining tests: 12 x 12 x 20 mm voxels, 32 x 32 x 16.
 PRE = PreprocessConfig(target_spacing=(12.0, 12.0, 20.0), spatial_size=(32, 32, 16))
-ENCODER = EncoderConfig(name="tiny", image_size=(32, 32, 16), patch_size=(8, 8, 4), dim=32, depth=2, heads=2, num_registers=2)
+# The shipped head: a conv-stem encoder with the U-Net decoder (experiment=segment_demo).
+ENCODER = EncoderConfig(name="tiny", image_size=(32, 32, 16), patch_size=(8, 8, 4), dim=32, depth=2, heads=2, num_registers=2,
+                        stem="conv")
 SEG_METRICS = {"train/loss": 0.9, "val/mean_dice": 0.4321, "val/dice_liver": 0.61, "val/cases": 2.0}
 # Stored orientations of the same CT (file name -> axis codes); "sub/" checks that
 # sub-folders of dataset_dir are read and mirrored under output_dir.
@@ -113,7 +115,8 @@ def made(tmp_path_factory):
     plain = model.save_pretrained(root / "plain", provenance={**synthetic, "train_cases": 8, "global_step": 3})
     generate_cohort(root / "cohort", n=1, seed=3, shape=(40, 36, 20), workers=1, progress=False)
     image_path = next((root / "cohort" / "images").glob("*.nii.gz"))
-    net = SegmentationNet.from_encoder(model.encoder, SegmentationConfig(feature_size=4, roi_size=(32, 32, 16)))
+    net = SegmentationNet.from_encoder(model.encoder, SegmentationConfig(feature_size=4, roi_size=(32, 32, 16),
+                                                                         image_path=False, decoder="unet"))
     # A head that learned something (its masks follow the anatomy), not random weights:
     # the bundle must reproduce a trained head's masks, edges included.
     losses, found = fit_head(net, image_path, next((root / "cohort" / "labels").glob("*.nii.gz")))

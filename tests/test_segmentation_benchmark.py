@@ -114,8 +114,8 @@ def test_a_config_saved_before_the_image_path_rebuilds_the_net_it_was():
 
 
 @pytest.mark.parametrize("patch, stages", [((8, 8, 6), 3), ((4, 4, 2), 2), ((16, 16, 8), 3)])
-def test_stem_skips_feed_the_levels_the_stem_reaches_for_unseen_input_sizes(patch, stages):
-    """With stem_skips the skips of the levels the conv stem reaches are the stem's own
+def test_unet_decoder_stem_skips_feed_the_levels_the_stem_reaches_for_unseen_input_sizes(patch, stages):
+    """With the unet decoder the skips of the levels the conv stem reaches are the stem's own
     maps (same grid as that level), the other levels keep token skips, the voxel level
     sees the HU windows, and the logits keep any input's shape."""
     from volumevlm.models.encoder import stem_strides
@@ -123,7 +123,7 @@ def test_stem_skips_feed_the_levels_the_stem_reaches_for_unseen_input_sizes(patc
     enc = EncoderConfig(image_size=(32, 32, 24), patch_size=patch, dim=16, depth=2, heads=2, num_registers=1,
                         input_windows=WINDOWS, stem="conv", stem_stages=stages)
     net = SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(32, 32, 24), image_path=False,
-                                                  stem_skips=True)).eval()
+                                                  decoder="unet")).eval()
     factors = stage_factors(patch)
     # Which levels the stem reaches, worked out by hand from the strides.
     level_grids, scale = {}, (1, 1, 1)
@@ -164,12 +164,12 @@ def test_stem_skips_feed_the_levels_the_stem_reaches_for_unseen_input_sizes(patc
         hook.remove()
 
 
-def test_the_stem_skips_reach_the_logits():
+def test_the_unet_decoders_stem_skips_reach_the_logits():
     """Zeroing the stem-map skip blocks changes the logits: the stem's maps are used."""
     enc = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2, num_registers=0,
                         stem="conv", stem_stages=2)
     net = SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=False,
-                                                  stem_skips=True)).eval()
+                                                  decoder="unet")).eval()
     assert net.stem_levels == {1: 0}
     x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -180,16 +180,18 @@ def test_the_stem_skips_reach_the_logits():
     assert not torch.allclose(before, without)
 
 
-def test_stem_skips_refuse_a_patch_encoder_and_the_image_path_in_one_line():
+def test_unet_decoder_refuses_a_patch_encoder_and_the_image_path_in_one_line():
     enc = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2)
-    with pytest.raises(VolumeVLMError, match="stem_skips needs an encoder with a convolutional stem"):
-        SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=False, stem_skips=True))
-    with pytest.raises(VolumeVLMError, match="set one"):
-        SegmentationConfig(image_path=True, stem_skips=True)
-    # A config saved before the option rebuilds without it.
+    with pytest.raises(VolumeVLMError, match="the unet decoder needs an encoder with a convolutional stem"):
+        SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=False, decoder="unet"))
+    with pytest.raises(VolumeVLMError, match="set image_path=false"):
+        SegmentationConfig(image_path=True, decoder="unet")
+    with pytest.raises(VolumeVLMError, match="decoder must be one of"):
+        SegmentationConfig(image_path=False, decoder="unet++")
+    # A config saved before the option rebuilds the UNETR decoder it had.
     saved = SegmentationConfig(image_path=False).to_dict()
-    del saved["stem_skips"]
-    assert SegmentationConfig.from_dict(saved).stem_skips is False
+    del saved["decoder"]
+    assert SegmentationConfig.from_dict(saved).decoder == "unetr"
 
 
 def test_foreground_crops_are_centred_on_a_present_structure():

@@ -460,7 +460,9 @@ def metadata_dict(model, task: str, checkpoint: Path, torchscript_note: str) -> 
         }
         task_text = "3D CT multi-organ segmentation"
         description = (
-            f"volumevlm segmentation head: a UNETR-style decoder over a 3D ViT encoder with block-sparse attention"
+            f"volumevlm segmentation head: "
+            f"{'a U-Net decoder on the convolutional stem' if head.config.decoder == 'unet' else 'a UNETR-style decoder'}"
+            f" over a 3D ViT encoder with block-sparse attention"
             f"{' and a convolutional path on the image' if head.config.image_path else ''} "
             f"({head.config.num_classes} labels, background included), run by sliding windows of "
             f"{list(head.config.roi_size)} voxels on CT resampled to RAS {list(pre.target_spacing)} mm; "

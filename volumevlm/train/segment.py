@@ -348,8 +348,11 @@ class SegmentationDataModule(L.LightningDataModule):
 # cfg.segmentation keys and their defaults (anything else is an error).
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "feature_size": 16,
-    # The decoder's conv path on the image (SegmentationConfig.image_path).
-    "image_path": True,
+    # SegmentationConfig.decoder; auto: "unet" on an encoder with a conv stem, else "unetr".
+    "decoder": "auto",
+    # The UNETR decoder's conv path on the image (SegmentationConfig.image_path);
+    # null: on for "unetr", off for "unet" (which has the stem's maps instead).
+    "image_path": None,
     "freeze_encoder": False,
     "label_fraction": 1.0,
     "lr": OPTIMIZER_DEFAULTS["lr"],
@@ -426,11 +429,16 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
     model = VolumeVLM.from_pretrained(init_from)
     from volumevlm.data.labels import LABELS
 
+    decoder = settings["decoder"]
+    if decoder == "auto":
+        decoder = "unet" if model.encoder_config.stem == "conv" else "unetr"
+    image_path = settings["image_path"] if settings["image_path"] is not None else decoder == "unetr"
     config = SegmentationConfig(
         num_classes=max(LABELS) + 1,
         label_names=dict(LABELS),
         feature_size=settings["feature_size"],
-        image_path=settings["image_path"],
+        decoder=decoder,
+        image_path=image_path,
         roi_size=tuple(model.encoder_config.image_size),
         sw_overlap=settings["sw_overlap"],
         freeze_encoder=settings["freeze_encoder"],
