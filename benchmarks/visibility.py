@@ -10,8 +10,9 @@ This benchmark gives each finding an ORACLE yardstick: it is told the true label
 preprocessing, :class:`volumevlm.data.datasets.SegmentationDataset`), and reads HU
 statistics inside the organ the finding lives in (:data:`FINDING_STRUCTURES`; the
 statistics are :data:`STATISTICS`: organ volume, largest axial cross-section, HU
-percentiles, min, max, mean, std, and the share of voxels far above and far below the
-organ's median). A logistic probe (:func:`volumevlm.eval.probes.probe_scores`, the one
+percentiles, min, max, mean, std, the share of voxels far above and far below the
+organ's median, and the same of the organ's interior, away from its boundary, on a
+lightly smoothed image). A logistic probe (:func:`volumevlm.eval.probes.probe_scores`, the one
 ``volumevlm evaluate`` uses) is fitted per finding on the ``train`` split and scored on
 the held-out cases (``val,test``, as the demo evaluates), with AUROC and its 95%
 bootstrap interval over cases from :mod:`volumevlm.metrics`.
@@ -92,35 +93,73 @@ SIZE_FACTS: dict[str, tuple[str, str | None]] = {
 BRIGHT_HU = 150.0
 DARK_HU = 20.0
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-STATISTICS: tuple[str, ...] = ("volume_ml", "max_axial_area_mm2", "mean", "std", "min",
-                               *(f"p{q}" for q in PERCENTILES), "max", "bright_fraction", "dark_fraction")
+# The organ's interior: voxels at least INTERIOR_MM from its outside (the boundary voxels
+# mix the organ with its neighbours: fat, sinus, bile, which outnumber a lesion's voxels),
+# read on the image smoothed by a Gaussian of SMOOTH_MM (noise is 5-25 HU per voxel).
+INTERIOR_MM = 6.0
+SMOOTH_MM = 2.0
+WHOLE_STATISTICS = ("volume_ml", "max_axial_area_mm2", "mean", "std", "min", *(f"p{q}" for q in PERCENTILES), "max",
+                    "bright_fraction", "dark_fraction")
+INTERIOR_STATISTICS = ("interior_volume_ml", "interior_smooth_min", "interior_smooth_p1", "interior_smooth_p50",
+                       "interior_smooth_p99", "interior_smooth_max", "interior_smooth_dark_fraction")
+STATISTICS: tuple[str, ...] = WHOLE_STATISTICS + INTERIOR_STATISTICS
 
 
 # ---------------------------------------------------------------------- the oracle's features
 
 
-def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """float64 [len(STATISTICS)]: HU statistics of the voxels of ``hu`` inside ``mask``.
+def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
+                     smooth: np.ndarray | None = None) -> np.ndarray:
+    """float64 [len(STATISTICS)]: HU statistics of ``hu`` inside ``mask``.
 
     hu: [X, Y, Z] HU; mask: [X, Y, Z] bool; spacing: voxel size (mm) along X, Y, Z (Z
-    the axial axis, RAS). volume_ml = voxels x voxel volume / 1000; max_axial_area_mm2 =
-    the most voxels of one Z slice x the in-plane voxel area; percentiles are numpy's
-    linear ones; bright_fraction / dark_fraction = the share of the organ's voxels above
-    median + BRIGHT_HU / below median - DARK_HU. An empty mask gives zeros.
+    the axial axis, RAS); smooth: ``hu`` smoothed (:func:`smoothed`; computed here when
+    not given). Whole mask (:data:`WHOLE_STATISTICS`): volume_ml = voxels x voxel
+    volume / 1000; max_axial_area_mm2 = the most voxels of one Z slice x the in-plane
+    voxel area; mean, std, min, percentiles (numpy's linear ones), max; bright_fraction /
+    dark_fraction = the share of voxels above median + BRIGHT_HU / below median - DARK_HU.
+    Interior (:data:`INTERIOR_STATISTICS`, voxels whose Euclidean distance in mm to the
+    nearest voxel outside the mask exceeds INTERIOR_MM): its volume, then min, p1, p50,
+    p99, max of ``smooth`` there and the share of it below the whole mask's median -
+    DARK_HU. An empty mask (or interior) gives zeros for its part.
     """
+    from scipy import ndimage
+
     spacing = [float(s) for s in spacing]
+    out = np.zeros(len(STATISTICS))
     values = hu[mask].astype(np.float64)
     if values.size == 0:
-        return np.zeros(len(STATISTICS))
+        return out
     median = float(np.median(values))
-    return np.array([
+    out[:len(WHOLE_STATISTICS)] = [
         values.size * spacing[0] * spacing[1] * spacing[2] / 1000.0,
         float(mask.sum(axis=(0, 1)).max()) * spacing[0] * spacing[1],
         values.mean(), values.std(), values.min(),
         *np.percentile(values, PERCENTILES),
         values.max(),
         float((values > median + BRIGHT_HU).mean()), float((values < median - DARK_HU).mean()),
-    ])
+    ]
+    # The distance transform on the mask's bounding box padded by one voxel of outside.
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
+    padded = np.pad(mask[box], 1)
+    inside = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1] > INTERIOR_MM
+    if not inside.any():
+        return out
+    smooth = smoothed(hu, spacing) if smooth is None else smooth
+    interior = smooth[box][inside].astype(np.float64)
+    out[len(WHOLE_STATISTICS):] = [
+        interior.size * spacing[0] * spacing[1] * spacing[2] / 1000.0,
+        interior.min(), *np.percentile(interior, (1, 50, 99)), interior.max(),
+        float((interior < median - DARK_HU).mean()),
+    ]
+    return out
+
+
+def smoothed(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``hu`` smoothed by a Gaussian of SMOOTH_MM (mm, each axis) at this voxel size."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(hu.astype(np.float32), sigma=[SMOOTH_MM / float(s) for s in spacing], mode="nearest")
 
 
 def finding_features(statistics: Mapping[str, np.ndarray], finding: str) -> np.ndarray:
@@ -175,7 +214,7 @@ def case_statistics(rows: Sequence[Mapping[str, Any]], preprocess: Mapping[str, 
     from volumevlm.data.labels import LABEL_INDEX
 
     key = json.dumps([dict(preprocess), [[r.get("id"), str(r.get("image")), str(r.get("label"))] for r in rows],
-                      list(structures), list(STATISTICS), BRIGHT_HU, DARK_HU], sort_keys=True)
+                      list(structures), list(STATISTICS), BRIGHT_HU, DARK_HU, INTERIOR_MM, SMOOTH_MM], sort_keys=True)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"organ-statistics-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
@@ -192,8 +231,9 @@ def case_statistics(rows: Sequence[Mapping[str, Any]], preprocess: Mapping[str, 
         sample = dataset[i]
         hu = low + sample["image"][0].numpy().astype(np.float64) * (high - low)
         label = sample["label"][0].numpy()
+        smooth = smoothed(hu, spacing)
         for j, name in enumerate(structures):
-            out[i, j] = organ_statistics(hu, label == LABEL_INDEX[name], spacing)
+            out[i, j] = organ_statistics(hu, label == LABEL_INDEX[name], spacing, smooth)
         if task is not None:
             progress.advance(task)
     if path is not None:
@@ -425,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "checkpoint": str(args.checkpoint),
         "oracle": {"structures": {f: list(FINDING_STRUCTURES[f]) for f in args.findings},
                    "statistics": list(STATISTICS), "bright_hu_above_median": BRIGHT_HU,
-                   "dark_hu_below_median": DARK_HU,
+                   "dark_hu_below_median": DARK_HU, "interior_mm": INTERIOR_MM, "smooth_mm": SMOOTH_MM,
                    "paired_organs": "elementwise max and min of the two kidneys' statistics",
                    "regression": "volumevlm.eval.probes.probe_scores (StandardScaler + LogisticRegressionCV)",
                    "interval": "95% percentile bootstrap over held-out cases (volumevlm.metrics)"},
