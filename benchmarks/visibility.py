@@ -262,13 +262,11 @@ def oracle_figures(train_stats: np.ndarray, train_targets: np.ndarray, eval_stat
     out: dict[str, Any] = {}
     for finding in findings:
         column = list(all_findings).index(finding)
-        def features(stats):
-            return np.stack([finding_features(dict(zip(structures, case)), finding) for case in stats])
-        tx, ty = features(train_stats), train_targets[:, [column]]
+        tx, ty = case_features(train_stats, structures, finding), train_targets[:, [column]]
         if train_fraction < 1.0:
             keep = stratified_subset(ty[:, 0], train_fraction, seed)
             tx, ty = tx[keep], ty[keep]
-        ex, ey = features(eval_stats), eval_targets[:, [column]]
+        ex, ey = case_features(eval_stats, structures, finding), eval_targets[:, [column]]
         scores, fitted = probe_scores(tx, ty, ex, seed=seed)
         auroc = per_finding_auroc(scores, ey, [finding])[finding] if fitted[0] else None
         interval = macro_auroc_interval(scores, ey) if auroc is not None else None
@@ -278,6 +276,11 @@ def oracle_figures(train_stats: np.ndarray, train_targets: np.ndarray, eval_stat
             "eval_positives": int((ey[:, 0] > 0.5).sum()), "eval_negatives": int((ey[:, 0] == 0).sum()),
         }
     return out
+
+
+def case_features(stats: np.ndarray, structures: Sequence[str], finding: str) -> np.ndarray:
+    """[N, D]: :func:`finding_features` of each case of ``stats`` [N, len(structures), len(STATISTICS)]."""
+    return np.stack([finding_features(dict(zip(structures, case)), finding) for case in stats])
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
