@@ -11,8 +11,8 @@ preprocessing, :class:`volumevlm.data.datasets.SegmentationDataset`), and reads 
 statistics inside the organ the finding lives in (:data:`FINDING_STRUCTURES`; the
 statistics are :data:`STATISTICS`: organ volume, largest axial cross-section, HU
 percentiles, min, max, mean, std, the share of voxels far above and far below the
-organ's median, and the same of the organ's interior, away from its boundary, on a
-lightly smoothed image). A logistic probe (:func:`volumevlm.eval.probes.probe_scores`, the one
+organ's median, and the same of the organ's interior, away from its boundary, on the
+organ's image smoothed at two scales). A logistic probe (:func:`volumevlm.eval.probes.probe_scores`, the one
 ``volumevlm evaluate`` uses) is fitted per finding on the ``train`` split and scored on
 the held-out cases (``val,test``, as the demo evaluates), with AUROC and its 95%
 bootstrap interval over cases from :mod:`volumevlm.metrics`.
@@ -93,34 +93,36 @@ SIZE_FACTS: dict[str, tuple[str, str | None]] = {
 BRIGHT_HU = 150.0
 DARK_HU = 20.0
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-# The organ's interior: voxels at least INTERIOR_MM from its outside (the boundary voxels
-# mix the organ with its neighbours: fat, sinus, bile, which outnumber a lesion's voxels),
-# read on the image smoothed by a Gaussian of SMOOTH_MM (noise is 5-25 HU per voxel).
+# The organ's interior: voxels more than INTERIOR_MM from its outside (the boundary
+# voxels mix the organ with its neighbours: fat, gas, sinus, bile, which outnumber a
+# lesion's voxels), read on the organ's image smoothed inside the organ (normalized
+# convolution: no neighbour leaks in) at each scale of SMOOTH_MM (Gaussian sigma, mm).
+# Noise is 5-25 HU per voxel: over the 10^4 voxels of a liver, single-voxel extremes of
+# noise reach the contrast of a lesion; averaging at a lesion's size does not.
 INTERIOR_MM = 6.0
-SMOOTH_MM = 2.0
+SMOOTH_MM = (2.0, 5.0)
 WHOLE_STATISTICS = ("volume_ml", "max_axial_area_mm2", "mean", "std", "min", *(f"p{q}" for q in PERCENTILES), "max",
                     "bright_fraction", "dark_fraction")
-INTERIOR_STATISTICS = ("interior_volume_ml", "interior_smooth_min", "interior_smooth_p1", "interior_smooth_p50",
-                       "interior_smooth_p99", "interior_smooth_max", "interior_smooth_dark_fraction")
+INTERIOR_STATISTICS = ("interior_volume_ml", *(f"interior_s{scale:g}_{name}" for scale in SMOOTH_MM
+                                               for name in ("min", "p1", "p50", "p99", "max", "dark_fraction")))
 STATISTICS: tuple[str, ...] = WHOLE_STATISTICS + INTERIOR_STATISTICS
 
 
 # ---------------------------------------------------------------------- the oracle's features
 
 
-def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
-                     smooth: np.ndarray | None = None) -> np.ndarray:
+def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """float64 [len(STATISTICS)]: HU statistics of ``hu`` inside ``mask``.
 
     hu: [X, Y, Z] HU; mask: [X, Y, Z] bool; spacing: voxel size (mm) along X, Y, Z (Z
-    the axial axis, RAS); smooth: ``hu`` smoothed (:func:`smoothed`; computed here when
-    not given). Whole mask (:data:`WHOLE_STATISTICS`): volume_ml = voxels x voxel
-    volume / 1000; max_axial_area_mm2 = the most voxels of one Z slice x the in-plane
-    voxel area; mean, std, min, percentiles (numpy's linear ones), max; bright_fraction /
-    dark_fraction = the share of voxels above median + BRIGHT_HU / below median - DARK_HU.
-    Interior (:data:`INTERIOR_STATISTICS`, voxels whose Euclidean distance in mm to the
-    nearest voxel outside the mask exceeds INTERIOR_MM): its volume, then min, p1, p50,
-    p99, max of ``smooth`` there and the share of it below the whole mask's median -
+    the axial axis, RAS). Whole mask (:data:`WHOLE_STATISTICS`): volume_ml = voxels x
+    voxel volume / 1000; max_axial_area_mm2 = the most voxels of one Z slice x the
+    in-plane voxel area; mean, std, min, percentiles (numpy's linear ones), max;
+    bright_fraction / dark_fraction = the share of voxels above median + BRIGHT_HU /
+    below median - DARK_HU. Interior (:data:`INTERIOR_STATISTICS`: voxels whose
+    Euclidean distance in mm to the nearest voxel outside the mask exceeds INTERIOR_MM):
+    its volume, then per scale of SMOOTH_MM the min, p1, p50, p99, max of
+    :func:`smoothed_inside` there and the share of it below the whole mask's median -
     DARK_HU. An empty mask (or interior) gives zeros for its part.
     """
     from scipy import ndimage
@@ -139,27 +141,32 @@ def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
         values.max(),
         float((values > median + BRIGHT_HU).mean()), float((values < median - DARK_HU).mean()),
     ]
-    # The distance transform on the mask's bounding box padded by one voxel of outside.
+    # Work on the mask's bounding box padded by one voxel of outside.
     box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
-    padded = np.pad(mask[box], 1)
-    inside = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1] > INTERIOR_MM
+    organ = mask[box]
+    inside = ndimage.distance_transform_edt(np.pad(organ, 1), sampling=spacing)[1:-1, 1:-1, 1:-1] > INTERIOR_MM
     if not inside.any():
         return out
-    smooth = smoothed(hu, spacing) if smooth is None else smooth
-    interior = smooth[box][inside].astype(np.float64)
-    out[len(WHOLE_STATISTICS):] = [
-        interior.size * spacing[0] * spacing[1] * spacing[2] / 1000.0,
-        interior.min(), *np.percentile(interior, (1, 50, 99)), interior.max(),
-        float((interior < median - DARK_HU).mean()),
-    ]
+    interior = [inside.sum() * spacing[0] * spacing[1] * spacing[2] / 1000.0]
+    for scale in SMOOTH_MM:
+        smooth = smoothed_inside(hu[box], organ, spacing, scale)[inside].astype(np.float64)
+        interior += [smooth.min(), *np.percentile(smooth, (1, 50, 99)), smooth.max(),
+                     float((smooth < median - DARK_HU).mean())]
+    out[len(WHOLE_STATISTICS):] = interior
     return out
 
 
-def smoothed(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """``hu`` smoothed by a Gaussian of SMOOTH_MM (mm, each axis) at this voxel size."""
+def smoothed_inside(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float], sigma_mm: float) -> np.ndarray:
+    """``hu`` averaged with a Gaussian of ``sigma_mm`` (mm, each axis) over the voxels of
+    ``mask`` only (normalized convolution): G(hu * mask) / G(mask), 0 where no mask
+    voxel is near. A uniform organ stays uniform up to its boundary."""
     from scipy import ndimage
 
-    return ndimage.gaussian_filter(hu.astype(np.float32), sigma=[SMOOTH_MM / float(s) for s in spacing], mode="nearest")
+    sigma = [float(sigma_mm) / float(s) for s in spacing]
+    weight = mask.astype(np.float32)
+    total = ndimage.gaussian_filter(hu.astype(np.float32) * weight, sigma=sigma, mode="constant")
+    norm = ndimage.gaussian_filter(weight, sigma=sigma, mode="constant")
+    return np.divide(total, norm, out=np.zeros_like(total), where=norm > 1e-6)
 
 
 def finding_features(statistics: Mapping[str, np.ndarray], finding: str) -> np.ndarray:
@@ -231,9 +238,8 @@ def case_statistics(rows: Sequence[Mapping[str, Any]], preprocess: Mapping[str, 
         sample = dataset[i]
         hu = low + sample["image"][0].numpy().astype(np.float64) * (high - low)
         label = sample["label"][0].numpy()
-        smooth = smoothed(hu, spacing)
         for j, name in enumerate(structures):
-            out[i, j] = organ_statistics(hu, label == LABEL_INDEX[name], spacing, smooth)
+            out[i, j] = organ_statistics(hu, label == LABEL_INDEX[name], spacing)
         if task is not None:
             progress.advance(task)
     if path is not None:
@@ -323,6 +329,64 @@ def stored_spacing(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "spacing_max_mm": spacings.max(axis=0).round(2).tolist()}
 
 
+def counterfactual_signal(data: Path, rows: Sequence[Mapping[str, Any]], findings: Sequence[str],
+                          preprocesses: Sequence[Mapping[str, Any]], per_finding: int, progress=None) -> dict[str, Any]:
+    """How strong is each finding in the image itself? For up to ``per_finding`` positive
+    cases of ``rows``, the generator renders the case twice at the cohort's stored shape
+    (``volumevlm synth`` is a pure function of seed, index and shape, one random stream
+    per structure, noise included): as it is, and with that finding removed. Their
+    difference is the finding's own signal, free of noise and anatomy. Per grid (the
+    stored one, then each of ``preprocesses`` through THE preprocessing), the peak
+    |difference| in HU and the voxels where it exceeds the case's noise sigma; the
+    stored noise sigma is the manifest's ``noise_sigma_hu``. None when ``data`` is not a
+    ``volumevlm synth`` cohort (no cohort.json with its seed and shape)."""
+    import copy
+
+    from volumevlm.data.synthetic.cohort import render_case, sample_case
+    from volumevlm.data.transforms import preprocess
+
+    try:
+        about = json.loads((Path(data) / "cohort.json").read_text())
+        seed, shape = int(about["seed"]), tuple(int(v) for v in about["shape"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    out: dict[str, Any] = {}
+    for finding in findings:
+        positives = [row for row in rows if (row.get("findings") or {}).get(finding) == 1][:per_finding]
+        task = progress.add_task(f"signal {finding}", total=len(positives)) if progress is not None else None
+        cases = []
+        for row in positives:
+            index = int(str(row["id"]).rsplit("_", 1)[-1])
+            case = sample_case(seed, index, shape)
+            without = copy.deepcopy(case)
+            without["findings"][finding] = 0
+            without["finding_facts"].pop(finding, None)
+            hu, _, affine = render_case(case, seed, index)
+            hu0, _, _ = render_case(without, seed, index)
+            sigma = float(row.get("noise_sigma_hu") or case["noise_sigma_hu"])
+            grids = [{"grid": "stored", "spacing_mm": np.abs(np.diag(affine)[:3]).round(2).tolist(),
+                      "peak_hu": float(np.abs(hu - hu0).max()), "voxels_above_noise": int((np.abs(hu - hu0) > sigma).sum())}]
+            for config in preprocesses:
+                low, high = (float(v) for v in config["hu_window"])
+                a = preprocess((hu, affine), config)[0].numpy() * (high - low)
+                b = preprocess((hu0, affine), config)[0].numpy() * (high - low)
+                grids.append({"grid": grid_name(config), "peak_hu": float(np.abs(a - b).max()),
+                              "voxels_above_noise": int((np.abs(a - b) > sigma).sum())})
+            cases.append({"id": row["id"], "facts": (row.get("finding_facts") or {}).get(finding),
+                          "contrast_phase": row.get("contrast_phase"), "noise_sigma_hu": sigma, "grids": grids})
+            if task is not None:
+                progress.advance(task)
+        summary = {}
+        for g in range(len(cases[0]["grids"]) if cases else 0):
+            peaks = np.array([c["grids"][g]["peak_hu"] for c in cases])
+            ratio = peaks / np.array([c["noise_sigma_hu"] for c in cases])
+            summary[cases[0]["grids"][g]["grid"]] = {
+                "peak_hu_median": float(np.median(peaks)), "peak_over_noise_median": float(np.median(ratio)),
+                "share_peak_over_2_noise": float((ratio > 2).mean())}
+        out[finding] = {"cases": cases, "summary": summary}
+    return out
+
+
 # ---------------------------------------------------------------------- output
 
 
@@ -366,6 +430,26 @@ def format_table(results: Mapping[str, Any]):
     return table
 
 
+def format_signal_table(results: Mapping[str, Any]):
+    from rich.table import Table
+
+    signal = results["signal"]
+    grids = next((list(v["summary"]) for v in signal.values() if v["summary"]), [])
+    table = Table(title="A finding's own signal: the same case rendered with and without it, peak |difference| "
+                        "(median over cases; x noise sigma)")
+    table.add_column("finding")
+    table.add_column("cases")
+    for grid in grids:
+        table.add_column(grid)
+    for finding, entry in signal.items():
+        cells = []
+        for grid in grids:
+            s = entry["summary"].get(grid)
+            cells.append(f"{s['peak_hu_median']:.0f} HU ({s['peak_over_noise_median']:.1f}x)" if s else "-")
+        table.add_row(finding, str(len(entry["cases"])), *cells)
+    return table
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -383,6 +467,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-fractions", default="",
                         help="comma-separated shares of the training cases to refit the oracle on at the last grid "
                              "(e.g. 0.25,0.5): does the oracle need more cases?")
+    parser.add_argument("--signal-cases", type=int, default=0, metavar="K",
+                        help="render up to K held-out positives per finding with and without it (synthetic cohorts "
+                             "only) and measure the finding's own signal per grid (default 0: off)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"organ statistics cache (default {DEFAULT_CACHE})")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -447,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "oracle": oracle_figures(train_stats, train_targets, eval_stats, eval_targets, args.findings,
                                              structures, all_findings, seed=args.seed)}
             grids.append(grid)
+        signal = (counterfactual_signal(args.data, eval_rows, args.findings, [g["preprocess"] for g in grids],
+                                        args.signal_cases, bar) if args.signal_cases > 0 else None)
         if args.train_fractions:
             grids[-1]["by_train_fraction"] = {
                 str(f): oracle_figures(train_stats, train_targets, eval_stats, eval_targets, args.findings, structures,
@@ -468,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "checkpoint": str(args.checkpoint),
         "oracle": {"structures": {f: list(FINDING_STRUCTURES[f]) for f in args.findings},
                    "statistics": list(STATISTICS), "bright_hu_above_median": BRIGHT_HU,
-                   "dark_hu_below_median": DARK_HU, "interior_mm": INTERIOR_MM, "smooth_mm": SMOOTH_MM,
+                   "dark_hu_below_median": DARK_HU, "interior_mm": INTERIOR_MM, "smooth_mm": list(SMOOTH_MM),
                    "paired_organs": "elementwise max and min of the two kidneys' statistics",
                    "regression": "volumevlm.eval.probes.probe_scores (StandardScaler + LogisticRegressionCV)",
                    "interval": "95% percentile bootstrap over held-out cases (volumevlm.metrics)"},
@@ -476,10 +565,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "facts": fact_ranges(train_rows + eval_rows, args.findings),
         "train_fractions": args.train_fractions,
         "grids": grids,
+        "signal": signal,
         "note": (f"{SYNTHETIC_NOTE}. " if synthetic else "") + volumevlm.NOT_FOR_CLINICAL_USE,
     }
     console = Console()
-    (console if console.is_terminal else Console(width=200)).print(format_table(results))
+    console = console if console.is_terminal else Console(width=200)
+    console.print(format_table(results))
+    if signal:
+        console.print(format_signal_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"visibility-{device_slug(device)}-{date.date().isoformat()}" + (f"-{args.tag}" if args.tag else "")
     path = write_text_atomic(args.out / f"{stem}.json", json.dumps(results, indent=2, allow_nan=False) + "\n")

@@ -45,13 +45,14 @@ def test_organ_statistics_by_hand(bench):
     assert stats["bright_fraction"] == pytest.approx(1 / 343)  # above median + 150
     assert stats["dark_fraction"] == pytest.approx(1 / 343)  # below median - 20
     # Interior: more than 6 mm (3 voxels) from the outside along every axis -> the centre
-    # voxel alone; the smoothed image there is 40 HU but for the bright voxel's spill.
+    # voxel alone; at each scale its smoothed value is the normalized convolution there.
     assert stats["interior_volume_ml"] == pytest.approx(8 / 1000)
-    assert stats["interior_smooth_min"] == stats["interior_smooth_max"]
-    expected = bench.smoothed(hu, (2.0, 2.0, 2.0))[4, 4, 4]
-    assert stats["interior_smooth_p50"] == pytest.approx(expected)
-    assert 40.0 < expected < 900.0
-    assert not stats["interior_smooth_dark_fraction"]
+    for scale in bench.SMOOTH_MM:
+        centre = bench.smoothed_inside(hu[0:9, 0:9, 0:9], mask, (2.0, 2.0, 2.0), scale)[4, 4, 4]
+        for name in ("min", "p1", "p50", "p99", "max"):
+            assert stats[f"interior_s{scale:g}_{name}"] == pytest.approx(centre)
+        assert 40.0 < centre < 900.0  # the bright voxel spills in, the dark one less
+        assert not stats[f"interior_s{scale:g}_dark_fraction"]
     # A thin organ has no interior: those statistics are zero, the rest are not.
     thin = np.zeros(hu.shape, dtype=bool)
     thin[:, :, 4] = True
@@ -59,6 +60,23 @@ def test_organ_statistics_by_hand(bench):
     assert flat["volume_ml"] == pytest.approx(81 * 8 / 1000)
     assert all(flat[name] == 0.0 for name in bench.INTERIOR_STATISTICS)
     assert not bench.organ_statistics(hu, np.zeros_like(mask), (2.0, 2.0, 2.0)).any()
+
+
+def test_smoothing_inside_the_organ_only(bench):
+    # A uniform organ in air stays uniform when smoothed inside it: nothing leaks in.
+    hu = np.full((12, 12, 8), -1000.0)
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[2:10, 3:9, 2:6] = True
+    hu[mask] = 60.0
+    for scale in (2.0, 5.0):
+        smooth = bench.smoothed_inside(hu, mask, (2.0, 2.0, 3.0), scale)
+        np.testing.assert_allclose(smooth[mask], 60.0, rtol=1e-5)
+        assert (smooth[~mask] <= 60.0 + 1e-3).all()
+    # A dark blob inside: the larger scale dilutes its depth.
+    hu[5:7, 5:7, 3:5] = 0.0
+    shallow = bench.smoothed_inside(hu, mask, (2.0, 2.0, 3.0), 5.0)
+    deep = bench.smoothed_inside(hu, mask, (2.0, 2.0, 3.0), 2.0)
+    assert 0.0 < deep[5, 5, 3] < shallow[5, 5, 3] < 60.0
 
 
 def test_paired_organs_read_either_side(bench):
