@@ -11,11 +11,12 @@ preprocessing, :class:`volumevlm.data.datasets.SegmentationDataset`), and reads 
 statistics inside the organ the finding lives in (:data:`FINDING_STRUCTURES`; the
 statistics are :data:`STATISTICS`: organ volume, largest axial cross-section, HU
 percentiles, min, max, mean, std, the share of voxels far above and far below the
-organ's median, and the same of the organ's interior, away from its boundary, on the
-organ's image smoothed at two scales). A logistic probe (:func:`volumevlm.eval.probes.probe_scores`, the one
-``volumevlm evaluate`` uses) is fitted per finding on the ``train`` split and scored on
-the held-out cases (``val,test``, as the demo evaluates), with AUROC and its 95%
-bootstrap interval over cases from :mod:`volumevlm.metrics`.
+organ's median, the same of the organ's interior, away from its boundary, on the organ's
+image smoothed at two scales, and bright voxels on its wall away from bone). A logistic
+probe (:func:`volumevlm.eval.probes.probe_scores`, the one ``volumevlm evaluate`` uses)
+is fitted per finding on the ``train`` split and scored on the held-out cases
+(``val,test``, as the demo evaluates), with AUROC and its 95% bootstrap interval over
+cases from :mod:`volumevlm.metrics`.
 
 It runs at several grids (``--grid``, repeatable): ``checkpoint`` (the preprocessing a
 model directory's config.json records: the demo's 4x4x6 mm, 96x96x48) and any spacing
@@ -105,13 +106,21 @@ WHOLE_STATISTICS = ("volume_ml", "max_axial_area_mm2", "mean", "std", "min", *(f
                     "bright_fraction", "dark_fraction")
 INTERIOR_STATISTICS = ("interior_volume_ml", *(f"interior_s{scale:g}_{name}" for scale in SMOOTH_MM
                                                for name in ("min", "p1", "p50", "p99", "max", "dark_fraction")))
-STATISTICS: tuple[str, ...] = WHOLE_STATISTICS + INTERIOR_STATISTICS
+# The organ's wall: the voxels one voxel outside the mask or on its boundary layer, less
+# other structures and anything within BONE_MM of bone (the spine's partial volume). A
+# plaque sits on the aorta's wall, where the interior does not reach; its HU is read
+# against the interior's median, which follows the contrast phase.
+BONE_MM = 8.0
+SHELL_HU = 100.0
+SHELL_STATISTICS = ("wall_max_over_median", "wall_voxels_above", "wall_excess_hu")
+STATISTICS: tuple[str, ...] = WHOLE_STATISTICS + INTERIOR_STATISTICS + SHELL_STATISTICS
 
 
 # ---------------------------------------------------------------------- the oracle's features
 
 
-def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
+                     elsewhere: np.ndarray | None = None) -> np.ndarray:
     """float64 [len(STATISTICS)]: HU statistics of ``hu`` inside ``mask``.
 
     hu: [X, Y, Z] HU; mask: [X, Y, Z] bool; spacing: voxel size (mm) along X, Y, Z (Z
@@ -123,7 +132,12 @@ def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float])
     Euclidean distance in mm to the nearest voxel outside the mask exceeds INTERIOR_MM):
     its volume, then per scale of SMOOTH_MM the min, p1, p50, p99, max of
     :func:`smoothed_inside` there and the share of it below the whole mask's median -
-    DARK_HU. An empty mask (or interior) gives zeros for its part.
+    DARK_HU. Wall (:data:`SHELL_STATISTICS`: the mask's boundary layer and the voxels
+    one voxel outside it, less ``elsewhere``, a bool map of voxels that belong to
+    something else, e.g. other structures and the surroundings of bone): its max minus
+    the reference median (the interior's at the first scale, else the whole mask's), the
+    number of its voxels above that median + SHELL_HU, and the sum of their HU above it.
+    An empty mask (or interior, or wall) gives zeros for its part.
     """
     from scipy import ndimage
 
@@ -145,14 +159,22 @@ def organ_statistics(hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float])
     box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
     organ = mask[box]
     inside = ndimage.distance_transform_edt(np.pad(organ, 1), sampling=spacing)[1:-1, 1:-1, 1:-1] > INTERIOR_MM
-    if not inside.any():
-        return out
-    interior = [inside.sum() * spacing[0] * spacing[1] * spacing[2] / 1000.0]
-    for scale in SMOOTH_MM:
-        smooth = smoothed_inside(hu[box], organ, spacing, scale)[inside].astype(np.float64)
-        interior += [smooth.min(), *np.percentile(smooth, (1, 50, 99)), smooth.max(),
-                     float((smooth < median - DARK_HU).mean())]
-    out[len(WHOLE_STATISTICS):] = interior
+    reference = median
+    if inside.any():
+        interior = [inside.sum() * spacing[0] * spacing[1] * spacing[2] / 1000.0]
+        for scale in SMOOTH_MM:
+            smooth = smoothed_inside(hu[box], organ, spacing, scale)[inside].astype(np.float64)
+            interior += [smooth.min(), *np.percentile(smooth, (1, 50, 99)), smooth.max(),
+                         float((smooth < median - DARK_HU).mean())]
+        reference = interior[3]  # the interior's median at the first scale
+        out[len(WHOLE_STATISTICS):len(WHOLE_STATISTICS) + len(INTERIOR_STATISTICS)] = interior
+    wall = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask, border_value=1)
+    if elsewhere is not None:
+        wall &= ~elsewhere
+    if wall.any():
+        values = hu[wall].astype(np.float64) - reference
+        out[-len(SHELL_STATISTICS):] = [values.max(), float((values > SHELL_HU).sum()),
+                                        float(np.clip(values - SHELL_HU, 0, None).sum())]
     return out
 
 
@@ -217,11 +239,13 @@ def case_statistics(rows: Sequence[Mapping[str, Any]], preprocess: Mapping[str, 
     preprocessing ``preprocess`` (image and label map together). Cached per grid and
     case list under ``cache_dir`` (an .npz keyed by the preprocessing, the cases' ids
     and image paths, and the statistics' names)."""
+    from scipy import ndimage
+
     from volumevlm.data.datasets import SegmentationDataset
     from volumevlm.data.labels import LABEL_INDEX
 
     key = json.dumps([dict(preprocess), [[r.get("id"), str(r.get("image")), str(r.get("label"))] for r in rows],
-                      list(structures), list(STATISTICS), BRIGHT_HU, DARK_HU, INTERIOR_MM, SMOOTH_MM], sort_keys=True)
+                      list(structures), list(STATISTICS), BRIGHT_HU, DARK_HU, INTERIOR_MM, SMOOTH_MM, BONE_MM, SHELL_HU], sort_keys=True)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"organ-statistics-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
@@ -238,8 +262,10 @@ def case_statistics(rows: Sequence[Mapping[str, Any]], preprocess: Mapping[str, 
         sample = dataset[i]
         hu = low + sample["image"][0].numpy().astype(np.float64) * (high - low)
         label = sample["label"][0].numpy()
+        near_bone = ndimage.distance_transform_edt(label != LABEL_INDEX["vertebrae"], sampling=spacing) <= BONE_MM
         for j, name in enumerate(structures):
-            out[i, j] = organ_statistics(hu, label == LABEL_INDEX[name], spacing)
+            mask = label == LABEL_INDEX[name]
+            out[i, j] = organ_statistics(hu, mask, spacing, near_bone | ((label > 0) & ~mask))
         if task is not None:
             progress.advance(task)
     if path is not None:
@@ -558,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "oracle": {"structures": {f: list(FINDING_STRUCTURES[f]) for f in args.findings},
                    "statistics": list(STATISTICS), "bright_hu_above_median": BRIGHT_HU,
                    "dark_hu_below_median": DARK_HU, "interior_mm": INTERIOR_MM, "smooth_mm": list(SMOOTH_MM),
+                   "wall": f"boundary layer + one voxel out, less other structures and {BONE_MM:g} mm around bone; "
+                           f"HU over the interior median, voxels above +{SHELL_HU:g} HU",
                    "paired_organs": "elementwise max and min of the two kidneys' statistics",
                    "regression": "volumevlm.eval.probes.probe_scores (StandardScaler + LogisticRegressionCV)",
                    "interval": "95% percentile bootstrap over held-out cases (volumevlm.metrics)"},

@@ -53,12 +53,29 @@ def test_organ_statistics_by_hand(bench):
             assert stats[f"interior_s{scale:g}_{name}"] == pytest.approx(centre)
         assert 40.0 < centre < 900.0  # the bright voxel spills in, the dark one less
         assert not stats[f"interior_s{scale:g}_dark_fraction"]
+    # The wall: the cube's outer layer and the layer outside it (the array's edge). The
+    # 900 HU voxel is on the second layer, inside; one at 700 HU on the outer layer is the
+    # wall's only voxel more than 100 HU over the interior's median.
+    bright = hu.copy()
+    bright[1, 4, 4] = 700.0
+    wall = dict(zip(bench.STATISTICS, bench.organ_statistics(bright, mask, (2.0, 2.0, 2.0))))
+    reference = wall["interior_s2_p50"]
+    assert 40.0 < reference < 60.0
+    assert wall["wall_max_over_median"] == pytest.approx(700.0 - reference)
+    assert wall["wall_voxels_above"] == 1.0
+    assert wall["wall_excess_hu"] == pytest.approx(700.0 - reference - bench.SHELL_HU)
+    # What belongs elsewhere (here: the bright voxel's surroundings, as bone's are) is left out.
+    elsewhere = np.zeros(hu.shape, dtype=bool)
+    elsewhere[0:2, 3:6, 3:6] = True
+    masked = dict(zip(bench.STATISTICS, bench.organ_statistics(bright, mask, (2.0, 2.0, 2.0), elsewhere)))
+    assert masked["wall_voxels_above"] == 0.0 and masked["wall_max_over_median"] == pytest.approx(40.0 - reference)
     # A thin organ has no interior: those statistics are zero, the rest are not.
     thin = np.zeros(hu.shape, dtype=bool)
     thin[:, :, 4] = True
     flat = dict(zip(bench.STATISTICS, bench.organ_statistics(hu, thin, (2.0, 2.0, 2.0))))
     assert flat["volume_ml"] == pytest.approx(81 * 8 / 1000)
     assert all(flat[name] == 0.0 for name in bench.INTERIOR_STATISTICS)
+    assert flat["wall_voxels_above"] == 1.0  # read against the whole mask's median then
     assert not bench.organ_statistics(hu, np.zeros_like(mask), (2.0, 2.0, 2.0)).any()
 
 
