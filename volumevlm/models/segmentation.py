@@ -1,33 +1,43 @@
-"""The segmentation head: a UNETR-style decoder over the image encoder's feature maps.
+"""The segmentation head: a decoder over the image encoder's feature maps, of two kinds
+(``SegmentationConfig.decoder``).
 
-::
+``decoder="unet"`` (the demo's head; needs an encoder with a convolutional stem)::
 
     x [B, 1, X, Y, Z] (preprocessed CT in [0, 1])
       zero-padded up to a multiple of the patch size (0 = air after windowing)
-      -> its OWN VolumeEncoder (a copy of the pretrained one, fine-tuned or frozen)
-           feature_maps: [B, C, gx, gy, gz] at encoder.config.feature_layers()
+      -> its OWN VolumeEncoder (a copy of the pretrained one, fine-tuned or frozen):
+           stem_maps (the conv stem's stages, finest first) and feature_maps (tokens)
       -> decoder over S resolution levels (level 0 = voxels, level S = token grid):
+           level S:        the last token feature map (bottleneck)
+           level 1..S-1:   the stem map of that resolution through a MONAI residual
+                           unit (a level the stem does not reach: a token map brought
+                           up by transposed convolutions, as below)
+           level 0:        a residual unit on the image seen through the encoder's HU
+                           windows
+           S-1 ... 0:      ResidualUpBlock: transposed conv up one level, concat the
+                           skip, a residual unit of two conv-norm-activation subunits
+      -> UnetOutBlock -> logits [B, num_classes, X, Y, Z] (the padding cropped off)
+
+``decoder="unetr"`` (UNETR's blocks; any encoder; checkpoints before the option)::
+
            level S:        the last feature map (bottleneck)
            level 1..S-1:   an earlier feature map brought up by transposed convolutions
                            (UnetrPrUpBlock) to that level (skip connection)
            level 0:        a conv stem on the image itself (UnetrBasicBlock)
-           image path (``image_path``, on by default): the image, seen through the
-                           encoder's own HU windows, goes down a small conv path (per
-                           level a conv strided by that level's factors, then a
-                           residual block);
+           image path (``image_path``): the image, seen through the encoder's own HU
+                           windows, goes down a small conv path (per level a conv
+                           strided by that level's factors, then a residual block);
                            at every level 0..S its feature map is ADDED to the token
-                           skip (to the bottleneck through a 1x1x1 projection), so
-                           the fine levels see fine image structure, not only coarse
-                           tokens brought up by transposed convolutions
+                           skip (to the bottleneck through a 1x1x1 projection)
            S-1 ... 0:      UnetrUpBlock: transposed conv up one level, concat the skip,
                            residual conv block
-      -> UnetOutBlock -> logits [B, num_classes, X, Y, Z] (the padding cropped off)
 
-Why the image path: with token skips alone every level above the voxels is a coarse
-token upsampled (the demo head, 150 steps, stayed near "background only": mean Dice
-about 0.09 over 14 structures), while boundaries live at the voxel scale, which a ViT
-with 8x8x6 patches never sees directly. docs/segmentation.md has the measurements. Checkpoints written before the option (their
-config has no ``image_path`` key) load as they were built, without it.
+Why the U-Net decoder: boundaries live at the voxel scale, which a ViT with 8x8x6
+patches never sees, and the UNETR blocks learned slowly even with the image path: on
+the demo cohort, 150 steps read a mean Dice of 0.12 over 14 structures with them and
+0.44 with the U-Net decoder on the pretrained stem's maps (docs/segmentation.md has
+the measurements). Checkpoints written before either option (their config lacks the
+``image_path`` or ``decoder`` key) load as they were built.
 
 The patch size need not be a power of two nor isotropic (tiny 8x8x6, small 16x16x8,
 base 8x8x8): each axis' patch size is split into its prime factors, one per level
@@ -113,8 +123,9 @@ class SegmentationConfig:
         the levels the encoder's convolutional stem reaches are the stem's own
         pretrained maps, the voxel level sees the image through the encoder's HU
         windows, and every level is MONAI residual units; see the module docstring).
-        "unet" needs an encoder with ``stem="conv"`` and no ``image_path``. Missing
-        from a saved config: "unetr".
+        "unet" needs an encoder with ``stem="conv"``; with ``image_path`` it also has
+        a conv encoder of its own (MONAI UNet's) added at every level. Missing from a
+        saved config: "unetr".
     """
 
     num_classes: int = len(LABELS)
@@ -138,9 +149,6 @@ class SegmentationConfig:
         self.image_path = bool(self.image_path)
         if self.decoder not in DECODERS:
             raise VolumeVLMError(f"segmentation config: decoder must be one of {DECODERS}, got {self.decoder!r}")
-        if self.image_path and self.decoder == "unet":
-            raise VolumeVLMError("segmentation config: the unet decoder feeds its fine levels from the encoder's stem; "
-                                 "set image_path=false")
         if self.num_classes < 2:
             raise VolumeVLMError(f"segmentation config: num_classes must be at least 2 (background + one), got {self.num_classes}")
         bad = [k for k in self.label_names if not 0 <= k < self.num_classes]
@@ -234,7 +242,19 @@ class SegmentationNet(nn.Module):
         # Decoder levels whose skip is a map of the encoder's conv stem: {level: stem map index}.
         unet = config.decoder == "unet"
         self.stem_levels = self._stem_levels(enc) if unet else {}
-        if config.image_path:
+        if config.image_path and unet:
+            # A conv path trained from scratch beside the pretrained stem: MONAI UNet's
+            # encoder (a residual unit per level, strided by that level's factors) whose
+            # maps are added to the stem's skips and, projected, to the bottleneck.
+            self.stem = ResidualUnit(3, enc.embed_channels, fs, strides=1, subunits=2, norm=norm)
+
+            def down(level: int) -> nn.Module:
+                return ResidualUnit(3, widths[level - 1], widths[level], strides=self.factors[level - 1], subunits=2,
+                                    norm=norm)
+
+            self.image_down = nn.ModuleList(down(level) for level in range(1, levels))
+            self.image_bottleneck = nn.Sequential(down(levels), nn.Conv3d(widths[levels], enc.dim, kernel_size=1))
+        elif config.image_path:
             # The stem sees the image through the encoder's HU windows (soft-tissue
             # contrast is a few percent of the [0, 1] input range otherwise).
             self.stem = UnetrBasicBlock(3, enc.embed_channels, fs, kernel_size=3, stride=1, norm_name=norm, res_block=res)
