@@ -5,8 +5,9 @@ optimizer and number of steps (one :class:`volumevlm.train.segment.SegmentationM
 drives both):
 
 * ``ours``: the pretrained encoder of ``--checkpoint`` + the segmentation decoder the
-  demo trains (:class:`volumevlm.models.segmentation.SegmentationNet`, ``decoder="unet"``:
-  the encoder's conv stem gives the fine skips);
+  demo trains (:class:`volumevlm.models.segmentation.SegmentationNet`, ``decoder="fused"``:
+  a U-Net on the image, shaped as the yardstick, whose bottleneck adds the pretrained
+  encoder's tokens);
 * ``unet``: a MONAI ``UNet`` (3D, residual units) trained from scratch, given the same
   input channels (the checkpoint encoder's HU windows, a fixed preprocessing step);
 
@@ -21,7 +22,7 @@ Prints a table, writes ``benchmarks/results/segmentation-cpu-<date>-<steps>steps
 The synthetic cohort is NOT clinical data; nothing here is a clinical accuracy.
 
 Small defaults are sized for a shared 2-core CPU (30 steps on 48x48x32 crops, a
-MONAI UNet of widths 8..64, 4 held-out cases); ``--full`` is the demo's budget (150
+MONAI UNet of widths 8..64, 4 held-out cases); ``--full`` is the demo's budget (400
 steps on 64x64x48 crops, decoder width 16, UNet widths 16..128, every held-out case)::
 
     volumevlm demo --no-heads --no-eval --out demo-output        # cohort + pretrained model
@@ -50,9 +51,11 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (1.0, 0.25, 0.1)
 NETS = ("ours", "unet")
-# Optional (--nets ours,unet,tokens,image): the UNETR-style decoder the head had before
-# the "unet" decoder, on tokens alone and with the conv path on the image, to compare.
-EXTRA_NETS = ("tokens", "image")
+# Optional (--nets ours,unet,stem,tokens,image): the decoders the head had before, to
+# compare: "stem" the U-Net decoder on the encoder's conv stem (decoder="unet"),
+# "tokens" / "image" the UNETR-style one on tokens alone / with a conv path on the image.
+EXTRA_NETS = ("stem", "tokens", "image")
+DECODER_OF = {"ours": "fused", "stem": "unet", "tokens": "unetr", "image": "unetr"}
 # The bar: >= 0.90 on these, >= 0.85 mean over all structures.
 HEADLINE = ("liver", "spleen", "lung_left", "lung_right", "heart")
 
@@ -182,8 +185,8 @@ def build_net(kind: str, model, args: argparse.Namespace) -> nn.Module:
 
     config = SegmentationConfig(num_classes=max(LABELS) + 1, label_names=dict(LABELS), feature_size=args.feature_size,
                                 roi_size=tuple(model.encoder_config.image_size), image_path=kind == "image",
-                                decoder="unet" if kind == "ours" else "unetr")
-    if kind in ("ours", "tokens", "image"):
+                                decoder=DECODER_OF.get(kind, "unetr"))
+    if kind in DECODER_OF:
         return SegmentationNet.from_encoder(model.encoder, config)
     return ScratchUNet(model.encoder_config, config, channels=args.unet_channels)
 
@@ -237,7 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-volume cache")
-    parser.add_argument("--full", action="store_true", help="the demo's budget: 150 steps, every held-out case")
+    parser.add_argument("--full", action="store_true", help="the demo's budget: 400 steps, every held-out case")
     parser.add_argument("--merge", type=Path, action="append", default=[], metavar="JSON",
                         help="add the runs of an earlier results file made with the same settings and "
                              "held-out cases (e.g. the nets trained in separate processes); repeatable")
@@ -245,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to the JSON)")
     args = parser.parse_args(argv)
     if args.full:
-        args.steps, args.eval_cases, args.crop, args.unet_channels = 150, 0, "64,64,48", "16,32,64,128"
+        args.steps, args.eval_cases, args.crop, args.unet_channels = 400, 0, "64,64,48", "16,32,64,128"
         args.feature_size = 16
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.nets = [n for n in args.nets.split(",") if n]

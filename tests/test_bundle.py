@@ -24,7 +24,7 @@ import torch
 
 import volumevlm
 from volumevlm.cli import main as cli_main
-from volumevlm.data.transforms import INVERT_TARGET, PreprocessConfig, bundle_pipeline_specs, pipeline
+from volumevlm.data.transforms import INVERT_TARGET, PreprocessConfig, bundle_pipeline_specs, pipeline, whole_field
 from volumevlm.errors import VolumeVLMError
 from volumevlm.export.bundle import (
     EMBEDDINGS_CSV,
@@ -43,7 +43,7 @@ from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet, s
 
 # The shrunk preprocessing of the pretraining tests: 12 x 12 x 20 mm voxels, 32 x 32 x 16.
 PRE = PreprocessConfig(target_spacing=(12.0, 12.0, 20.0), spatial_size=(32, 32, 16))
-# The shipped head: a conv-stem encoder with the U-Net decoder (experiment=segment_demo).
+# The shipped head: a conv-stem encoder with the fused U-Net decoder (experiment=segment_demo).
 ENCODER = EncoderConfig(name="tiny", image_size=(32, 32, 16), patch_size=(8, 8, 4), dim=32, depth=2, heads=2, num_registers=2,
                         stem="conv")
 SEG_METRICS = {"train/loss": 0.9, "val/mean_dice": 0.4321, "val/dice_liver": 0.61, "val/cases": 2.0}
@@ -116,7 +116,7 @@ def made(tmp_path_factory):
     generate_cohort(root / "cohort", n=1, seed=3, shape=(40, 36, 20), workers=1, progress=False)
     image_path = next((root / "cohort" / "images").glob("*.nii.gz"))
     net = SegmentationNet.from_encoder(model.encoder, SegmentationConfig(feature_size=4, roi_size=(32, 32, 16),
-                                                                         image_path=False, decoder="unet"))
+                                                                         decoder="fused"))
     # A head that learned something (its masks follow the anatomy), not random weights:
     # the bundle must reproduce a trained head's masks, edges included.
     losses, found = fit_head(net, image_path, next((root / "cohort" / "labels").glob("*.nii.gz")))
@@ -209,20 +209,22 @@ def test_metadata_check_names_each_missing_or_mistyped_field(seg_bundle):
 
 
 def test_inference_preprocessing_is_generated_from_the_one_definition(made, seg_bundle, tmp_path):
-    """inference.json's preprocessing is exactly bundle_pipeline_specs(model preprocess),
+    """inference.json's preprocessing is exactly bundle_pipeline_specs of the model's
+    preprocessing without its centre crop (whole_field: a mask covers the whole input),
     and MONAI's ConfigParser builds from it the same transform as volumevlm's pipeline()."""
     from monai.bundle import ConfigParser
 
     bundle, _ = seg_bundle
     config = json.loads((bundle / "configs/inference.json").read_text())
-    assert config["preprocessing"]["transforms"] == bundle_pipeline_specs(PRE, ["image"])
+    assert config["preprocessing"]["transforms"] == bundle_pipeline_specs(whole_field(PRE), ["image"])
+    assert not any(t["_target_"] == "ResizeWithPadOrCropd" for t in config["preprocessing"]["transforms"])
     assert config["network_def"]["_target_"] == "volumevlm.export.bundle.SegmentationNetwork"
     targets = [t["_target_"] for t in config["postprocessing"]["transforms"]]
     assert targets == ["AsDiscreted", INVERT_TARGET, "SaveImaged"] and config["inferer"]["_target_"] == "SlidingWindowInferer"
     assert config["evaluator"]["_target_"] == "SupervisedEvaluator" and config["run"] == ["$@evaluator.run()"]
     parser = ConfigParser({"preprocessing": config["preprocessing"]})
     from_bundle = parser.get_parsed_content("preprocessing")({"image": str(made["data"] / "as_psl.nii.gz")})["image"]
-    ours = pipeline(PRE)({"image": str(made["data"] / "as_psl.nii.gz")})["image"]
+    ours = pipeline(whole_field(PRE))({"image": str(made["data"] / "as_psl.nii.gz")})["image"]
     assert torch.equal(from_bundle.as_tensor(), ours.as_tensor())
     assert torch.equal(from_bundle.affine, ours.affine)
 

@@ -270,6 +270,25 @@ def test_mask_lands_on_the_box_in_the_inputs_own_geometry(stored_as, tmp_path):
     np.testing.assert_allclose(read_volume(path).array, volume.array)
 
 
+def test_the_mask_covers_the_whole_input_not_only_the_encoders_centre_crop():
+    """A box in a corner of a volume far larger than spatial_size * target_spacing
+    (30 mm here, the volume 80 x 80 x 72 mm) is still found: segmentation runs on the
+    whole resampled input (whole_field), not on the centre crop the encoder reads."""
+    affine = grid_affine((2.0, 2.5, 3.0), (40, 32, 24), "LPS")
+    hu = np.full((40, 32, 24), -1000.0, np.float32)
+    truth = np.zeros(hu.shape, bool)
+    truth[1:11, 1:9, 1:8] = True  # about 20 x 20 x 21 mm, every side outside the centre 30 mm
+    hu[truth] = BOX_HU
+    pre = PreprocessConfig(target_spacing=(2.5, 2.5, 2.5), hu_window=(-1000.0, 1000.0), spatial_size=(12, 12, 12))
+    centre = np.all(np.abs(world_coordinates(affine, hu.shape) - world_coordinates(affine, hu.shape).mean(axis=(0, 1, 2)))
+                    <= 15.0, axis=-1)
+    assert not (truth & centre).any()  # the box lies wholly outside the crop's field of view
+    mask, _ = segment_to_input(ThresholdNet(roi_size=(16, 16, 16)), (hu, affine), pre)
+    labels = np.asarray(mask.dataobj)
+    assert mask.shape == hu.shape
+    assert dice(labels == 1, truth) >= 0.85
+
+
 def test_the_real_net_returns_a_mask_in_the_input_geometry_for_any_input_size(tmp_path):
     """SegmentationNet itself (random weights) through segment_to_input: the output has
     the input's shape and affine for an input larger than the ROI in one axis and

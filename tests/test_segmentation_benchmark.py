@@ -212,6 +212,66 @@ def test_the_unet_decoders_image_path_adds_a_conv_encoder_at_every_level():
     assert not torch.allclose(before, without)
 
 
+@pytest.mark.parametrize("patch,stem", [((8, 8, 6), "conv"), ((4, 4, 2), "patch"), ((2, 2, 2), "conv")])
+def test_fused_decoder_is_a_unet_whose_bottom_meets_the_token_grid_on_unseen_sizes(patch, stem):
+    """decoder=fused on grids that are not multiples of the patch: the logits keep the
+    input's shape, each down unit's map has the padded grid divided by the factors so
+    far, and the last one (and the bottom) sits on the encoder's token grid, where the
+    tokens are added."""
+    enc = EncoderConfig(image_size=(32, 32, 24), patch_size=patch, dim=16, depth=1, heads=2, num_registers=1,
+                        input_windows=WINDOWS, stem=stem, stem_stages=2)
+    net = SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(32, 32, 24), decoder="fused")).eval()
+    assert net.config.image_path is False  # the U-Net is the image's path; nothing else to add
+    factors = stage_factors(patch)
+    seen: dict[str, tuple] = {}
+    for level, down in enumerate(net.downs, start=1):
+        down.register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(f"level{level}", tuple(o.shape)))
+    net.bottom.register_forward_hook(lambda m, i, o: seen.__setitem__("bottom", tuple(o.shape)))
+    net.token_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", tuple(o.shape)))
+    for shape in [(29, 35, 17), (40, 18, 30)]:
+        x = torch.rand(2, 1, *shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = net(x)
+        assert logits.shape == (2, net.config.num_classes, *shape)
+        grid = [s + (-s) % p for s, p in zip(shape, patch)]
+        for level, factor in enumerate(factors, start=1):
+            grid = [g // f for g, f in zip(grid, factor)]
+            assert seen[f"level{level}"][2:] == tuple(grid)
+        assert seen["bottom"][2:] == seen["tokens"][2:] == tuple(grid)
+        assert tuple(grid) == tuple(-(-s // p) for s, p in zip(shape, patch))  # the token grid
+
+
+def test_fused_decoder_starts_as_a_plain_unet_and_then_reads_the_tokens():
+    """The token projection starts at zero, so at initialization the encoder cannot
+    change the logits (training starts from the plain U-Net); once the projection is
+    nonzero, different encoder weights give different logits; and one optimizer step
+    on a real loss moves the projection off zero."""
+    enc = EncoderConfig(image_size=(16, 16, 12), patch_size=(4, 4, 3), dim=16, depth=1, heads=2, num_registers=1,
+                        input_windows=WINDOWS, stem="conv", stem_stages=2)
+    net = SegmentationNet(enc, SegmentationConfig(num_classes=3, label_names={1: "a", 2: "b"}, feature_size=4,
+                                                  roi_size=(16, 16, 12), decoder="fused")).eval()
+    x = torch.rand(1, 1, 16, 16, 12, generator=torch.Generator().manual_seed(5))
+
+    def logits_with_encoder_scaled(scale: float) -> torch.Tensor:
+        state = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+        with torch.no_grad():
+            for parameter in net.encoder.blocks.parameters():
+                parameter.mul_(scale)
+            out = net(x)
+        net.encoder.load_state_dict(state)
+        return out
+
+    assert torch.equal(logits_with_encoder_scaled(1.0), logits_with_encoder_scaled(3.0))
+    label = torch.randint(0, 3, (1, 16, 16, 12), generator=torch.Generator().manual_seed(6))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train()
+    torch.nn.functional.cross_entropy(net(x), label).backward()
+    optimizer.step()
+    net.eval()
+    assert net.token_proj.weight.abs().sum() > 0
+    assert not torch.allclose(logits_with_encoder_scaled(1.0), logits_with_encoder_scaled(3.0))
+
+
 def test_unet_decoder_refuses_a_patch_encoder_in_one_line():
     enc = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2)
     with pytest.raises(VolumeVLMError, match="the unet decoder needs an encoder with a convolutional stem"):

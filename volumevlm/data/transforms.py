@@ -272,6 +272,17 @@ def _config(config) -> PreprocessConfig:
     return PreprocessConfig.from_dict(config)
 
 
+def whole_field(config: PreprocessConfig | dict | None = None) -> PreprocessConfig:
+    """``config`` without its centre pad/crop (``spatial_size=None``): every other step the
+    same. The segmentation head reads volumes of any size by sliding windows, and the
+    crop would leave whatever lies outside ``spatial_size * target_spacing`` mm unlabelled:
+    the demo's 96 x 96 x 48 voxels at 4 x 4 x 6 mm span 288 mm head to foot, less than a
+    chest-abdomen-pelvis CT, so the lung apices and the top of the heart went unlabelled
+    (docs/segmentation.md). The resampled grid is still bounded by ``max_voxels``."""
+    config = _config(config)
+    return PreprocessConfig.from_dict({**config.to_dict(), "spatial_size": None})
+
+
 def resampled_shape(volume: Volume, config: PreprocessConfig | dict | None = None) -> tuple[int, int, int]:
     """The grid resampling to ``target_spacing`` makes of ``volume`` (before pad/crop):
     the volume's extent along each world axis over the target spacing, rounded up."""

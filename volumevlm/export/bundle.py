@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volumevlm.data.transforms import INVERT_TARGET
+from volumevlm.data.transforms import INVERT_TARGET, whole_field
 from volumevlm.errors import VolumeVLMError
 from volumevlm.models.encoder import EncoderConfig, VolumeEncoder
 from volumevlm.models.heads import ProjectionHead
@@ -68,6 +68,12 @@ INFERENCE_PATH = Path("configs") / "inference.json"
 WEIGHTS_PATH = Path("models") / "model.pt"
 TORCHSCRIPT_PATH = Path("models") / "model.ts"
 README_PATH = Path("docs") / "README.md"
+# The metadata's words for each SegmentationConfig.decoder.
+DECODER_DESCRIPTIONS = {
+    "fused": "a U-Net on the image whose bottleneck adds the tokens of a 3D ViT encoder with block-sparse attention",
+    "unet": "a U-Net decoder on the convolutional stem of a 3D ViT encoder with block-sparse attention",
+    "unetr": "a UNETR-style decoder over a 3D ViT encoder with block-sparse attention",
+}
 LICENSE_PATH = Path("LICENSE")
 SEGMENTATION_POSTFIX = "seg"
 EMBEDDINGS_CSV = "embeddings.csv"
@@ -416,7 +422,8 @@ def metadata_dict(model, task: str, checkpoint: Path, torchscript_note: str) -> 
     provenance = _provenance(model, task)
     synthetic = bool(provenance.get("synthetic"))
     data_note = provenance.get("data_note") or "training data not recorded in the checkpoint"
-    pre = model.preprocess
+    # The preprocessing inference.json runs (see inference_config).
+    pre = whole_field(model.preprocess) if task == "segmentation" else model.preprocess
     low, high = pre.hu_window
     image = {
         "type": "image",
@@ -461,8 +468,7 @@ def metadata_dict(model, task: str, checkpoint: Path, torchscript_note: str) -> 
         task_text = "3D CT multi-organ segmentation"
         description = (
             f"volumevlm segmentation head: "
-            f"{'a U-Net decoder on the convolutional stem' if head.config.decoder == 'unet' else 'a UNETR-style decoder'}"
-            f" over a 3D ViT encoder with block-sparse attention"
+            f"{DECODER_DESCRIPTIONS[head.config.decoder]}"
             f"{' and a convolutional path on the image' if head.config.image_path else ''} "
             f"({head.config.num_classes} labels, background included), run by sliding windows of "
             f"{list(head.config.roi_size)} voxels on CT resampled to RAS {list(pre.target_spacing)} mm; "
@@ -554,6 +560,8 @@ def inference_config(model, task: str, net_args: Mapping[str, Any]) -> dict[str,
     PreprocessConfig by :func:`volumevlm.data.transforms.bundle_pipeline_specs`."""
     from volumevlm.data.transforms import bundle_pipeline_specs
 
+    # A mask covers the whole input, as segment_to_input's does (no centre pad/crop).
+    preprocess = whole_field(model.preprocess) if task == "segmentation" else model.preprocess
     config: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import volumevlm.export.bundle"],
         "bundle_root": ".",
@@ -564,7 +572,7 @@ def inference_config(model, task: str, net_args: Mapping[str, Any]) -> dict[str,
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "network_def": {"_target_": NETWORK_TARGETS[task], **json.loads(json.dumps(dict(net_args)))},
         "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": bundle_pipeline_specs(model.preprocess, ["image"])},
+        "preprocessing": {"_target_": "Compose", "transforms": bundle_pipeline_specs(preprocess, ["image"])},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
     }

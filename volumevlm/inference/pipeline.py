@@ -158,9 +158,11 @@ def _preprocessed_tensor(x: torch.Tensor, model) -> Item:
     return Item(image=plain.cpu(), volume=None, grid_affine=_grid_affine_of_tensor(x, model), source=source)
 
 
-def prepare(x: Any, model, preprocess_image: bool = True) -> Item:
+def prepare(x: Any, model, preprocess_image: bool = True, config=None) -> Item:
     """One single input (see the module docstring) as an :class:`Item`; with
-    ``preprocess_image=False`` a raw input is only read (``image`` is None)."""
+    ``preprocess_image=False`` a raw input is only read (``image`` is None). ``config``:
+    the PreprocessConfig to run (default ``model.preprocess``; segmentation passes its
+    :func:`~volumevlm.data.transforms.whole_field`)."""
     from volumevlm.data.transforms import preprocess
     from volumevlm.io import Volume, as_volume
 
@@ -170,7 +172,7 @@ def prepare(x: Any, model, preprocess_image: bool = True) -> Item:
     if not preprocess_image:
         return Item(image=None, volume=volume, grid_affine=np.asarray(volume.affine, dtype=np.float64), source=volume.source)
     try:
-        image = preprocess(volume, model.preprocess)
+        image = preprocess(volume, model.preprocess if config is None else config)
     except VolumeVLMError:
         raise
     except Exception as err:  # MONAI / numpy failures on odd data: still one line naming the file

@@ -1,7 +1,22 @@
-"""The segmentation head: a decoder over the image encoder's feature maps, of two kinds
+"""The segmentation head: a decoder over the image encoder's feature maps, of three kinds
 (``SegmentationConfig.decoder``).
 
-``decoder="unet"`` (the demo's head; needs an encoder with a convolutional stem)::
+``decoder="fused"`` (the demo's head since 2026-12-07; any encoder)::
+
+    x [B, 1, X, Y, Z] (preprocessed CT in [0, 1])
+      zero-padded up to a multiple of the patch size
+      -> a U-Net of MONAI blocks trained from scratch, shaped as MONAI's ``UNet``
+         (num_res_units=2): the image seen through the encoder's HU windows goes down
+         S residual units, each strided by one level's factors (so the last one lands
+         on the token grid), a bottom residual unit, then up S levels (concat the skip,
+         transposed conv, one residual unit), the top level writing the logits
+      -> at the bottom, the pretrained encoder's last token map [B, dim, grid] (its
+         OWN VolumeEncoder, fine-tuned or frozen) through a 1x1x1 convolution, ADDED
+         to the U-Net's bottleneck; the projection starts at zero, so training starts
+         from the plain U-Net and takes from the tokens what lowers the loss
+      -> logits [B, num_classes, X, Y, Z] (the padding cropped off)
+
+``decoder="unet"`` (needs an encoder with a convolutional stem)::
 
     x [B, 1, X, Y, Z] (preprocessed CT in [0, 1])
       zero-padded up to a multiple of the patch size (0 = air after windowing)
@@ -32,12 +47,14 @@
            S-1 ... 0:      UnetrUpBlock: transposed conv up one level, concat the skip,
                            residual conv block
 
-Why the U-Net decoder: boundaries live at the voxel scale, which a ViT with 8x8x6
+Why the fused U-Net: boundaries live at the voxel scale, which a ViT with 8x8x6
 patches never sees, and the UNETR blocks learned slowly even with the image path: on
 the demo cohort, 150 steps read a mean Dice of 0.12 over 14 structures with them and
-0.44 with the U-Net decoder on the pretrained stem's maps (docs/segmentation.md has
-the measurements). Checkpoints written before either option (their config lacks the
-``image_path`` or ``decoder`` key) load as they were built.
+0.44 with the U-Net decoder on the pretrained stem's maps, whose full-resolution
+level also made every step 2.5x slower than a MONAI UNet's. The fused U-Net keeps the
+UNet's speed and learning (docs/segmentation.md has the measurements). Checkpoints
+written before these options (their config lacks the ``image_path`` or ``decoder``
+key) load as they were built.
 
 The patch size need not be a power of two nor isotropic (tiny 8x8x6, small 16x16x8,
 base 8x8x8): each axis' patch size is split into its prime factors, one per level
@@ -67,7 +84,7 @@ from volumevlm.data.labels import LABELS
 from volumevlm.errors import InputError, VolumeVLMError
 
 # Decoder kinds (SegmentationConfig.decoder).
-DECODERS = ("unetr", "unet")
+DECODERS = ("fused", "unet", "unetr")
 # Lateral structures: a flip of the left-right axis swaps these label names.
 LEFT_RIGHT_SUFFIXES = ("_left", "_right")
 NIFTI_DESCRIP = "volumevlm segmentation (label indices); not for clinical use"
@@ -124,8 +141,11 @@ class SegmentationConfig:
         pretrained maps, the voxel level sees the image through the encoder's HU
         windows, and every level is MONAI residual units; see the module docstring).
         "unet" needs an encoder with ``stem="conv"``; with ``image_path`` it also has
-        a conv encoder of its own (MONAI UNet's) added at every level. Missing from a
-        saved config: "unetr".
+        a conv encoder of its own (MONAI UNet's) added at every level. "fused": a
+        U-Net trained from scratch on the image whose bottleneck adds the encoder's
+        last token map (any encoder; ``image_path`` does not apply and is stored
+        False, as the U-Net is itself the image's path). Missing from a saved config:
+        "unetr".
     """
 
     num_classes: int = len(LABELS)
@@ -149,6 +169,8 @@ class SegmentationConfig:
         self.image_path = bool(self.image_path)
         if self.decoder not in DECODERS:
             raise VolumeVLMError(f"segmentation config: decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.decoder == "fused":
+            self.image_path = False
         if self.num_classes < 2:
             raise VolumeVLMError(f"segmentation config: num_classes must be at least 2 (background + one), got {self.num_classes}")
         bad = [k for k in self.label_names if not 0 <= k < self.num_classes]
@@ -204,7 +226,7 @@ class ResidualUpBlock(nn.Module):
 
 
 class SegmentationNet(nn.Module):
-    """Encoder + UNETR-style decoder (see the module docstring).
+    """Encoder + decoder of ``config.decoder``'s kind (see the module docstring).
 
     encoder_config: the EncoderConfig of the encoder this head owns (random weights
         here; :meth:`from_encoder` copies pretrained ones in).
@@ -231,6 +253,9 @@ class SegmentationNet(nn.Module):
         levels = len(self.factors)
         fs, norm, res = config.feature_size, config.norm_name, config.res_block
         widths = [fs * 2 ** min(level, 3) for level in range(levels + 1)]
+        if config.decoder == "fused":
+            self._build_fused(widths, norm)
+            return
         maps = len(enc.feature_layers())
         # Skip level l (1..S-1) reads an earlier feature map, spread evenly over all but
         # the last (the bottleneck), earlier layers feeding finer levels as in UNETR.
@@ -305,6 +330,49 @@ class SegmentationNet(nn.Module):
         # results are the same up to float rounding).
         self.channels_last = True
 
+    def _build_fused(self, widths: list[int], norm: str) -> None:
+        """The "fused" decoder's modules: MONAI UNet's layers, level by level (MONAI's
+        ``UNet`` nests them, which leaves no place to add the tokens at its bottom)."""
+        from monai.networks.blocks import Convolution, ResidualUnit
+
+        enc, levels = self.encoder.config, len(self.factors)
+        inputs = [enc.embed_channels, *widths[: levels - 1]]
+        self.downs = nn.ModuleList(
+            ResidualUnit(3, inputs[level], widths[level], strides=self.factors[level], subunits=2, norm=norm)
+            for level in range(levels)
+        )
+        self.bottom = ResidualUnit(3, widths[levels - 1], widths[levels], strides=1, subunits=2, norm=norm)
+        self.token_proj = nn.Conv3d(enc.dim, widths[levels], kernel_size=1)
+        nn.init.zeros_(self.token_proj.weight)  # training starts from the plain U-Net
+        nn.init.zeros_(self.token_proj.bias)
+        self.ups = nn.ModuleList()
+        for level in range(levels - 1, -1, -1):  # S-1 ... 0, each up to the grid of `level`'s input
+            top = level == 0
+            in_channels = widths[level] + (widths[levels] if level == levels - 1 else widths[level])
+            out_channels = self.config.num_classes if top else widths[level - 1]
+            self.ups.append(nn.Sequential(
+                Convolution(3, in_channels, out_channels, strides=self.factors[level], kernel_size=3, norm=norm,
+                            is_transposed=True),
+                # The top unit ends in a bare convolution: its output is the logits.
+                ResidualUnit(3, out_channels, out_channels, strides=1, subunits=1, norm=norm, last_conv_only=top),
+            ))
+        self.channels_last = True
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(x).feature_maps[-1]
+        h = self.encoder.windows(x)
+        if self.channels_last and x.device.type == "cpu":  # see forward()
+            h = h.contiguous(memory_format=torch.channels_last_3d)
+            tokens = tokens.contiguous(memory_format=torch.channels_last_3d)
+        skips = []
+        for down in self.downs:
+            h = down(h)
+            skips.append(h)
+        h = self.bottom(h) + self.token_proj(tokens)
+        for up, skip in zip(self.ups, reversed(skips)):
+            h = up(torch.cat([skip, h], dim=1))
+        return h
+
     def _stem_levels(self, enc) -> dict[int, int]:
         """{decoder level: index into the encoder's stem_maps} where a stem map has the
         level's resolution (its strides so far equal the level's factors so far)."""
@@ -373,6 +441,8 @@ class SegmentationNet(nn.Module):
             pad[2 * (2 - axis) + 1] = (-spatial[axis]) % patch[axis]
         if any(pad):
             x = F.pad(x, pad)
+        if self.config.decoder == "fused":
+            return self._forward_fused(x)[:, :, : spatial[0], : spatial[1], : spatial[2]].contiguous()
         encoded = self.encoder(x)
         maps, stem_maps = encoded.feature_maps, encoded.stem_maps
         if self.channels_last and x.device.type == "cpu":
@@ -448,19 +518,20 @@ def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
         MHA path, DICOM folder or zip, nibabel image, (array, affine), tensor, Volume),
         in HU.
     preprocess_config: the model's PreprocessConfig (``model.preprocess``); the same
-        pipeline the encoder was trained with.
+        pipeline the encoder was trained with, without its centre pad/crop
+        (:func:`volumevlm.data.transforms.whole_field`), so the whole input is segmented.
     Returns (nifti_image, label_names): a ``nibabel.Nifti1Image`` holding uint8 (int16
     beyond 255 classes) label indices with exactly the input's shape, stored
-    orientation and affine (voxels outside the preprocessed field of view are 0), and
+    orientation and affine, and
     {index: structure name}. The image header says what it is: ``descrip`` is a short
     note, the intent is NIFTI_INTENT_LABEL, and a JSON "comment" extension carries
     {"labels": {index: name}}, so a saved file keeps its names.
     """
-    from volumevlm.data.transforms import preprocess
+    from volumevlm.data.transforms import preprocess, whole_field
     from volumevlm.io import as_volume
 
     volume = as_volume(x)  # read once; the same Volume is the geometry reference
-    pre = preprocess(volume, preprocess_config)
+    pre = preprocess(volume, whole_field(preprocess_config))
     return labels_to_input(net, segment_preprocessed(net, pre), pre, volume), dict(net.config.label_names)
 
 

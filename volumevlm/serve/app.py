@@ -417,7 +417,7 @@ def _read(service: Service, upload, ended: threading.Event, keep_volume: bool) -
     """Check, unpack, read (THE reader) and preprocess (THE pipeline) a saved upload,
     with every limit checked before the work it bounds; stops between steps once the
     request has ended. Blocking: runs on a reading thread."""
-    from volumevlm.data.transforms import check_resampled_size
+    from volumevlm.data.transforms import check_resampled_size, whole_field
     from volumevlm.inference.pipeline import prepare
     from volumevlm.io import read_volume
 
@@ -431,7 +431,10 @@ def _read(service: Service, upload, ended: threading.Event, keep_volume: bool) -
         volume = read_volume(path, max_voxels=service.max_voxels)
         still_wanted()
         check_resampled_size(volume, service.model.preprocess, service.max_voxels)
-        image = prepare(volume, service.model).image
+        # A mask covers the whole input (segment_to_input's rule); embeddings see the
+        # encoder's own field of view.
+        config = whole_field(service.model.preprocess) if keep_volume else None
+        image = prepare(volume, service.model, config=config).image
     except VolumeVLMError as err:
         raise _reader_error(err, upload) from None
     # Only the segmentation needs the volume again: freed now otherwise.

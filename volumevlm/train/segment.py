@@ -348,10 +348,12 @@ class SegmentationDataModule(L.LightningDataModule):
 # cfg.segmentation keys and their defaults (anything else is an error).
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "feature_size": 16,
-    # SegmentationConfig.decoder; auto: "unet" on an encoder with a conv stem, else "unetr".
+    # SegmentationConfig.decoder; auto: "fused" (a U-Net on the image with the pretrained
+    # tokens added at its bottleneck), for any encoder.
     "decoder": "auto",
-    # The UNETR decoder's conv path on the image (SegmentationConfig.image_path);
-    # null: on for "unetr", off for "unet" (which has the stem's maps instead).
+    # The unet/unetr decoders' conv path on the image (SegmentationConfig.image_path);
+    # null: on for "unetr", off for "unet" (which has the stem's maps instead); "fused"
+    # has none (it is a conv net on the image).
     "image_path": None,
     "freeze_encoder": False,
     "label_fraction": 1.0,
@@ -431,7 +433,7 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
 
     decoder = settings["decoder"]
     if decoder == "auto":
-        decoder = "unet" if model.encoder_config.stem == "conv" else "unetr"
+        decoder = "fused"
     image_path = settings["image_path"] if settings["image_path"] is not None else decoder == "unetr"
     config = SegmentationConfig(
         num_classes=max(LABELS) + 1,
