@@ -370,6 +370,9 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "flip_axes": [],
     "flip_prob": 0.5,
     "sw_overlap": 0.25,
+    # Sliding-window ROI at inference (SegmentationConfig.roi_size); null: the encoder's
+    # nominal image size.
+    "roi_size": None,
     "val_limit": None,
     "test": False,
     # Per-organ HD95 (mm) in the final validation and the test evaluation.
@@ -441,7 +444,7 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
         feature_size=settings["feature_size"],
         decoder=decoder,
         image_path=image_path,
-        roi_size=tuple(model.encoder_config.image_size),
+        roi_size=tuple(settings["roi_size"] or model.encoder_config.image_size),
         sw_overlap=settings["sw_overlap"],
         freeze_encoder=settings["freeze_encoder"],
     )
