@@ -125,7 +125,8 @@ class SegmentationConfig:
 
     num_classes: output channels, background (index 0) included.
     label_names: {index: structure name} (default: volumevlm.data.labels.LABELS).
-    feature_size: decoder width at the voxel level (level l has feature_size * 2**min(l, 3)).
+    feature_size: decoder width at the voxel level (level l has feature_size * 2**min(l, 3));
+        for "fused", the width of the U-Net's first (once-strided) level, as MONAI UNet's channels[0].
     roi_size: sliding-window ROI in voxels (X, Y, Z); the encoder's nominal image_size.
     sw_overlap: sliding-window overlap fraction in [0, 1).
     freeze_encoder: whether training kept the encoder fixed (recorded; the training
