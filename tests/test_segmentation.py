@@ -448,3 +448,11 @@ def test_segment_task_from_the_real_configs_attaches_the_head(pretrained, tmp_pa
     assert provenance["synthetic"] is True and provenance["label_fraction"] == 0.5
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["task"] == "segment" and summary["data"]["train_cases"] == len(datamodule.train_rows)
+    # The shipped decoder is the fused U-Net, and a setting that does not apply to it is
+    # refused in one line rather than ignored.
+    assert head.config.decoder == "fused" and head.config.roi_size == (80, 80, 48)
+    bad = shrunk_config(cohort, tmp_path / "bad", "task=segment", "experiment=segment_demo", f"init_from={checkpoint}",
+                        "debug=fdr", "segmentation.image_path=true")
+    with pytest.raises(VolumeVLMError, match="segmentation.image_path: applies to decoder=unetr only") as err:
+        run_task(bad)
+    assert "\n" not in str(err.value)

@@ -180,38 +180,6 @@ def test_the_unet_decoders_stem_skips_reach_the_logits():
     assert not torch.allclose(before, without)
 
 
-def test_the_unet_decoders_image_path_adds_a_conv_encoder_at_every_level():
-    """decoder=unet with image_path: a strided residual unit per level on the HU windows,
-    each output on the grid of the skip it is added to, the coarsest on the token grid;
-    zeroing the path's last layers changes the logits (it is used, not computed and dropped)."""
-    enc = EncoderConfig(image_size=(32, 32, 24), patch_size=(8, 8, 6), dim=16, depth=1, heads=2, num_registers=1,
-                        input_windows=WINDOWS, stem="conv")
-    net = SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(32, 32, 24), decoder="unet",
-                                                  image_path=True)).eval()
-    seen: dict[str, tuple] = {}
-    for level, down in enumerate(net.image_down, start=1):
-        down.register_forward_hook(lambda m, i, o, level=level: seen.__setitem__(f"level{level}", tuple(o.shape)))
-    net.image_bottleneck.register_forward_hook(lambda m, i, o: seen.__setitem__("bottleneck", tuple(o.shape)))
-    shape = (29, 35, 17)
-    x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = net(x)
-        assert before.shape == (1, net.config.num_classes, *shape)
-        padded = [s + (-s) % p for s, p in zip(shape, enc.patch_size)]
-        grid = padded
-        for level, factor in enumerate(stage_factors(enc.patch_size)[:-1], start=1):
-            grid = [g // f for g, f in zip(grid, factor)]
-            assert seen[f"level{level}"][2:] == tuple(grid)
-        assert seen["bottleneck"] == (1, enc.dim, *[g // p for g, p in zip(padded, enc.patch_size)])
-        net.image_bottleneck[1].weight.zero_()
-        net.image_bottleneck[1].bias.zero_()
-        for down in net.image_down:
-            for parameter in down.parameters():
-                parameter.zero_()
-        without = net(x)
-    assert not torch.allclose(before, without)
-
-
 @pytest.mark.parametrize("patch,stem", [((8, 8, 6), "conv"), ((4, 4, 2), "patch"), ((2, 2, 2), "conv")])
 def test_fused_decoder_is_a_unet_whose_bottom_meets_the_token_grid_on_unseen_sizes(patch, stem):
     """decoder=fused on grids that are not multiples of the patch: the logits keep the
@@ -276,6 +244,10 @@ def test_unet_decoder_refuses_a_patch_encoder_in_one_line():
     enc = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2)
     with pytest.raises(VolumeVLMError, match="the unet decoder needs an encoder with a convolutional stem"):
         SegmentationNet(enc, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=False, decoder="unet"))
+    with pytest.raises(VolumeVLMError, match="image_path applies to the unetr decoder only"):
+        SegmentationNet(EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=1, heads=2,
+                                      stem="conv", stem_stages=2),
+                        SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), image_path=True, decoder="unet"))
     with pytest.raises(VolumeVLMError, match="decoder must be one of"):
         SegmentationConfig(image_path=False, decoder="unet++")
     # A config saved before the option rebuilds the UNETR decoder it had.

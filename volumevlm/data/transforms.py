@@ -13,7 +13,7 @@ labels nearest) -> HU window ``hu_window`` mapped to [0, 1] and clipped (images 
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 import monai.transforms as mt
@@ -279,8 +279,7 @@ def whole_field(config: PreprocessConfig | dict | None = None) -> PreprocessConf
     the demo's 96 x 96 x 48 voxels at 4 x 4 x 6 mm span 288 mm head to foot, less than a
     chest-abdomen-pelvis CT, so the lung apices and the top of the heart went unlabelled
     (docs/segmentation.md). The resampled grid is still bounded by ``max_voxels``."""
-    config = _config(config)
-    return PreprocessConfig.from_dict({**config.to_dict(), "spatial_size": None})
+    return replace(_config(config), spatial_size=None)
 
 
 def resampled_shape(volume: Volume, config: PreprocessConfig | dict | None = None) -> tuple[int, int, int]:

@@ -351,9 +351,9 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     # SegmentationConfig.decoder; auto: "fused" (a U-Net on the image with the pretrained
     # tokens added at its bottleneck), for any encoder.
     "decoder": "auto",
-    # The unet/unetr decoders' conv path on the image (SegmentationConfig.image_path);
-    # null: on for "unetr", off for "unet" (which has the stem's maps instead); "fused"
-    # has none (it is a conv net on the image).
+    # The unetr decoder's conv path on the image (SegmentationConfig.image_path); null:
+    # on for "unetr"; "unet" (the stem's maps) and "fused" (itself a conv net on the
+    # image) refuse it.
     "image_path": None,
     "freeze_encoder": False,
     "label_fraction": 1.0,
@@ -437,6 +437,9 @@ def train_segmentation(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[
     decoder = settings["decoder"]
     if decoder == "auto":
         decoder = "fused"
+    if settings["image_path"] and decoder != "unetr":
+        raise VolumeVLMError(f"segmentation.image_path: applies to decoder=unetr only, not {decoder!r} "
+                             "(the fused decoder is itself a conv net on the image); leave it null")
     image_path = settings["image_path"] if settings["image_path"] is not None else decoder == "unetr"
     config = SegmentationConfig(
         num_classes=max(LABELS) + 1,
