@@ -141,13 +141,13 @@ def evaluate_net(net: nn.Module, rows: list[dict], preprocess, cache_dir) -> dic
     """Sliding-window labels of each held-out case on its preprocessed grid, scored
     against the case's preprocessed label map."""
     from volumevlm.data.datasets import SegmentationDataset
-    from volumevlm.models.segmentation import segment_preprocessed
+    from volumevlm.models.segmentation import segment_probabilities
 
     dataset = SegmentationDataset(rows, preprocess, cache_dir=cache_dir)
     cases = []
     for i in range(len(dataset)):
         item = dataset[i]
-        pred = segment_preprocessed(net, item["image"])[0].numpy()
+        pred = segment_probabilities(net, item["image"]).argmax(0).numpy()
         target = np.asarray(item["label"][0], dtype=np.int64)
         cases.append(score_case(pred, target, net.config.label_names, preprocess.target_spacing))
     return summarize(cases)

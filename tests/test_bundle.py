@@ -220,7 +220,7 @@ def test_inference_preprocessing_is_generated_from_the_one_definition(made, seg_
     assert not any(t["_target_"] == "ResizeWithPadOrCropd" for t in config["preprocessing"]["transforms"])
     assert config["network_def"]["_target_"] == "volumevlm.export.bundle.SegmentationNetwork"
     targets = [t["_target_"] for t in config["postprocessing"]["transforms"]]
-    assert targets == ["AsDiscreted", INVERT_TARGET, "SaveImaged"] and config["inferer"]["_target_"] == "SlidingWindowInferer"
+    assert targets == ["Activationsd", INVERT_TARGET, "SaveImaged"] and config["inferer"]["_target_"] == "SlidingWindowInferer"
     assert config["evaluator"]["_target_"] == "SupervisedEvaluator" and config["run"] == ["$@evaluator.run()"]
     parser = ConfigParser({"preprocessing": config["preprocessing"]})
     from_bundle = parser.get_parsed_content("preprocessing")({"image": str(made["data"] / "as_psl.nii.gz")})["image"]

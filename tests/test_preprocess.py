@@ -17,13 +17,16 @@ import volumevlm
 from volumevlm.data.transforms import (
     LoadVolumed,
     PreprocessConfig,
+    argmax_on_input_grid,
     build_transforms,
     invert_to_input,
     load_spec,
+    map_to_input_grid,
     pipeline,
     preprocess,
     transform_specs,
 )
+from volumevlm.errors import InputError
 from volumevlm.io import Volume, read_volume, write_dicom_series, write_nifti
 
 SMALL = PreprocessConfig(target_spacing=(2.0, 2.0, 3.0), spatial_size=None)
@@ -178,6 +181,55 @@ def test_invert_identity_grid_is_exact(ct_phantom):
     ras_labels, _ = reorient(labels, affine, "RAS")
     inverted = invert_to_input(torch.from_numpy(ras_labels.astype(np.int64)), out, Volume(hu, affine))
     np.testing.assert_array_equal(np.asarray(inverted.dataobj), labels)
+
+
+def _interpolated_argmax(probs, to_grid, shape):
+    """The definition, by brute force: every class interpolated at every voxel."""
+    import scipy.ndimage as ndi
+
+    index = np.indices(shape).reshape(3, -1).astype(np.float64)
+    coords = to_grid[:3, :3] @ index + to_grid[:3, 3:]
+    values = np.stack([ndi.map_coordinates(p, coords, order=1, mode="grid-constant", cval=0.0) for p in probs])
+    return np.where(values.max(0) > 0, values.argmax(0), 0).reshape(shape)
+
+
+@pytest.mark.parametrize("oblique", [True, False])
+def test_argmax_on_input_grid_equals_interpolating_every_class(oblique, monkeypatch):
+    """Only cells that straddle a boundary are interpolated, by the convexity argument;
+    the result must equal interpolating all classes everywhere, on an oblique and flipped
+    map and on one whose voxels land exactly on the grid's edges, in several slabs."""
+    import scipy.ndimage as ndi
+
+    import volumevlm.data.transforms as transforms
+
+    rng = np.random.default_rng(3)
+    logits = ndi.gaussian_filter(rng.normal(size=(5, 12, 10, 8)), sigma=(0, 1.5, 1.5, 1.5)) * 8
+    probs = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    to_grid = np.eye(4)
+    if oblique:
+        c, s = np.cos(0.3), np.sin(0.3)
+        to_grid[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]]) * np.array([0.4, 0.45, 0.35])
+        to_grid[:3, 3] = [-2.0, 1.0, 9.5]
+        shape = (40, 35, 30)
+    else:
+        to_grid[:3, :3] = np.diag([0.5, 0.5, 1.0])
+        to_grid[:3, 3] = [-1.0, -1.0, -1.0]
+        shape = (26, 22, 10)
+    monkeypatch.setattr(transforms, "_ARGMAX_CHUNK_VOXELS", 3000)
+    ours = argmax_on_input_grid(probs, to_grid, shape)
+    expected = _interpolated_argmax(probs, to_grid, shape)
+    assert ours.dtype == np.uint8 and ours.shape == shape
+    np.testing.assert_array_equal(ours, expected)
+    assert len(np.unique(ours)) == 5 and (ours == 0).any()
+    # Not the coarse argmax resampled nearest-neighbour: boundaries move between voxels.
+    nearest = ndi.affine_transform(probs.argmax(0), to_grid[:3, :3], offset=to_grid[:3, 3], output_shape=shape,
+                                   order=0, mode="constant", cval=0)
+    assert (nearest != ours).mean() > 0.01
+
+
+def test_invert_probabilities_needs_classes_first():
+    with pytest.raises(InputError, match=r"class probabilities \[C, X, Y, Z\]"):
+        map_to_input_grid(np.zeros((4, 4, 4), np.float32), np.eye(4), np.eye(4), (4, 4, 4), mode="probabilities")
 
 
 def test_load_volumed_reads_in_memory_and_labels(ct_phantom):

@@ -206,8 +206,9 @@ class LoadVolumed(mt.MapTransform):
 
 
 class InvertToInputd(mt.MapTransform):
-    """Bring ``keys`` (maps on the preprocessed grid of ``orig_key``, e.g. the argmax of a
-    segmentation) back to the grid of the file ``orig_key`` was read from, with
+    """Bring ``keys`` (maps on the preprocessed grid of ``orig_key``; with
+    mode="probabilities" a segmentation's class probabilities, which become its label map)
+    back to the grid of the file ``orig_key`` was read from, with
     :func:`map_to_input_grid`: the MONAI-bundle spelling of what ``model.segment`` does,
     so a bundle's masks equal the package's own voxel for voxel.
 
@@ -325,12 +326,14 @@ def preprocess(x, config: PreprocessConfig | dict | None = None, max_voxels: int
 def invert_to_input(mask, preprocessed, reference, *, mode: str = "auto") -> nib.Nifti1Image:
     """Bring a map made on the preprocessed grid back to the input's own geometry.
 
-    mask: [X, Y, Z] or [1, X, Y, Z] (tensor or array) on the grid of ``preprocessed``.
+    mask: [X, Y, Z] or [1, X, Y, Z] (tensor or array) on the grid of ``preprocessed``;
+        class probabilities [C, X, Y, Z] with mode="probabilities".
     preprocessed: the MetaTensor :func:`preprocess` returned (its ``.affine`` is used), or
         a 4x4 affine of that grid (voxel -> RAS mm).
     reference: the input (a Volume, or anything :func:`as_volume` accepts).
-    mode: "nearest" (label maps), "linear" (float maps) or "auto" (nearest when the
-        values are integers).
+    mode: "nearest" (label maps), "linear" (float maps), "auto" (nearest when the
+        values are integers) or "probabilities" (a label map from class probabilities,
+        see :func:`argmax_on_input_grid`).
     Returns a nibabel image with exactly the reference's shape, stored orientation and
     affine; voxels outside the preprocessed field of view are 0. Resampling is an exact
     world-coordinate mapping of reference voxel centres into the preprocessed grid.
@@ -357,11 +360,22 @@ def map_to_input_grid(mask, grid_affine, input_affine, input_shape, *, mode: str
     Each input voxel centre is mapped through world coordinates (one affine map) into
     the preprocessed grid and takes the value there: nearest neighbour for labels,
     linear for float maps; outside the preprocessed field of view, 0. Returns an array
-    of ``input_shape`` (uint8 / int32 labels, float32 maps)."""
+    of ``input_shape`` (uint8 / int32 labels, float32 maps).
+
+    mode="probabilities" takes class probabilities [C, X, Y, Z] (a segmentation's
+    softmax) and returns the label map: each class's probability interpolated linearly
+    at the input voxel (zero beyond the grid), then the argmax (see
+    :func:`argmax_on_input_grid`)."""
     grid_affine = np.asarray(grid_affine, dtype=np.float64)
     if grid_affine.shape != (4, 4):
         raise InputError("<preprocessed>", "needs the MetaTensor from preprocess() or its 4x4 affine")
     values = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+    # input voxel -> world -> preprocessed voxel, one affine map.
+    to_grid = np.linalg.inv(grid_affine) @ np.asarray(input_affine, dtype=np.float64)
+    if mode == "probabilities":
+        if values.ndim != 4 or values.shape[0] < 1:
+            raise InputError("<probabilities>", f"expected class probabilities [C, X, Y, Z], got shape {values.shape}")
+        return argmax_on_input_grid(values, to_grid, tuple(int(n) for n in input_shape))
     if values.ndim == 4 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 3:
@@ -370,10 +384,8 @@ def map_to_input_grid(mask, grid_affine, input_affine, input_shape, *, mode: str
     if mode == "auto":
         mode = "nearest" if integral else "linear"
     if mode not in ("nearest", "linear"):
-        raise ValueError(f"mode must be 'nearest', 'linear' or 'auto', got {mode!r}")
+        raise ValueError(f"mode must be 'nearest', 'linear', 'auto' or 'probabilities', got {mode!r}")
 
-    # input voxel -> world -> preprocessed voxel, one affine map.
-    to_grid = np.linalg.inv(grid_affine) @ np.asarray(input_affine, dtype=np.float64)
     resampled = ndi.affine_transform(
         values.astype(np.float32 if mode == "linear" else values.dtype, copy=False)
         if values.dtype.kind != "b"
@@ -392,3 +404,62 @@ def map_to_input_grid(mask, grid_affine, input_affine, input_shape, *, mode: str
     else:
         resampled = resampled.astype(np.float32)
     return resampled
+
+
+# Output voxels handled per slab: bounds the coordinate arrays of a large CT (about 100 MB).
+_ARGMAX_CHUNK_VOXELS = 1 << 22
+
+
+def argmax_on_input_grid(probabilities, to_grid: np.ndarray, output_shape: tuple[int, int, int]) -> np.ndarray:
+    """Labels on an input's grid from class probabilities [C, X, Y, Z] on the preprocessed
+    grid: at each output voxel (``to_grid`` maps its index to grid coordinates) every
+    class's probability is interpolated linearly, zero beyond the grid, and the most
+    probable class wins (0 where the voxel lies wholly outside the grid).
+
+    Why not the argmax on the coarse grid resampled nearest-neighbour: that makes each
+    organ's boundary a staircase of grid voxels (4x4x6 mm in the demo); interpolating the
+    probabilities, as nnU-Net exports its predictions, puts it between them (on the demo's
+    held-out cases, mean Dice 0.850 -> 0.875, docs/segmentation.md).
+
+    Exact but cheap: a grid cell whose 8 corners share one argmax keeps it everywhere
+    inside (a convex combination of vectors whose largest entry is the same class keeps
+    that class largest; corners beyond the grid add zeros to every class), so only the
+    output voxels in cells that straddle a boundary are interpolated.
+    Returns uint8 labels (int32 beyond 256 classes) of ``output_shape``.
+    """
+    probs = np.ascontiguousarray(probabilities, dtype=np.float32)
+    classes = probs.shape[0]
+    coarse = probs.argmax(axis=0).astype(np.int32)
+    grid = np.asarray(coarse.shape)
+    # Cell a (padded index) spans grid voxels a-1 .. a along each axis; -1 marks "beyond".
+    padded = np.pad(coarse, 1, constant_values=-1)
+    corners = [padded[i:i + grid[0] + 1, j:j + grid[1] + 1, k:k + grid[2] + 1]
+               for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    highest = np.maximum.reduce(corners)
+    lowest = np.minimum.reduce([np.where(c < 0, classes, c) for c in corners])
+    cell_label = np.where(highest < 0, 0, np.where(lowest == highest, highest, -1)).astype(np.int32)
+
+    out_dtype = np.uint8 if classes <= 256 else np.int32
+    out = np.zeros(output_shape, dtype=out_dtype)
+    rows_per_chunk = max(1, _ARGMAX_CHUNK_VOXELS // max(1, output_shape[1] * output_shape[2]))
+    matrix, offset = to_grid[:3, :3], to_grid[:3, 3]
+    for start in range(0, output_shape[0], rows_per_chunk):
+        stop = min(output_shape[0], start + rows_per_chunk)
+        index = np.indices((stop - start, output_shape[1], output_shape[2]), dtype=np.float64).reshape(3, -1)
+        index[0] += start
+        coords = matrix @ index + offset[:, None]
+        cell = np.floor(coords).astype(np.int64) + 1
+        # At exactly -1 a voxel only touches the zeros beyond the grid: outside, as interpolated.
+        inside = np.all((coords > -1) & (cell <= grid[:, None]), axis=0)
+        labels = np.zeros(coords.shape[1], dtype=np.int32)
+        labels[inside] = cell_label[cell[0, inside], cell[1, inside], cell[2, inside]]
+        mixed = np.flatnonzero(labels < 0)
+        if mixed.size:
+            points = coords[:, mixed]
+            interpolated = np.stack([
+                ndi.map_coordinates(probs[c], points, order=1, mode="grid-constant", cval=0.0)
+                for c in range(classes)
+            ])
+            labels[mixed] = interpolated.argmax(axis=0)
+        out[start:stop] = labels.reshape(stop - start, output_shape[1], output_shape[2])
+    return out

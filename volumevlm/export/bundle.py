@@ -20,9 +20,9 @@ Two tasks:
 
 * ``segmentation``: the checkpoint's segmentation head (:class:`SegmentationNetwork`,
   logits [B, C, X, Y, Z]); ``run`` segments every ``*.nii.gz`` under ``dataset_dir`` by
-  sliding windows, takes the argmax, brings it back to the input's own grid with
+  sliding windows, takes the class probabilities (softmax) to the input's own grid with
   :class:`volumevlm.data.transforms.InvertToInputd` (the inversion ``model.segment``
-  uses, so the masks are the same voxel for voxel) and writes ``<name>_seg.nii.gz``
+  uses: interpolated, then the argmax, so the masks are the same voxel for voxel) and writes ``<name>_seg.nii.gz``
   masks under ``output_dir``.
 * ``embedding``: the image encoder and its projection (:class:`EmbeddingNetwork`,
   unit-length embeddings [B, E]); ``run`` writes ``embeddings.csv`` (file, E values)
@@ -596,11 +596,12 @@ def inference_config(model, task: str, net_args: Mapping[str, Any]) -> dict[str,
         config["postprocessing"] = {
             "_target_": "Compose",
             "transforms": [
-                # Argmax on the preprocessed grid, then back to the file's own grid by the
-                # package's one inversion (the same function as model.segment), not
-                # MONAI's Invertd, whose nearest-neighbour rounding differs on edges.
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {"_target_": INVERT_TARGET, "keys": "pred", "orig_key": "image", "mode": "nearest"},
+                # Class probabilities on the preprocessed grid, then the label map on the
+                # file's own grid by the package's one inversion (the same function as
+                # model.segment: probabilities interpolated, then the argmax), not
+                # MONAI's Invertd.
+                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                {"_target_": INVERT_TARGET, "keys": "pred", "orig_key": "image", "mode": "probabilities"},
                 {
                     "_target_": "SaveImaged",
                     "keys": "pred",

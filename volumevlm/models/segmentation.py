@@ -468,21 +468,21 @@ class SegmentationNet(nn.Module):
 
 
 @torch.no_grad()
-def sliding_window_segment(
+def sliding_window_logits(
     net: nn.Module,
     image: torch.Tensor,
     roi_size: Sequence[int] | None = None,
     overlap: float | None = None,
     sw_batch_size: int = 1,
 ) -> torch.Tensor:
-    """Label map of a preprocessed image by sliding-window inference.
+    """Class logits of a preprocessed image by sliding-window inference.
 
     image: float [1, X, Y, Z] or [B, 1, X, Y, Z] (preprocessed, in [0, 1]); any size,
         larger or smaller than the ROI (smaller inputs are padded with 0, then cropped).
     roi_size / overlap: default ``net.config.roi_size`` / ``net.config.sw_overlap``.
-    Returns int64 labels with the image's shape ([1, X, Y, Z] or [B, 1, X, Y, Z]), on
-    the image's device: the argmax over classes of the blended window logits. The net
-    is run in whatever mode it is in (call ``net.eval()`` for inference).
+    Returns the Gaussian-blended window logits [C, X, Y, Z] (or [B, C, X, Y, Z]) on the
+    image's device. The net is run in whatever mode it is in (call ``net.eval()`` for
+    inference).
     """
     from monai.inferers import sliding_window_inference
 
@@ -500,8 +500,22 @@ def sliding_window_segment(
     logits = sliding_window_inference(
         x.float(), roi, int(sw_batch_size), net, overlap=overlap, mode="gaussian", sw_device=device, device=x.device
     )
-    labels = logits.argmax(dim=1, keepdim=True)
-    return labels if batched else labels[0]
+    return logits if batched else logits[0]
+
+
+@torch.no_grad()
+def sliding_window_segment(
+    net: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int] | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Label map of a preprocessed image on its own grid: the argmax over classes of
+    :func:`sliding_window_logits` (same arguments). Returns int64 labels with the
+    image's shape ([1, X, Y, Z] or [B, 1, X, Y, Z]) on the image's device."""
+    logits = sliding_window_logits(net, image, roi_size, overlap, sw_batch_size)
+    return logits.argmax(dim=-4, keepdim=True)
 
 
 def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
@@ -513,6 +527,10 @@ def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
     preprocess_config: the model's PreprocessConfig (``model.preprocess``); the same
         pipeline the encoder was trained with, without its centre pad/crop
         (:func:`volumevlm.data.transforms.whole_field`), so the whole input is segmented.
+    The class probabilities (softmax of the blended window logits) are brought to the
+    input's grid by linear interpolation and the argmax is taken there
+    (:func:`volumevlm.data.transforms.argmax_on_input_grid`), so boundaries fall between
+    the coarse grid's voxels rather than on them.
     Returns (nifti_image, label_names): a ``nibabel.Nifti1Image`` holding uint8 (int16
     beyond 255 classes) label indices with exactly the input's shape, stored
     orientation and affine, and
@@ -525,28 +543,32 @@ def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
 
     volume = as_volume(x)  # read once; the same Volume is the geometry reference
     pre = preprocess(volume, whole_field(preprocess_config))
-    return labels_to_input(net, segment_preprocessed(net, pre), pre, volume), dict(net.config.label_names)
+    return probabilities_to_input(net, segment_probabilities(net, pre), pre, volume), dict(net.config.label_names)
 
 
-def segment_preprocessed(net: SegmentationNet, pre) -> torch.Tensor:
-    """The label map [1, X, Y, Z] (int64, on the CPU) of one preprocessed image on its
-    own grid, in eval mode and without autograd: the model's part of
+def segment_probabilities(net: SegmentationNet, pre) -> torch.Tensor:
+    """The class probabilities float32 [C, X, Y, Z] (on the CPU) of one preprocessed
+    image on its own grid, in eval mode and without autograd: the model's part of
     :func:`segment_to_input`, which a server runs on its model thread while reading and
-    :func:`labels_to_input` happen elsewhere."""
+    :func:`probabilities_to_input` happen elsewhere. The softmax is taken over dim 0 of
+    the one case's logits, as the MONAI bundle's ``Activationsd`` takes it, so both
+    give the same probabilities."""
     image = pre.as_tensor() if hasattr(pre, "as_tensor") else pre
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
-            labels = sliding_window_segment(net, image.to(next(net.parameters()).device))
+            logits = sliding_window_logits(net, image.to(next(net.parameters()).device))
+            probabilities = torch.softmax(logits.float(), dim=0)
     finally:
         net.train(was_training)
-    return labels.cpu()
+    return probabilities.cpu()
 
 
-def labels_to_input(net: SegmentationNet, labels: torch.Tensor, pre, volume):
-    """A label map on the preprocessed grid of ``pre`` as the NIfTI mask in ``volume``'s
-    own geometry, its header naming the labels (see :func:`segment_to_input`)."""
+def probabilities_to_input(net: SegmentationNet, probabilities: torch.Tensor, pre, volume):
+    """Class probabilities [C, X, Y, Z] on the preprocessed grid of ``pre`` as the NIfTI
+    mask in ``volume``'s own geometry, its header naming the labels (see
+    :func:`segment_to_input`)."""
     import nibabel as nib
     import numpy as np
 
@@ -554,7 +576,7 @@ def labels_to_input(net: SegmentationNet, labels: torch.Tensor, pre, volume):
 
     names = dict(net.config.label_names)
     dtype = np.uint8 if net.config.num_classes <= 256 else np.int16
-    image = invert_to_input(labels[0].cpu().numpy().astype(dtype), pre, volume, mode="nearest")
+    image = invert_to_input(probabilities, pre, volume, mode="probabilities")
     if image.get_data_dtype() != dtype:
         image = nib.Nifti1Image(np.asarray(image.dataobj).astype(dtype), image.affine, image.header)
         image.set_data_dtype(dtype)

@@ -708,11 +708,11 @@ def create_app(
                 raise ServiceError(409, "missing_head", str(err).replace(f"{service.model.source}: ", "")) from None
         names = dict(service.model.heads["segmentation"].label_names)
 
-        def finish(read, labels):
-            from volumevlm.models.segmentation import labels_to_input
+        def finish(read, probabilities):
+            from volumevlm.models.segmentation import probabilities_to_input
 
             # Back to the input's geometry here, on a reading thread, not the model's.
-            mask = labels_to_input(service.model.heads["segmentation"], labels, read.image, read.volume)
+            mask = probabilities_to_input(service.model.heads["segmentation"], probabilities, read.image, read.volume)
             if output == "json":
                 from volumevlm.inference.statistics import structure_statistics
 

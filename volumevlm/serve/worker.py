@@ -13,9 +13,9 @@ of them at once:
   once and remembered; retrieval through :meth:`RetrievalIndex.query`).
 * retrieve_text: the query texts go through ``model.encode_text`` together.
 * segment: each preprocessed volume goes through the segmentation head
-  (:func:`volumevlm.models.segmentation.segment_preprocessed`); the label map comes back
-  on the preprocessed grid, and the request's reading thread takes it back to the
-  input's geometry (:func:`~volumevlm.models.segmentation.labels_to_input`), as
+  (:func:`volumevlm.models.segmentation.segment_probabilities`); the class probabilities
+  come back on the preprocessed grid, and the request's reading thread takes them to the
+  input's geometry (:func:`~volumevlm.models.segmentation.probabilities_to_input`), as
   ``model.segment`` does. Reading, preprocessing and inversion never hold the model's
   thread.
 
@@ -229,10 +229,10 @@ def run_batch(model, jobs: list[Job], *, index=None, prompt_set=None, prompts: P
         prompt_set = prompt_set if prompt_set is not None else default_prompt_set(model)
         prompts = prompts if prompts is not None else PromptEmbeddings(model)
     if verb == "segment":
-        from volumevlm.models.segmentation import segment_preprocessed
+        from volumevlm.models.segmentation import segment_probabilities
 
         net = model.head("segmentation")
-        return [segment_preprocessed(net, job.payload) for job in jobs]
+        return [segment_probabilities(net, job.payload) for job in jobs]
     if verb == "retrieve_text":
         with inference_mode(model):
             emb = model.encode_text([job.payload for job in jobs]).float()
