@@ -425,13 +425,9 @@ def argmax_on_input_grid(probabilities, to_grid: np.ndarray, output_shape: tuple
     inside (a convex combination of vectors whose largest entry is the same class keeps
     that class largest; corners beyond the grid add zeros to every class), so only the
     output voxels in cells that straddle a boundary are interpolated.
-    The probabilities are first rounded to float16, the precision
-    :func:`volumevlm.models.segmentation.segment_probabilities` keeps them in (half the
-    memory of float32 for a server holding them between threads), so float16 and float32
-    inputs, the package's and the MONAI bundle's, give the same mask.
     Returns uint8 labels (int32 beyond 256 classes) of ``output_shape``.
     """
-    probs = np.asarray(probabilities).astype(np.float16).astype(np.float32)
+    probs = np.ascontiguousarray(probabilities, dtype=np.float32)
     classes = probs.shape[0]
     coarse = probs.argmax(axis=0).astype(np.int32)
     grid = np.asarray(coarse.shape)

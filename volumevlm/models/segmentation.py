@@ -547,13 +547,12 @@ def segment_to_input(net: SegmentationNet, x, preprocess_config=None):
 
 
 def segment_probabilities(net: SegmentationNet, pre) -> torch.Tensor:
-    """The class probabilities float16 [C, X, Y, Z] (on the CPU) of one preprocessed
+    """The class probabilities float32 [C, X, Y, Z] (on the CPU) of one preprocessed
     image on its own grid, in eval mode and without autograd: the model's part of
     :func:`segment_to_input`, which a server runs on its model thread while reading and
     :func:`probabilities_to_input` happen elsewhere. The softmax is taken over dim 0 of
     the one case's logits, as the MONAI bundle's ``Activationsd`` takes it, so both
-    give the same probabilities; float16 is the precision the inversion rounds them to
-    anyway (:func:`volumevlm.data.transforms.argmax_on_input_grid`), at half the memory."""
+    give the same probabilities."""
     image = pre.as_tensor() if hasattr(pre, "as_tensor") else pre
     was_training = net.training
     net.eval()
@@ -563,7 +562,7 @@ def segment_probabilities(net: SegmentationNet, pre) -> torch.Tensor:
             probabilities = torch.softmax(logits.float(), dim=0)
     finally:
         net.train(was_training)
-    return probabilities.to(torch.float16).cpu()
+    return probabilities.cpu()
 
 
 def probabilities_to_input(net: SegmentationNet, probabilities: torch.Tensor, pre, volume):
