@@ -14,7 +14,14 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from volumevlm.train.losses import PretrainObjective, clip_loss, gather_no_grad, gather_with_grad, supervised_contrastive
+from volumevlm.train.losses import (
+    PretrainObjective,
+    clip_loss,
+    gather_no_grad,
+    gather_with_grad,
+    overlap_supervised_contrastive,
+    supervised_contrastive,
+)
 
 
 def brute_force_clip(img, txt, scale):
@@ -333,4 +340,36 @@ def test_supervised_contrastive_matches_a_hand_computation():
     assert swapped.item() == pytest.approx((math.log(1 + math.exp(2)) + math.log(2)) / 2, rel=1e-6)
     # No anchor with a positive: zero, with a gradient path.
     alone = supervised_contrastive(emb, torch.eye(3), temperature=0.5)
+    assert alone.item() == 0.0 and alone.requires_grad
+
+
+def test_overlap_supervised_contrastive_weighs_positives_by_shared_labels():
+    # Row 0 states findings A and B, row 1 states A, row 2 states B, row 3 states nothing.
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.3]]), dim=1)
+    emb.requires_grad_(True)
+    labels = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    t = 0.5
+    loss = overlap_supervised_contrastive(emb, labels, temperature=t)
+    sim = (emb.detach() @ emb.detach().T / t).tolist()
+
+    def log_p(i, j):
+        return sim[i][j] - math.log(sum(math.exp(sim[i][k]) for k in range(4) if k != i))
+
+    # Jaccard weights: 0-1 and 0-2 are 1/2; 1-2 share nothing; row 3 overlaps no row
+    # (a row without labels overlaps fully only with another row without labels).
+    anchor0 = -(0.5 * log_p(0, 1) + 0.5 * log_p(0, 2)) / 1.0
+    anchor1 = -log_p(1, 0)
+    anchor2 = -log_p(2, 0)
+    assert loss.item() == pytest.approx((anchor0 + anchor1 + anchor2) / 3, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    # With at most one label per row the weights are 0 or 1: the exact-match loss.
+    single = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    assert overlap_supervised_contrastive(emb.detach(), single, t).item() == pytest.approx(
+        supervised_contrastive(emb.detach(), single, t).item(), rel=1e-6)
+    # Two rows without labels are positives of each other, as in the exact-match loss.
+    empty = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert overlap_supervised_contrastive(emb.detach(), empty, t).item() == pytest.approx(
+        supervised_contrastive(emb.detach(), empty, t).item(), rel=1e-6)
+    alone = overlap_supervised_contrastive(emb, torch.eye(4)[:, :4], t)
     assert alone.item() == 0.0 and alone.requires_grad

@@ -455,7 +455,7 @@ def test_section_text_term_groups_sections_by_the_labelers_reading(cohort):
     import random
 
     from volumevlm.train.datamodule import PretrainDataModule
-    from volumevlm.train.losses import supervised_contrastive
+    from volumevlm.train.losses import overlap_supervised_contrastive, supervised_contrastive
     from volumevlm.train.module import PretrainModule
 
     datamodule = PretrainDataModule(cohort, batch_size=2)
@@ -478,17 +478,37 @@ def test_section_text_term_groups_sections_by_the_labelers_reading(cohort):
     assert "SPLEEN: No splenomegaly." in texts or "PERITONEUM: No free fluid." in texts or "PANCREAS: Unremarkable." in texts
     # With negations, each stating section also comes denied, read by the labeler.
     module.section_text_negations = True
+    denials, _, _ = module.section_texts(reports, rng=random.Random(0))
+    assert sorted(set(denials) - set(texts)) == ["PERITONEUM: No small volume ascites.", "SPLEEN: Splenomegaly is absent."]
+    module.section_text_affirmations = True
     more, more_findings, _ = module.section_texts(reports, rng=random.Random(0))
-    denied = dict(zip(more, more_findings.tolist()))
-    assert len(more) == len(texts) + 2 and set(texts) < set(more)
-    assert [denied[text] for text in more if text not in texts] == [[0, 0], [0, 0]]
-    assert any(text.startswith("SPLEEN: ") and "plenomegaly" in text for text in set(more) - set(texts))
-    module.section_text_negations = False
+    read = dict(zip(more, more_findings.tolist()))
+    # "Splenomegaly." is denied after the finding, so its affirmed twin comes too;
+    # "Small volume ascites." is denied with "No ...", whose twin is the section itself.
+    added = {"SPLEEN: Splenomegaly is absent.": [0, 0], "SPLEEN: Splenomegaly is present.": [1, 0],
+             "PERITONEUM: No small volume ascites.": [0, 0]}
+    assert set(texts) < set(more) and sorted(set(more) - set(texts)) == sorted(added)
+    assert len(more) == len(texts) + len(added)
+    assert all(read[text] == row for text, row in added.items())
+    module.section_text_negations = module.section_text_affirmations = False
     module.eval()
     with torch.no_grad():
         loss = module.section_text_loss(reports, rng=random.Random(0))
         by_hand = supervised_contrastive(module.model.encode_text(texts), findings, temperature=0.1)
     assert torch.allclose(loss, by_hand, atol=1e-5)
+    # Graded positives: a section stating two findings is a half positive of each one's.
+    module.section_text_positives = "overlap"
+    both = [*reports, "FINDINGS:\nSPLEEN: Splenomegaly. Small volume ascites."]
+    with torch.no_grad():
+        graded = module.section_text_loss(both, rng=random.Random(0))
+        texts, findings, _ = module.section_texts(both, rng=random.Random(0))
+        assert [1.0, 1.0] in findings.tolist()
+        by_hand = overlap_supervised_contrastive(module.model.encode_text(texts), findings, temperature=0.1)
+    assert torch.allclose(graded, by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="section_text_positives"):
+        PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
+                       objective={"section_text_weight": 1.0, "section_text_positives": "jaccard"},
+                       tokenizer=datamodule.tokenizer, phecode_vocab=datamodule.phecode_vocab, findings=["ascites"])
     with pytest.raises(ValueError, match="section_text_temperature"):
         PretrainModule(encoder={"name": "tiny", "image_size": [32, 32, 16]}, text={"vocab_size": 64},
                        objective={"section_text_weight": 1.0, "section_text_temperature": 0.0},
@@ -536,3 +556,27 @@ def test_negated_sections_differ_by_negation_and_the_labeler_confirms_the_denial
     assert {"No "} < used
     assert negated_section("PERITONEUM: No ascites.", keys) is None  # states nothing present
     assert negated_section("PERITONEUM: Possible trace free fluid in the pelvis.", keys) is None  # hedged only
+
+
+def test_affirmed_twins_differ_from_the_denials_by_the_negation_alone():
+    from volumevlm.text.labeler import label_findings
+    from volumevlm.train.targets import AFFIRMATION_FORMS, NEGATION_FORMS, affirmed_section, negated_section
+
+    keys = ("splenomegaly", "ascites", "osteopenia", "pleural_effusion")
+    assert len(AFFIRMATION_FORMS) == len(NEGATION_FORMS)
+    twins = 0
+    for size in ("Small", "Moderate", "Large", "Trace", "Mild", "Small volume", "Moderate volume", "Large volume"):
+        section = f"PERITONEUM: {size} ascites. No pleural effusion."
+        denied, affirmed = negated_section(section, keys), affirmed_section(section, keys)
+        if denied.startswith("PERITONEUM: No "):
+            assert affirmed is None  # the twin of "No X." is the section itself
+            continue
+        twins += 1
+        # the same words: drop "not " from "is not seen", "absent" <-> "present"
+        assert affirmed == denied.replace(" is not seen.", " is seen.").replace(" is absent.", " is present.")
+        assert affirmed != section and affirmed.endswith(" No pleural effusion.")
+        assert label_findings(affirmed, keys) == label_findings(section, keys) == {
+            "ascites": "positive", "pleural_effusion": "negative"}
+    assert twins >= 2  # denials worded after the finding occur over these sentences
+    assert affirmed_section("PERITONEUM: No ascites.", keys) is None  # states nothing present
+    assert affirmed_section("PERITONEUM: Possible trace free fluid in the pelvis.", keys) is None

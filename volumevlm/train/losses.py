@@ -173,3 +173,31 @@ def supervised_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature:
     log_prob = torch.log_softmax(logits.float(), dim=1).masked_fill(~positives, 0.0)
     per_anchor = log_prob.sum(dim=1)[anchors] / positives.sum(dim=1)[anchors]
     return -per_anchor.mean()
+
+
+def overlap_supervised_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """:func:`supervised_contrastive` with graded positives for multi-label rows.
+
+    emb [N, E] unit rows; labels [N, F] in {0, 1}. Row j is a positive of anchor i with
+    weight |i & j| / |i | j| (the Jaccard overlap of their label sets; two rows without
+    any label overlap fully), so "enlarged liver, fatty infiltration" is pulled towards
+    both "enlarged liver" and "fatty liver" instead of only towards sections stating
+    exactly the same pair. For each anchor with some positive weight, -sum_j w_ij log
+    softmax_j!=i(emb_i . emb_j / temperature) / sum_j w_ij; the mean over those anchors.
+    With at most one label per row the weights are 0 or 1 and this equals
+    :func:`supervised_contrastive`.
+    """
+    n = emb.shape[0]
+    flat = labels.reshape(n, -1).float()
+    inter = flat @ flat.T
+    union = flat.sum(dim=1)[:, None] + flat.sum(dim=1)[None, :] - inter
+    weight = torch.where(union > 0, inter / union.clamp(min=1.0), torch.ones_like(inter))
+    self_mask = torch.eye(n, dtype=torch.bool, device=emb.device)
+    weight = weight.masked_fill(self_mask, 0.0)
+    anchors = weight.sum(dim=1) > 0
+    if not bool(anchors.any()):
+        return emb.sum() * 0.0
+    logits = (emb @ emb.T / float(temperature)).masked_fill(self_mask, float("-inf"))
+    log_prob = torch.log_softmax(logits.float(), dim=1).masked_fill(self_mask, 0.0)
+    per_anchor = (weight * log_prob).sum(dim=1)[anchors] / weight.sum(dim=1)[anchors]
+    return -per_anchor.mean()

@@ -64,6 +64,13 @@ OBJECTIVE_DEFAULTS: dict[str, Any] = {
     # true: also each stating section with its findings denied ("SPLEEN: No splenomegaly,
     # 15 cm."), read by the labeler: hard negatives that differ by negation only
     "section_text_negations": False,
+    # true (with negations): a denial worded after the finding ("... is not seen.") also
+    # comes with its affirmed twin ("... is seen."), so those words are no negation cue
+    "section_text_affirmations": False,
+    # which sections are positives of each other in that term: "exact" (the same findings)
+    # or "overlap" (weighted by the Jaccard overlap of their findings, so a section stating
+    # two findings is pulled towards each one's sections; losses.overlap_supervised_contrastive)
+    "section_text_positives": "exact",
 }
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -198,6 +205,11 @@ class PretrainModule(L.LightningModule):
         self.section_text_temperature = float(self.objective_config["section_text_temperature"])
         self.section_text_others = int(self.objective_config["section_text_others_per_case"])
         self.section_text_negations = bool(self.objective_config["section_text_negations"])
+        self.section_text_affirmations = bool(self.objective_config["section_text_affirmations"])
+        self.section_text_positives = str(self.objective_config["section_text_positives"])
+        if self.section_text_positives not in ("exact", "overlap"):
+            raise ValueError("model.objective.section_text_positives must be 'exact' or 'overlap', got "
+                             f"{self.section_text_positives!r}")
         if self.section_text_temperature <= 0 or self.section_text_others < 0:
             raise ValueError("model.objective.section_text_temperature must be > 0 and section_text_others_per_case "
                              f">= 0, got {self.section_text_temperature} and {self.section_text_others}")
@@ -375,7 +387,10 @@ class PretrainModule(L.LightningModule):
         reports that states a finding, plus up to ``section_text_others_per_case`` others
         of each report drawn at random (most sections state nothing; all of them would
         drown the few that do), plus with ``section_text_negations`` the stating sections'
-        negated counterparts (:func:`~volumevlm.train.targets.negated_section`)."""
+        negated counterparts (:func:`~volumevlm.train.targets.negated_section`) and, with
+        ``section_text_affirmations`` too, where a denial is worded after the finding ("... is
+        not seen."), its affirmed twin (:func:`~volumevlm.train.targets.affirmed_section`,
+        "... is seen.")."""
         rng = rng or random
         if readings is None:
             readings = [read_case(r, None, self.report_finding_keys) for r in reports]
@@ -389,6 +404,8 @@ class PretrainModule(L.LightningModule):
             drawn = stating + rng.sample(others, min(self.section_text_others, len(others)))
             if self.section_text_negations:
                 drawn += list(reading.negations)
+                if self.section_text_affirmations:
+                    drawn += list(reading.affirmations)
             for text, section_findings, token_ids in drawn:
                 texts.append(text), findings.append(section_findings), ids.append(token_ids)
         width = len(self.report_finding_keys)
@@ -398,14 +415,17 @@ class PretrainModule(L.LightningModule):
     def section_text_loss(self, reports: Sequence[str | None], readings: Sequence[CaseReading] | None = None,
                           rng: random.Random | None = None) -> torch.Tensor:
         """:func:`~volumevlm.train.losses.supervised_contrastive` of the text embeddings of
-        :meth:`section_texts`, sections with the same reading being positives of each other."""
-        from volumevlm.train.losses import supervised_contrastive
+        :meth:`section_texts`, sections with the same reading being positives of each other
+        (``section_text_positives="overlap"``: :func:`~volumevlm.train.losses.overlap_supervised_contrastive`,
+        weighted by how many findings they share)."""
+        from volumevlm.train.losses import overlap_supervised_contrastive, supervised_contrastive
 
         texts, findings, ids = self.section_texts(reports, readings, rng)
         if len(texts) < 2:
             return sum(p.sum() * 0.0 for p in self.model.text_projection.parameters())
         emb = self.model.encode_text(texts, token_ids=ids)
-        return supervised_contrastive(emb.float(), findings, self.section_text_temperature)
+        loss = overlap_supervised_contrastive if self.section_text_positives == "overlap" else supervised_contrastive
+        return loss(emb.float(), findings, self.section_text_temperature)
 
     def finding_sentences(self, reports: Sequence[str | None], per_case: int | None = None,
                           rng: random.Random | None = None,

@@ -32,6 +32,7 @@ class CaseReading:
         report as its one section when it has none.
     negations: (text, findings float32 [F], token ids) of :func:`negated_section` of every
         section that states a finding present (where the labeler confirms the denial).
+    affirmations: the same for :func:`affirmed_section` (the denials' affirmed twins).
     report_tokens: token ids of the whole report (truncated at ``token_length``), or None.
     phenotype_targets: float32 [V] multi-hot phecodes over the vocabulary; None when not
         computed.
@@ -42,16 +43,18 @@ class CaseReading:
     by field, and these hold no tensors to move.
     """
 
-    __slots__ = ("findings", "statuses", "sentences", "sections", "negations", "report_tokens", "phenotype_targets",
-                 "token_length", "keys")
+    __slots__ = ("findings", "statuses", "sentences", "sections", "negations", "affirmations", "report_tokens",
+                 "phenotype_targets", "token_length", "keys")
 
     def __init__(self, findings=None, statuses=None, sentences=(), sections=(), report_tokens=None,
-                 phenotype_targets=None, token_length: int = 0, keys: tuple[str, ...] = (), negations=()):
+                 phenotype_targets=None, token_length: int = 0, keys: tuple[str, ...] = (), negations=(),
+                 affirmations=()):
         self.findings = findings
         self.statuses = statuses
         self.sentences = sentences
         self.sections = sections
         self.negations = negations
+        self.affirmations = affirmations
         self.report_tokens = report_tokens
         self.phenotype_targets = phenotype_targets
         self.token_length = int(token_length)
@@ -85,11 +88,55 @@ _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
 # only that form. Each sentence gets one form, fixed by a checksum of its text (the same
 # every epoch and every run).
 NEGATION_FORMS: tuple[str, ...] = ("No {lower}", "{bare} is not seen.", "{bare} is absent.")
+# The same words without the negation, form for form. A denial worded after the finding
+# brings words ("seen", "absent") the reports never use otherwise; on their own they would
+# teach the tower that "seen" means "not there" (on the 2026-12-07 demo model, "Splenomegaly
+# is seen." retrieved "SPLEEN: No splenomegaly." first). Each such denial therefore gets its
+# affirmed twin, and the two differ by the negation alone. "{sentence}" keeps the sentence.
+AFFIRMATION_FORMS: tuple[str, ...] = ("{sentence}", "{bare} is seen.", "{bare} is present.")
 
 
 def _denied(sentence: str, form: str) -> str:
     bare = sentence.rstrip(" .")
-    return form.format(lower=sentence[:1].lower() + sentence[1:], bare=bare)
+    return form.format(lower=sentence[:1].lower() + sentence[1:], bare=bare, sentence=sentence)
+
+
+def _form_index(sentence: str) -> int:
+    import zlib
+
+    return zlib.crc32(sentence.encode("utf-8")) % len(NEGATION_FORMS)
+
+
+def affirmed_section(section: str, keys: Sequence[str]) -> str | None:
+    """The affirmed twin of :func:`negated_section`: every sentence that states a finding
+    present restated with the affirmation paired with its denial's form
+    (:data:`AFFIRMATION_FORMS`: "SPLEEN: Splenomegaly, 15 cm is seen." where the denial is
+    "... is not seen."). None when no sentence changes (every denial is "No ...", whose twin
+    is the section itself), or when the labeler does not read the same findings present in
+    the result."""
+    from volumevlm.text.labeler import POSITIVE, label_findings
+
+    header, colon, body = section.partition(": ")
+    if not colon:
+        header, body = "", section
+    prefix = f"{header}: " if header else ""
+    before = label_findings(section, keys)
+    if POSITIVE not in before.values():
+        return None
+    sentences, changed = [], False
+    for sentence in _SENTENCE_BREAK.split(body):
+        if POSITIVE in label_findings(prefix + sentence, keys).values():
+            index = _form_index(sentence)
+            # the twin of the denial negated_section keeps (it falls back to "No ...")
+            if index and POSITIVE not in label_findings(prefix + _denied(sentence, NEGATION_FORMS[index]), keys).values():
+                affirmed = _denied(sentence, AFFIRMATION_FORMS[index])
+                if label_findings(prefix + affirmed, keys) == label_findings(prefix + sentence, keys):
+                    sentence, changed = affirmed, True
+        sentences.append(sentence)
+    if not changed:
+        return None
+    text = prefix + " ".join(sentences)
+    return text if label_findings(text, keys) == before else None
 
 
 def negated_section(section: str, keys: Sequence[str]) -> str | None:
@@ -100,8 +147,6 @@ def negated_section(section: str, keys: Sequence[str]) -> str | None:
     denial of that sentence falls back to "No ...". None when the section states nothing
     present, or when the labeler still reads one of its findings as present after the
     change (the denial did not take)."""
-    import zlib
-
     from volumevlm.text.labeler import POSITIVE, label_findings
 
     header, colon, body = section.partition(": ")
@@ -114,7 +159,7 @@ def negated_section(section: str, keys: Sequence[str]) -> str | None:
     sentences = []
     for sentence in _SENTENCE_BREAK.split(body):
         if POSITIVE in label_findings(prefix + sentence, keys).values():
-            form = NEGATION_FORMS[zlib.crc32(sentence.encode("utf-8")) % len(NEGATION_FORMS)]
+            form = NEGATION_FORMS[_form_index(sentence)]
             denied = _denied(sentence, form)
             if POSITIVE in label_findings(prefix + denied, keys).values():
                 denied = _denied(sentence, NEGATION_FORMS[0])
@@ -153,6 +198,9 @@ def read_case(report: str | None, phecodes: Sequence[str] | None, keys: Sequence
         negations=tuple((text, findings_vector(text, keys), ids(text))
                         for text in (negated_section(section, keys) for section in report_sections(report))
                         if text is not None) if keys else (),
+        affirmations=tuple((text, findings_vector(text, keys), ids(text))
+                           for text in (affirmed_section(section, keys) for section in report_sections(report))
+                           if text is not None) if keys else (),
         report_tokens=ids(report),
         phenotype_targets=phenotype,
         token_length=token_length if tokenize else 0,
