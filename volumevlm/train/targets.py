@@ -96,7 +96,8 @@ NEGATION_FORMS: tuple[str, ...] = ("No {lower}", "{bare} is not seen.", "{bare} 
 AFFIRMATION_FORMS: tuple[str, ...] = ("{sentence}", "{bare} is seen.", "{bare} is present.")
 
 
-def _denied(sentence: str, form: str) -> str:
+def _restated(sentence: str, form: str) -> str:
+    """``sentence`` put into ``form`` (one of NEGATION_FORMS or AFFIRMATION_FORMS)."""
     bare = sentence.rstrip(" .")
     return form.format(lower=sentence[:1].lower() + sentence[1:], bare=bare, sentence=sentence)
 
@@ -128,8 +129,8 @@ def affirmed_section(section: str, keys: Sequence[str]) -> str | None:
         if POSITIVE in label_findings(prefix + sentence, keys).values():
             index = _form_index(sentence)
             # the twin of the denial negated_section keeps (it falls back to "No ...")
-            if index and POSITIVE not in label_findings(prefix + _denied(sentence, NEGATION_FORMS[index]), keys).values():
-                affirmed = _denied(sentence, AFFIRMATION_FORMS[index])
+            if index and POSITIVE not in label_findings(prefix + _restated(sentence, NEGATION_FORMS[index]), keys).values():
+                affirmed = _restated(sentence, AFFIRMATION_FORMS[index])
                 if label_findings(prefix + affirmed, keys) == label_findings(prefix + sentence, keys):
                     sentence, changed = affirmed, True
         sentences.append(sentence)
@@ -160,9 +161,9 @@ def negated_section(section: str, keys: Sequence[str]) -> str | None:
     for sentence in _SENTENCE_BREAK.split(body):
         if POSITIVE in label_findings(prefix + sentence, keys).values():
             form = NEGATION_FORMS[_form_index(sentence)]
-            denied = _denied(sentence, form)
+            denied = _restated(sentence, form)
             if POSITIVE in label_findings(prefix + denied, keys).values():
-                denied = _denied(sentence, NEGATION_FORMS[0])
+                denied = _restated(sentence, NEGATION_FORMS[0])
             sentence = denied
         sentences.append(sentence)
     text = prefix + " ".join(sentences)
