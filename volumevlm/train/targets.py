@@ -102,19 +102,24 @@ def _restated(sentence: str, form: str) -> str:
     return form.format(lower=sentence[:1].lower() + sentence[1:], bare=bare, sentence=sentence)
 
 
-def _form_index(sentence: str) -> int:
+def _denial_form(prefix: str, sentence: str, keys: Sequence[str]) -> int:
+    """Index into NEGATION_FORMS of the denial :func:`negated_section` gives ``sentence``:
+    the one fixed by a checksum of its text, or 0 ("No ...") where the labeler does not
+    read that form as a denial."""
     import zlib
 
-    return zlib.crc32(sentence.encode("utf-8")) % len(NEGATION_FORMS)
+    from volumevlm.text.labeler import POSITIVE, label_findings
+
+    index = zlib.crc32(sentence.encode("utf-8")) % len(NEGATION_FORMS)
+    if index and POSITIVE in label_findings(prefix + _restated(sentence, NEGATION_FORMS[index]), keys).values():
+        return 0
+    return index
 
 
-def affirmed_section(section: str, keys: Sequence[str]) -> str | None:
-    """The affirmed twin of :func:`negated_section`: every sentence that states a finding
-    present restated with the affirmation paired with its denial's form
-    (:data:`AFFIRMATION_FORMS`: "SPLEEN: Splenomegaly, 15 cm is seen." where the denial is
-    "... is not seen."). None when no sentence changes (every denial is "No ...", whose twin
-    is the section itself), or when the labeler does not read the same findings present in
-    the result."""
+def _restate_section(section: str, keys: Sequence[str], restate) -> tuple[str, dict] | None:
+    """``section`` with every sentence that states a finding present replaced by
+    ``restate(prefix, sentence)`` (prefix: "HEADER: " or ""), and the labeler's reading of
+    the original; None when it states nothing present."""
     from volumevlm.text.labeler import POSITIVE, label_findings
 
     header, colon, body = section.partition(": ")
@@ -124,19 +129,33 @@ def affirmed_section(section: str, keys: Sequence[str]) -> str | None:
     before = label_findings(section, keys)
     if POSITIVE not in before.values():
         return None
-    sentences, changed = [], False
-    for sentence in _SENTENCE_BREAK.split(body):
-        if POSITIVE in label_findings(prefix + sentence, keys).values():
-            index = _form_index(sentence)
-            # the twin of the denial negated_section keeps (it falls back to "No ...")
-            if index and POSITIVE not in label_findings(prefix + _restated(sentence, NEGATION_FORMS[index]), keys).values():
-                affirmed = _restated(sentence, AFFIRMATION_FORMS[index])
-                if label_findings(prefix + affirmed, keys) == label_findings(prefix + sentence, keys):
-                    sentence, changed = affirmed, True
-        sentences.append(sentence)
-    if not changed:
+    sentences = [restate(prefix, sentence) if POSITIVE in label_findings(prefix + sentence, keys).values() else sentence
+                 for sentence in _SENTENCE_BREAK.split(body)]
+    return prefix + " ".join(sentences), before
+
+
+def affirmed_section(section: str, keys: Sequence[str]) -> str | None:
+    """The affirmed twin of :func:`negated_section`: every sentence that states a finding
+    present restated with the affirmation paired with its denial's form
+    (:data:`AFFIRMATION_FORMS`: "SPLEEN: Splenomegaly, 15 cm is seen." where the denial is
+    "... is not seen."). None when no sentence changes (every denial is "No ...", whose twin
+    is the section itself), or when the labeler does not read the same findings in the
+    result (per sentence and over the section)."""
+    from volumevlm.text.labeler import label_findings
+
+    changed = []
+
+    def affirm(prefix: str, sentence: str) -> str:
+        affirmed = _restated(sentence, AFFIRMATION_FORMS[_denial_form(prefix, sentence, keys)])
+        if affirmed == sentence or label_findings(prefix + affirmed, keys) != label_findings(prefix + sentence, keys):
+            return sentence
+        changed.append(sentence)
+        return affirmed
+
+    restated = _restate_section(section, keys, affirm)
+    if restated is None or not changed:
         return None
-    text = prefix + " ".join(sentences)
+    text, before = restated
     return text if label_findings(text, keys) == before else None
 
 
@@ -150,23 +169,11 @@ def negated_section(section: str, keys: Sequence[str]) -> str | None:
     change (the denial did not take)."""
     from volumevlm.text.labeler import POSITIVE, label_findings
 
-    header, colon, body = section.partition(": ")
-    if not colon:
-        header, body = "", section
-    prefix = f"{header}: " if header else ""
-    before = label_findings(section, keys)
-    if POSITIVE not in before.values():
+    restated = _restate_section(
+        section, keys, lambda prefix, sentence: _restated(sentence, NEGATION_FORMS[_denial_form(prefix, sentence, keys)]))
+    if restated is None:
         return None
-    sentences = []
-    for sentence in _SENTENCE_BREAK.split(body):
-        if POSITIVE in label_findings(prefix + sentence, keys).values():
-            form = NEGATION_FORMS[_form_index(sentence)]
-            denied = _restated(sentence, form)
-            if POSITIVE in label_findings(prefix + denied, keys).values():
-                denied = _restated(sentence, NEGATION_FORMS[0])
-            sentence = denied
-        sentences.append(sentence)
-    text = prefix + " ".join(sentences)
+    text, before = restated
     after = label_findings(text, keys)
     if any(after.get(key) == POSITIVE for key, status in before.items() if status == POSITIVE):
         return None
