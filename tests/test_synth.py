@@ -339,3 +339,33 @@ def test_measurements_in_facts_match_the_rendered_anatomy():
         _, lab, _ = render_case(case, 2, i)
         got, stated = measure(name, case, lab)
         assert abs(got - stated) <= 0.15 * stated, (name, got, stated)
+
+
+def test_skipping_work_leaves_every_threshold_of_shapes_and_tubes_unchanged():
+    """rho and _tube_mask evaluate only where a value below 1 is possible; every mask the phantom
+    draws from them (thresholds at or below 1) must equal evaluating every voxel, bit for bit."""
+    from volumevlm.data.synthetic.phantom import _Grid, _Shape, _tube_mask
+
+    rng = np.random.default_rng(3)
+    ax = np.arange(40) * 3.0 - 60
+    warp = [[(rng.uniform(-4, 4), rng.normal(size=3) * 0.03, rng.uniform(0, 6.3)) for _ in range(2)] for _ in range(3)]
+    g = _Grid(ax, ax + 7, ax[:30] * 1.5, (3.0, 3.0, 4.5), warp)
+    full = (slice(None),) * 3
+    thresholds = (1.0, 0.9, 0.75, 0.35)
+    inside = 0
+    for i in range(40):
+        s = _Shape(rng, rng.uniform(-50, 50, 3), rng.uniform(3, 35, 3), rot_deg=60, bumpiness=0.1, nodular=0.025 * (i % 2))
+        for box in (s.box(g), full):
+            if box is None:
+                continue
+            fast, ref = s.rho(g, box), s.rho(g, box, skip=False)
+            for t in thresholds:
+                assert np.array_equal(fast < t, ref < t)
+            assert np.array_equal(fast[ref < 1], ref[ref < 1])
+            inside += int((ref < 1).sum())
+        pts = rng.uniform(-60, 60, (int(rng.integers(2, 5)), 3))
+        radii = rng.uniform(2, 20, len(pts))
+        fast, ref = _tube_mask(g, full, pts, radii), _tube_mask(g, full, pts, radii, skip=False)
+        assert np.array_equal(fast < 1, ref < 1) and np.array_equal(fast[ref < 1], ref[ref < 1])
+        inside += int((ref < 1).sum())
+    assert inside > 10_000

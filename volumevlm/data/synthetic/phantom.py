@@ -52,6 +52,10 @@ class _Grid:
         self.max_disp = float(sum(abs(a) for terms in warp_terms for a, _, _ in terms))
         self.qx, self.qy, self.qz = X + disp[0], Y + disp[1], Z + disp[2]
         self.shape = X.shape
+        # How far q strays from the voxel centre along each axis, measured rather than bounded
+        # (max_disp sums all three axes' amplitudes): it sets the tight boxes of reach(). The
+        # 0.01 mm covers float32 rounding of the centres and of the sum (~1e-4 mm at 500 mm).
+        self.disp_mm = [max(float(d.max()), -float(d.min())) + 0.01 for d in disp]
 
     def box(self, center, half) -> tuple[slice, slice, slice] | None:
         """Index slices covering center +- half (mm) plus the warp's reach; None if outside the grid."""
@@ -68,6 +72,24 @@ class _Grid:
 
     def q(self, box):
         return self.qx[box], self.qy[box], self.qz[box]
+
+    def reach(self, box, center, half):
+        """Slices, relative to box, of the voxels whose warped centre can lie within center +- half (mm).
+
+        Unlike box() this is tight (measured displacement per axis, no voxel padding), so it must
+        only decide where to skip work whose result is already known, never a painted region's
+        extent. None when no voxel of box can reach.
+        """
+        out = []
+        for axis, sl, c, h, reach in zip((self.px, self.py, self.pz), box, center, half, self.disp_mm):
+            b0, b1, _ = sl.indices(len(axis))
+            h = h + reach + 1.0  # 1 mm of slack on top of the measured reach
+            lo = max(int(np.searchsorted(axis, c - h)), b0)
+            hi = min(int(np.searchsorted(axis, c + h)), b1)
+            if hi <= lo:
+                return None
+            out.append(slice(lo - b0, hi - b0))
+        return tuple(out)
 
     def index_of(self, point) -> np.ndarray:
         """Fractional voxel index of an (unwarped) patient point."""
@@ -99,13 +121,32 @@ class _Shape:
         self.nod_dirs = rng.normal(size=(6, 3))
         self.nod_phase = rng.uniform(0, 2 * np.pi, size=6)
 
-    def rho(self, grid: _Grid, box) -> np.ndarray:
-        """Normalised radius in the box: < 1 inside, 1 on the perturbed surface."""
+    def rho(self, grid: _Grid, box, skip: bool = True) -> np.ndarray:
+        """Normalised radius in the box: < 1 inside, 1 on the perturbed surface.
+
+        Exact wherever it can be below 1, +inf where the perturbation's bound rules that out.
+        Callers only threshold it at values <= 1, so their masks are those of evaluating every
+        voxel: the voxels kept go through the same float operations in the same order.
+        skip=False evaluates every voxel (the reference the tests hold skipping to).
+        """
         qx, qy, qz = grid.q(box)
-        d = [qx - self.center[0], qy - self.center[1], qz - self.center[2]]
+        # |c| <= 1 below, so pert lies within 1 +- slack; rho < 1 needs rad < pert.
+        slack = float(np.abs(self.lin).sum() + np.abs(self.quad).sum() * 2 / 3 + 6 * abs(self.nodular))
+        lim = (1 + slack) * 1.01 + 1e-3
+        if skip and 1 - slack > 0.05:
+            half = lim * np.sqrt(((self.rot * self.radii) ** 2).sum(axis=1))
+            sub = grid.reach(box, self.center, half)
+            if sub is None:
+                return np.full(qx.shape, np.inf)
+        else:  # pert could approach zero (no bound), or asked to evaluate everywhere
+            sub, lim = (slice(None),) * 3, np.inf
+        d = [qx[sub] - self.center[0], qy[sub] - self.center[1], qz[sub] - self.center[2]]
         r = self.rot.T.astype(np.float32)
         u = [(r[i, 0] * d[0] + r[i, 1] * d[1] + r[i, 2] * d[2]) / np.float32(self.radii[i]) for i in range(3)]
         rad = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + np.float32(1e-6)
+        keep = rad < lim
+        if not keep.all():
+            u, rad = [v[keep] for v in u], rad[keep]
         pert = np.ones_like(rad)
         for k in range(3):
             c = (self.dirs[k, 0] * u[0] + self.dirs[k, 1] * u[1] + self.dirs[k, 2] * u[2]) / rad
@@ -114,7 +155,12 @@ class _Shape:
             for k in range(6):
                 c = (self.nod_dirs[k, 0] * u[0] + self.nod_dirs[k, 1] * u[1] + self.nod_dirs[k, 2] * u[2]) / rad
                 pert += np.float32(self.nodular) * np.sin(np.float32(9.0) * c + np.float32(self.nod_phase[k]))
-        return rad / pert
+        out = np.full(qx.shape, np.inf, dtype=rad.dtype)
+        if rad.shape == keep.shape:
+            out[sub] = rad / pert
+        else:
+            out[sub][keep] = rad / pert
+        return out
 
     def box(self, grid: _Grid):
         return grid.box(self.center, self.radii.max() * 1.35)
@@ -175,18 +221,33 @@ def _sphere(canvas: _Canvas, grid: _Grid, rng, point, diameter_mm: float, hu: fl
     canvas.paint(box, m, hu, label)
 
 
-def _tube_mask(grid: _Grid, box, points: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """Inside a tube along a polyline (points [N,3] mm) with radius per point (linear between)."""
+def _tube_mask(grid: _Grid, box, points: np.ndarray, radii: np.ndarray, skip: bool = True) -> np.ndarray:
+    """Normalised distance to a tube along a polyline (points [N,3] mm) with radius per point
+    (linear between): < 1 inside.
+
+    Exact wherever it is below 1. A segment is evaluated only on the voxels it can reach: elsewhere
+    its distance is >= 1 and cannot lower a minimum that is below 1, so thresholds at 1 see the
+    values of evaluating every segment everywhere (+inf where no segment reaches), which is
+    what skip=False computes.
+    """
     qx, qy, qz = grid.q(box)
     best = np.full(qx.shape, np.inf, dtype=np.float32)
     for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
         ab = b - a
         L2 = float(ab @ ab)
-        t = ((qx - a[0]) * ab[0] + (qy - a[1]) * ab[1] + (qz - a[2]) * ab[2]) / np.float32(L2)
+        if skip and min(ra, rb) > 0:
+            sub = grid.reach(box, (a + b) / 2, np.abs(ab) / 2 + max(ra, rb) * 1.01 + 1e-3)
+            if sub is None:
+                continue
+        else:
+            sub = (slice(None),) * 3
+        sx, sy, sz = qx[sub], qy[sub], qz[sub]
+        t = ((sx - a[0]) * ab[0] + (sy - a[1]) * ab[1] + (sz - a[2]) * ab[2]) / np.float32(L2)
         t = np.clip(t, 0, 1)
-        dx, dy, dz = qx - (a[0] + t * ab[0]), qy - (a[1] + t * ab[1]), qz - (a[2] + t * ab[2])
+        dx, dy, dz = sx - (a[0] + t * ab[0]), sy - (a[1] + t * ab[1]), sz - (a[2] + t * ab[2])
         dist = np.sqrt(dx * dx + dy * dy + dz * dz) / (np.float32(ra) + t * np.float32(rb - ra))
-        np.minimum(best, dist, out=best)
+        part = best[sub]
+        np.minimum(part, dist, out=part)
     return best
 
 
