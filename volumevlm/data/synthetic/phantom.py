@@ -41,17 +41,20 @@ class _Grid:
     def __init__(self, px: np.ndarray, py: np.ndarray, pz: np.ndarray, spacing, warp_terms):
         self.px, self.py, self.pz = px, py, pz
         self.spacing = np.asarray(spacing, dtype=np.float64)
-        X, Y, Z = np.meshgrid(px.astype(np.float32), py.astype(np.float32), pz.astype(np.float32), indexing="ij")
+        # Broadcast axes rather than a meshgrid: each voxel sees the same float32 operations in the
+        # same order, but the products with the wave vector are taken once per axis value.
+        X, Y, Z = px.astype(np.float32)[:, None, None], py.astype(np.float32)[None, :, None], pz.astype(np.float32)[None, None, :]
+        shape = (len(px), len(py), len(pz))
         # Smooth displacement field: a few long-wavelength sinusoids per axis (mm).
         disp = []
         for terms in warp_terms:
-            d = np.zeros_like(X)
+            d = np.zeros(shape, dtype=np.float32)
             for amp, wv, phase in terms:
                 d += np.float32(amp) * np.sin(np.float32(wv[0]) * X + np.float32(wv[1]) * Y + np.float32(wv[2]) * Z + np.float32(phase))
             disp.append(d)
         self.max_disp = float(sum(abs(a) for terms in warp_terms for a, _, _ in terms))
         self.qx, self.qy, self.qz = X + disp[0], Y + disp[1], Z + disp[2]
-        self.shape = X.shape
+        self.shape = shape
         # How far q strays from the voxel centre along each axis, measured rather than bounded
         # (max_disp sums all three axes' amplitudes): it sets the tight boxes of reach(). The
         # 0.01 mm covers float32 rounding of the centres and of the sum (~1e-4 mm at 500 mm).
