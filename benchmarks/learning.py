@@ -28,7 +28,8 @@ compared checkpoint is found without ``--budget-from``.
 
 ``--compare METRICS_JSON`` (``volumevlm evaluate``'s metrics.json of our model on the same
 cohort and splits) puts our zero-shot, ``linear_probe`` and ``baseline.voxel_probe``
-figures beside the supervised one, macro and per finding.
+figures (and, when the checkpoint has the heads, ``zero_shot_anatomy``, ``organ_probe``
+and ``baseline.organ_voxel_probe``) beside the supervised one, macro and per finding.
 
 Prints a table and writes ``benchmarks/results/learning-<device>-<date>[-TAG].json``
 naming the device, versions, date, command, budget, steps done and seconds per step.
@@ -69,10 +70,13 @@ TRAIN_SPLIT = "train"
 EVAL_SPLITS = "val,test"
 SYNTHETIC_NOTE = "synthetic cohort, NOT clinical data"
 # Sections of a ``volumevlm evaluate`` metrics.json shown beside the supervised figures.
-LABELS = {"zero_shot": "zero-shot\n(ours)", "linear_probe": "linear probe\n(ours)",
-          "baseline.voxel_probe": "voxel probe\n(no model)"}
-COMPARED = (("zero_shot", ("zero_shot",)), ("linear_probe", ("linear_probe",)),
-            ("baseline.voxel_probe", ("baseline", "voxel_probe")))
+LABELS = {"zero_shot": "zero-shot\n(ours)", "zero_shot_anatomy": "zero-shot,\norgan systems",
+          "linear_probe": "linear probe\n(ours)", "organ_probe": "organ probe\n(ours)",
+          "baseline.voxel_probe": "voxel probe\n(no model)", "baseline.organ_voxel_probe": "organ HU\n(no encoder)"}
+COMPARED = (("zero_shot", ("zero_shot",)), ("zero_shot_anatomy", ("zero_shot_anatomy",)),
+            ("linear_probe", ("linear_probe",)), ("organ_probe", ("organ_probe",)),
+            ("baseline.voxel_probe", ("baseline", "voxel_probe")),
+            ("baseline.organ_voxel_probe", ("baseline", "organ_voxel_probe")))
 
 
 # ---------------------------------------------------------------------- input

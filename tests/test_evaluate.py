@@ -30,6 +30,7 @@ from volumevlm.eval.probes import probe_section, voxel_features
 from volumevlm.io import read_volume
 from volumevlm.metrics import dice_per_label, macro_auroc, macro_auroc_interval, per_finding_auroc, pool_recall, recall_at_k
 from volumevlm.metrics.report import report_metrics
+from volumevlm.models.zero_shot import zero_shot_from_sections
 from volumevlm.text.phecodes import icd10_to_phecodes
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
 
@@ -106,7 +107,7 @@ def test_metrics_json_has_every_key_and_plot(evaluated, runs):
     assert metrics["n_cases"] == COHORT_CASES and metrics["split"] == SPLIT
     assert metrics["synthetic"] == "synthetic data: not clinical" and "not clinical" in metrics["note"]
     assert metrics["checkpoint"] == str(runs["full"].resolve())
-    assert metrics["heads"] == ["report", "segmentation"]
+    assert metrics["heads"] == ["anatomy", "report", "segmentation"]
     assert "torch" in metrics["versions"] and metrics["device"]["type"] == "cpu"
     for name in PLOTS:
         assert (out / name).is_file() and (out / name).read_bytes()[:4] == b"\x89PNG", name
@@ -118,6 +119,9 @@ def test_metrics_json_has_every_key_and_plot(evaluated, runs):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     # Evaluated on the split the probes are fitted on: they say so rather than score it.
     assert "train" in metrics["linear_probe"]["skipped"] and "train" in metrics["baseline"]["voxel_probe"]["skipped"]
+    assert "train" in metrics["organ_probe"]["skipped"]
+    # report_demo fits the anatomy head: zero-shot is also read in the organ-system embeddings.
+    assert metrics["zero_shot_anatomy"]["findings_scored"] == metrics["zero_shot"]["findings_scored"]
 
 
 def test_zero_shot_phenotype_and_retrieval_figures_match_a_hand_computation(evaluated, by_hand):
@@ -223,6 +227,13 @@ def test_a_checkpoint_without_heads_reports_skipped_sections_on_the_command_line
     assert metrics["command"].startswith("volumevlm evaluate")
     assert not (out / "dice_boxplot.png").exists() and (out / "retrieval_recall.png").is_file()
     assert "linear probe AUROC" in printed and "voxel probe AUROC" in printed
+    assert metrics["organ_probe"] == {"skipped": "no segmentation head (the organs are the model's own)"}
+    assert "no anatomy head" in metrics["zero_shot_anatomy"]["skipped"]
+    image = read_manifest(runs["cohort"] / "manifest.jsonl").rows[0]["image"]
+    code = cli_main(["zero-shot", "-m", str(runs["plain"]), "-i", str(image), "--anatomy"])
+    assert code != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no anatomy head" in error[0] and "experiment=report_demo" in error[0]
 
     # The yardsticks, by hand: probes fitted on the train split's embeddings / voxel
     # features (each case preprocessed and encoded here), scored on val + test.
@@ -261,6 +272,60 @@ def test_bad_arguments_fail_in_one_line(runs, capsys, tmp_path):
     assert cli_main(["evaluate", "--checkpoint", str(runs["plain"]), *common, "--label-efficiency", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "metrics.json" in err
+
+
+def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
+    """The organ probe (frozen tokens averaged inside the organs the checkpoint's own
+    segmentation head finds) and its model-free companion (each organ's size and HU
+    histogram), fitted on train and scored on val + test, equal the same probes fitted on
+    features computed here case by case."""
+    from volumevlm.models.anatomy import organ_histograms, organ_labels, organ_token_means
+    from volumevlm.models.report import encoder_features
+
+    metrics = evaluate(runs["full"], runs["cohort"], runs["root"] / "eval_organs", split="val,test", batch_size=8,
+                       progress=False)
+    model = volumevlm.load(runs["full"])
+    seg = model.head("segmentation")
+    classes = seg.config.num_classes
+    rows = read_manifest(runs["cohort"] / "manifest.jsonl").rows
+    train = [row for row in rows if row["split"] == "train"]
+    held_out = [row for row in rows if row["split"] in ("val", "test")]
+    names = list(dict.fromkeys(k for row in held_out for k in row["findings"]))
+
+    def features(case_rows):
+        with torch.no_grad():
+            images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in case_rows])
+            tokens, grid = encoder_features(model.encoder(images))
+            labels = organ_labels(seg, images)
+            return (organ_token_means(tokens, grid, labels, classes).flatten(1).numpy(),
+                    organ_histograms(images, labels, classes).flatten(1).numpy(),
+                    np.array([[row["findings"].get(k, -1) for k in names] for row in case_rows], dtype=float))
+
+    (train_tok, train_hist, train_y), (eval_tok, eval_hist, eval_y) = features(train), features(held_out)
+    # Zero-shot in the anatomy head's organ-system embeddings, by hand.
+    anatomy = model.head("anatomy")
+    with torch.no_grad():
+        images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in held_out])
+        section_emb = anatomy(torch.from_numpy(eval_tok).view(len(held_out), classes - 1, -1))
+        scores, keys, read_in = zero_shot_from_sections(model, model.encode_image(images), section_emb, anatomy,
+                                                        findings=names)
+    expected, used = macro_auroc(scores.numpy(), eval_y)
+    zs = metrics["zero_shot_anatomy"]
+    assert zs["findings_scored"] == used > 0 and zs["macro_auroc"] == pytest.approx(expected, abs=1e-3)
+    assert zs["read_in"] == dict(zip(names, read_in)) and set(read_in) - {None} <= set(anatomy.sections)
+    assert any(read_in)  # at least one finding is read in its organ system
+    # The Python verb gives the same probabilities from the files.
+    verb = model.zero_shot([row["image"] for row in held_out[:3]], findings=names, anatomy=True)
+    for row, probs in zip(scores[:3], verb):
+        assert list(probs) == names
+        np.testing.assert_allclose(list(probs.values()), row.numpy(), atol=1e-4)
+    assert train_tok.shape[1] == (classes - 1) * model.encoder.config.dim
+    for section, fit_x, eval_x in ((metrics["organ_probe"], train_tok, eval_tok),
+                                   (metrics["baseline"]["organ_voxel_probe"], train_hist, eval_hist)):
+        expected = probe_section(fit_x, train_y, eval_x, eval_y, names, features="")
+        assert section["feature_dim"] == fit_x.shape[1] and section["train_cases"] == len(train)
+        assert section["findings_scored"] == expected["findings_scored"] > 0
+        assert section["macro_auroc"] == pytest.approx(expected["macro_auroc"], abs=1e-3)
 
 
 def test_text_retrieval_matches_a_hand_computation_over_the_index_sections(evaluated, by_hand, runs):

@@ -548,14 +548,28 @@ def test_wordpiece_text_is_tidied():
 
 
 def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrained, cohort, tmp_path):
+    from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
     from volumevlm.train.cli import run_task
 
+    def config(init_from):
+        return shrunk_config(
+            cohort, tmp_path / "out", "experiment=report_demo", f"init_from={init_from}",
+            "trainer.max_steps=3", "trainer.check_val_every_n_epoch=1", "data.batch_size=4",
+            *(f"report.head.{key}={value}" for key, value in {**TINY_HEAD, "max_new_tokens": 8}.items()),
+        )
+
+    # report_demo's findings classifier reads the organs of the model's own segmentation head.
+    with pytest.raises(VolumeVLMError, match="experiment=segment_demo") as err:
+        run_task(config(pretrained))
+    assert "\n" not in str(err.value)
+    with_organs = volumevlm.load(pretrained)
+    torch.manual_seed(0)
+    seg = SegmentationNet.from_encoder(with_organs.encoder,
+                                       SegmentationConfig(feature_size=4, roi_size=with_organs.preprocess.spatial_size))
+    with_organs.attach_head("segmentation", seg.eval())
+    pretrained = with_organs.save_pretrained(tmp_path / "with_organs")
     out = tmp_path / "out"
-    cfg = shrunk_config(
-        cohort, out, "experiment=report_demo", f"init_from={pretrained}",
-        "trainer.max_steps=3", "trainer.check_val_every_n_epoch=1", "data.batch_size=4",
-        *(f"report.head.{key}={value}" for key, value in {**TINY_HEAD, "max_new_tokens": 8}.items()),
-    )
+    cfg = config(pretrained)
     assert cfg.task == "report"
     metrics, objects = run_task(cfg)
     assert objects["trainer"].global_step == 3
@@ -565,8 +579,10 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     model_dir = Path(objects["model_dir"])
     assert model_dir == (out / "model").resolve()
     loaded = volumevlm.load(model_dir)
-    assert loaded.has_head("report") and not loaded.has_head("segmentation")
+    assert loaded.has_head("report") and loaded.has_head("segmentation")
     assert loaded.head("report").config.max_new_tokens == 8
+    assert loaded.head("report").config.findings_features == "organs"
+    assert loaded.head("report").config.organ_classes == seg.config.num_classes
     config = json.loads((model_dir / "config.json").read_text())
     report_provenance = config["provenance"]["heads"]["report"]
     assert report_provenance["global_step"] == 3 and config["provenance"]["synthetic"] is True
@@ -587,3 +603,7 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     assert all(torch.equal(before[k], after[k]) for k in before)
     texts = generate_reports(loaded, torch.rand(1, 1, 32, 32, 16))
     assert len(texts) == 1 and texts[0].startswith("FINDINGS:")
+    # An organs head asked for calls without organ features says how to get them.
+    tokens = torch.zeros(1, 8 * 8 * 4, loaded.encoder.config.dim)
+    with pytest.raises(VolumeVLMError, match="image_finding_features"):
+        loaded.head("report").generate(tokens, grid=(8, 8, 4))

@@ -204,21 +204,29 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     Returns {"image_emb" [N, E], "phenotype_logits" [N, V], "text_emb" [N, E] (zero rows
     without a report, or everywhere when not ``texts``), "has_report" bool [N],
     "voxel_features" [N, D] (:func:`volumevlm.eval.probes.voxel_features` of the
-    preprocessed volumes), "generated" list[str] (report head, when ``generate``), "ids"}.
+    preprocessed volumes), "generated" list[str] (report head, when ``generate``), "ids"};
+    with a segmentation head also "organ_tokens" [N, K*C] and "organ_histograms"
+    [N, K*(1 + bins)] (:mod:`volumevlm.models.anatomy`, inside the organs that head finds),
+    and with an anatomy head "section_emb" [N, S, E] (its organ-system embeddings).
     The encoder runs once per batch: embedding, phenotype logits and the report head's
-    visual tokens all come from that one output."""
+    visual tokens all come from that one output, and the segmentation head once per batch
+    too (the organ features and an ``organs`` report head's findings share it)."""
     from torch.utils.data import DataLoader
 
     from volumevlm.data.datasets import PretrainDataset, collate_cases
     from volumevlm.eval.probes import voxel_features
-    from volumevlm.models.report import encoder_features
+    from volumevlm.models.anatomy import cached_organ_labels, organ_histograms, organ_token_means
+    from volumevlm.models.report import encoder_features, image_finding_features
 
     dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
+    segmentation = model.heads["segmentation"] if "segmentation" in model.heads else None
     loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=0, collate_fn=collate_cases)
     head = model.head("report") if generate else None
     task = progress.add_task(what + (" + reports" if generate else ""), total=len(dataset)) if progress else None
     image_emb, logits, text_emb, has_report, generated, ids, voxels = [], [], [], [], [], [], []
     oracle: list[str | None] = []
+    organ_tokens, organ_hist, section_emb = [], [], []
+    anatomy = model.heads["anatomy"] if "anatomy" in model.heads and segmentation is not None else None
     for batch in loader:
         voxels.append(voxel_features(batch["image"], model.preprocess.hu_window))
         images = batch["image"].to(model.device, dtype=torch.float32)
@@ -233,9 +241,24 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         text_emb.append(rows_text)
         has_report.extend(mask)
         ids.extend(batch["id"])
+        tokens, grid = encoder_features(out)
+        organs = None
+        if segmentation is not None:
+            classes = int(segmentation.config.num_classes)
+            labels = cached_organ_labels(segmentation, images, cache_dir)
+            organs = (organ_token_means(tokens, grid, labels, classes), organ_histograms(images, labels, classes))
+            organ_tokens.append(organs[0].flatten(1).float().cpu())
+            organ_hist.append(organs[1].flatten(1).float().cpu())
+            if anatomy is not None:
+                section_emb.append(anatomy(organs[0]).float().cpu())
         if head is not None:
-            tokens, grid = encoder_features(out)
-            generated.extend(head.generate(tokens, grid=grid))
+            calls = None
+            if head.config.findings and head.config.findings_features == "organs":
+                if organs is None:
+                    model.head("segmentation")  # the one-line error naming the recipe
+                features = image_finding_features(head, tokens, grid, organs=organs)
+                calls = head.findings_calls(head.predict_findings(None, features=features))
+            generated.extend(head.generate(tokens, grid=grid, findings=calls))
             if head.config.findings:
                 # The same decoder written from the labeler's reading of the true report:
                 # separates what the image's findings calls cost from what the decoder does.
@@ -252,6 +275,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         "text_emb": torch.cat(text_emb),
         "has_report": torch.tensor(has_report, dtype=torch.bool),
         "voxel_features": torch.cat(voxels),
+        **({"organ_tokens": torch.cat(organ_tokens), "organ_histograms": torch.cat(organ_hist)} if organ_tokens else {}),
+        **({"section_emb": torch.cat(section_emb)} if section_emb else {}),
         "generated": generated,
         "generated_from_true_findings": oracle,
         "ids": ids,
@@ -259,6 +284,37 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
 
 # ---------------------------------------------------------------------- protocols
+
+
+def zero_shot_anatomy_section(model, encoded, rows, prompts) -> dict[str, Any]:
+    """Zero-shot read in the anatomy head's organ-system embeddings
+    (:func:`volumevlm.models.zero_shot.zero_shot_from_sections`): the same prompts, cases
+    and figures as ``zero_shot``, each finding scored in the section its head routes it
+    to (``read_in``; the global embedding where none)."""
+    from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
+    from volumevlm.models.zero_shot import resolve_prompt_set, zero_shot_from_sections
+
+    if "section_emb" not in encoded:
+        return {"skipped": "no anatomy head (fitted by the report task with report.anatomy=true)"}
+    prompt_set = resolve_prompt_set(prompts, model)
+    labelled = {str(k) for row in rows for k in (row.get("findings") or {})}
+    keys = [k for k in prompt_set.keys if k in labelled]
+    if not keys:
+        return {"skipped": f"no finding labels of prompt set {prompt_set.name!r} in the split's manifest rows"}
+    targets = np.array([[float((row.get("findings") or {}).get(k, -1)) for k in keys] for row in rows])
+    scores, _, read_in = zero_shot_from_sections(model, encoded["image_emb"], encoded["section_emb"],
+                                                 model.head("anatomy"), prompt_set, keys)
+    scores = scores.numpy()
+    macro, used = macro_auroc(scores, targets)
+    return {
+        "macro_auroc": macro if used else None,
+        "macro_auroc_ci95": macro_auroc_interval(scores, targets) if used else None,
+        "per_finding": per_finding_auroc(scores, targets, keys),
+        "read_in": dict(zip(keys, read_in)),
+        "findings_scored": used,
+        "prompt_set": prompt_set.name,
+        "chance": 0.5,
+    }
 
 
 def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool) -> tuple[dict[str, Any], str | None]:
@@ -334,22 +390,28 @@ PROBE_SPLIT = "train"
 
 
 def probe_sections(model, encoded, rows, data: Path, split: str, batch_size: int, cache_dir=None,
-                   progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The yardsticks (:mod:`volumevlm.eval.probes`): (``linear_probe``, ``baseline``), each
-    a logistic probe per finding fitted on the cohort's train split (encoded here, images
-    only) and scored on the evaluated cases against the manifest's finding labels."""
+                   progress=None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The yardsticks (:mod:`volumevlm.eval.probes`): (``linear_probe``, ``organ_probe``,
+    ``baseline``), each a logistic probe per finding fitted on the cohort's train split
+    (encoded here, images only) and scored on the evaluated cases against the manifest's
+    finding labels.
+
+    ``organ_probe`` (models with a segmentation head): the same regression on the frozen
+    encoder tokens averaged inside each organ the model's own segmentation head finds;
+    ``baseline.organ_voxel_probe`` is its model-free companion inside the same organs
+    (each organ's size and HU histogram), so the two compare on equal anatomical footing."""
     from volumevlm.data.manifest import read_manifest
     from volumevlm.eval.probes import probe_section
 
     if PROBE_SPLIT in [s.strip() for s in str(split).split(",")]:
         why = f"the evaluated split includes {PROBE_SPLIT!r}, the split the probes are fitted on"
-        return {"skipped": why}, {"voxel_probe": {"skipped": why}}
+        return {"skipped": why}, {"skipped": why}, {"voxel_probe": {"skipped": why}}
     train_rows = [row for row in read_manifest(Path(data) / MANIFEST_NAME).rows if row.get("split") == PROBE_SPLIT]
     labelled = [name for name in dict.fromkeys(str(k) for row in rows for k in (row.get("findings") or {}))
                 if any(name in (row.get("findings") or {}) for row in train_rows)]
     if not labelled:
         why = f"no finding labelled in both the evaluated cases and the {PROBE_SPLIT!r} split of the manifest"
-        return {"skipped": why}, {"voxel_probe": {"skipped": why}}
+        return {"skipped": why}, {"skipped": why}, {"voxel_probe": {"skipped": why}}
 
     def targets(case_rows):
         return np.array([[float((row.get("findings") or {}).get(k, -1)) for k in labelled] for row in case_rows])
@@ -361,7 +423,15 @@ def probe_sections(model, encoded, rows, data: Path, split: str, batch_size: int
                            features="frozen image embeddings (unit, shared space)")
     voxel = probe_section(fit["voxel_features"].numpy(), train_y, encoded["voxel_features"].numpy(), eval_y, labelled,
                           features="coarsely pooled voxel intensities + HU histogram of the preprocessed volume")
-    return linear, {"voxel_probe": voxel}
+    baseline = {"voxel_probe": voxel}
+    if "organ_tokens" not in encoded:
+        return linear, {"skipped": "no segmentation head (the organs are the model's own)"}, baseline
+    organ = probe_section(fit["organ_tokens"].numpy(), train_y, encoded["organ_tokens"].numpy(), eval_y, labelled,
+                          features="frozen encoder tokens averaged inside each organ of the model's own segmentation")
+    baseline["organ_voxel_probe"] = probe_section(
+        fit["organ_histograms"].numpy(), train_y, encoded["organ_histograms"].numpy(), eval_y, labelled,
+        features="size and HU histogram of each organ of the model's own segmentation (no encoder)")
+    return linear, organ, baseline
 
 
 def visible_phecodes(option: str | None, synthetic: bool) -> list[str] | None:
@@ -674,6 +744,7 @@ def evaluate(
         t0 = time.perf_counter()
         metrics["zero_shot"], plot = zero_shot_section(model, encoded, rows, prompts, out, synthetic)
         plots += [plot] if plot else []
+        metrics["zero_shot_anatomy"] = zero_shot_anatomy_section(model, encoded, rows, prompts)
         metrics["phenotypes"] = phenotype_section(model, encoded, rows, visible_phecodes(visible_codes, synthetic))
         metrics["retrieval"], more = retrieval_section(encoded, out, synthetic)
         plots += more
@@ -684,7 +755,7 @@ def evaluate(
         timings["text_retrieval_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        metrics["linear_probe"], metrics["baseline"] = probe_sections(
+        metrics["linear_probe"], metrics["organ_probe"], metrics["baseline"] = probe_sections(
             model, encoded, rows, data, split, batch_size, cache_dir=cache_dir, progress=bar)
         timings["probes_s"] = time.perf_counter() - t0
 
@@ -712,7 +783,7 @@ def evaluate(
         "split": split,
         "split_counts": split_counts,
         "n_cases": len(rows),
-        "heads": sorted(name for name in ("segmentation", "report") if model.has_head(name)),
+        "heads": sorted(name for name in ("segmentation", "report", "anatomy") if model.has_head(name)),
         "device": device_description(model.device),
         "versions": package_versions("volumevlm", "torch", "monai", "transformers", "numpy"),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -761,6 +832,10 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     if "skipped" not in zs:
         rows.append((f"zero-shot AUROC (macro, {zs.get('findings_scored')} findings) [95% CI]",
                      _fmt_ci(zs.get("macro_auroc"), zs.get("macro_auroc_ci95")), "0.500"))
+    za = metrics.get("zero_shot_anatomy", {})
+    if za and "skipped" not in za:
+        rows.append((f"zero-shot AUROC, organ-system embeddings ({za.get('findings_scored')} findings) [95% CI]",
+                     _fmt_ci(za.get("macro_auroc"), za.get("macro_auroc_ci95")), "0.500"))
     probe, voxel = metrics.get("linear_probe", {}), metrics.get("baseline", {}).get("voxel_probe", {})
     if probe and "skipped" not in probe:
         rows.append((f"linear probe AUROC (image embeddings, {probe.get('findings_scored')} findings) [95% CI]",
@@ -768,6 +843,13 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     if voxel and "skipped" not in voxel:
         rows.append((f"voxel probe AUROC (baseline, no model, {voxel.get('findings_scored')} findings) [95% CI]",
                      _fmt_ci(voxel.get("macro_auroc"), voxel.get("macro_auroc_ci95")), "0.500"))
+    organ, organ_voxel = metrics.get("organ_probe", {}), metrics.get("baseline", {}).get("organ_voxel_probe", {})
+    if organ and "skipped" not in organ:
+        rows.append((f"organ probe AUROC (tokens in the model's organs, {organ.get('findings_scored')} findings) [95% CI]",
+                     _fmt_ci(organ.get("macro_auroc"), organ.get("macro_auroc_ci95")), "0.500"))
+    if organ_voxel and "skipped" not in organ_voxel:
+        rows.append(("organ voxel probe AUROC (baseline, HU in the same organs) [95% CI]",
+                     _fmt_ci(organ_voxel.get("macro_auroc"), organ_voxel.get("macro_auroc_ci95")), "0.500"))
     if "skipped" not in ph:
         rows.append((f"phenotype AUROC (macro, {ph.get('codes_scored')} codes) [95% CI]",
                      _fmt_ci(ph.get("macro_auroc"), ph.get("macro_auroc_ci95")), "0.500"))
@@ -803,8 +885,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             rows.append(("report clinical F1, true findings given", _fmt(rep["from_true_findings"].get("clinical_f1")), "-"))
         rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
         rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
-    sections = {name: metrics.get(name, {}) for name in ("zero_shot", "linear_probe", "phenotypes", "retrieval",
-                                                          "text_retrieval", "segmentation", "report")}
+    sections = {name: metrics.get(name, {}) for name in ("zero_shot", "zero_shot_anatomy", "linear_probe", "organ_probe", "phenotypes",
+                                                          "retrieval", "text_retrieval", "segmentation", "report")}
     sections["baseline.voxel_probe"] = metrics.get("baseline", {}).get("voxel_probe", {})
     for name, section in sections.items():
         if "skipped" in section:

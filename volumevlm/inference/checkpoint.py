@@ -40,11 +40,12 @@ class VolumeVLM(vlm.VolumeVLM):
 
         return retrieve(self, x, k=k, index=index, kind=kind)
 
-    def zero_shot(self, x: Any, findings: Sequence[str] | None = None, prompts: Any = None):
-        """{finding: P(present)} with a prompt set (default: the checkpoint's, else "synthetic")."""
+    def zero_shot(self, x: Any, findings: Sequence[str] | None = None, prompts: Any = None, anatomy: bool = False):
+        """{finding: P(present)} with a prompt set (default: the checkpoint's, else "synthetic");
+        ``anatomy``: each finding read in its organ system's embedding (the anatomy head)."""
         from volumevlm.inference import pipeline
 
-        return pipeline.zero_shot(self, x, findings=findings, prompts=prompts)
+        return pipeline.zero_shot(self, x, findings=findings, prompts=prompts, anatomy=anatomy)
 
     def phenotypes(self, x: Any, top_k: int | None = 10):
         """[(phecode, description, probability)], most likely first."""

@@ -1,7 +1,7 @@
 """One-shot CLI verbs, thin wrappers over the Python API of a checkpoint::
 
     volumevlm embed       -m CKPT -i IN... [-o OUT.safetensors|.npy|.npz|.json]
-    volumevlm zero-shot   -m CKPT -i IN... [-o OUT.json] [--findings a,b] [--prompts SET_OR_YAML]
+    volumevlm zero-shot   -m CKPT -i IN... [-o OUT.json] [--findings a,b] [--prompts SET_OR_YAML] [--anatomy]
     volumevlm phenotypes  -m CKPT -i IN... [-o OUT.json] [--top-k N|all]
     volumevlm segment     -m CKPT -i IN... -o MASK.nii.gz|SEG.dcm|FOLDER [--format nifti|dicom-seg] [--statistics STATS.json|.csv]
     volumevlm retrieve    -m CKPT -i IN... --index DIR [-k N] [--kind report|image|all] [-o OUT.json]
@@ -203,6 +203,8 @@ def _zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser, "JSON {results: {input: {finding: P(present)}}} (default: a table on stdout)")
     parser.add_argument("--findings", help="comma-separated findings to score (default: every finding of the prompt set)")
     parser.add_argument("--prompts", help="prompt set: bundled name or YAML file (default: the checkpoint's own, else synthetic)")
+    parser.add_argument("--anatomy", action="store_true",
+                        help="read each finding in its organ system's embedding (needs the anatomy and segmentation heads)")
 
 
 def split_list(text: str | None) -> list[str] | None:
@@ -224,7 +226,9 @@ def _zero_shot_run(args: argparse.Namespace) -> int:
     findings = split_list(args.findings)
     model = _load(args)
     prompt_set = resolve_prompt_set(args.prompts, model)  # a bad prompt set fails before any image is read
-    results = model.zero_shot(inputs, findings=findings, prompts=prompt_set)
+    for head in ("anatomy", "segmentation") if args.anatomy else ():
+        model.head(head)  # a missing head fails before any image is read, naming the recipe
+    results = model.zero_shot(inputs, findings=findings, prompts=prompt_set, anatomy=args.anatomy)
     by_source = dict(zip(inputs, results))
     if not args.output:
         names = list(results[0])

@@ -54,6 +54,7 @@ from volumevlm.models.zero_shot import (  # noqa: F401 (default_prompt_set, with
     resolve_prompt_set,
     with_findings,
     zero_shot_from_embeddings,
+    zero_shot_from_sections,
 )
 
 UPSAMPLE_MODES = ("linear", "nearest")
@@ -209,14 +210,46 @@ def embed(model, x: Any) -> torch.Tensor:
 # ---------------------------------------------------------------------- prompts / zero-shot
 
 
-def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any = None):
-    """{finding: P(present)} per input (a list of dicts for a list)."""
+def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any = None, anatomy: bool = False):
+    """{finding: P(present)} per input (a list of dicts for a list).
+
+    anatomy: read each finding in its organ system's embedding (the checkpoint's anatomy
+    and segmentation heads, :func:`volumevlm.models.zero_shot.zero_shot_from_sections`)
+    instead of the global image embedding; a checkpoint without them says how to fit them."""
     prompt_set = resolve_prompt_set(prompts, model)  # a bad prompt set fails before any image is read
-    emb = embed(model, x)
-    many = emb.dim() == 2
-    probs, names = zero_shot_from_embeddings(model, emb if many else emb[None], prompt_set, findings)
+    if anatomy:
+        head, segmentation = model.head("anatomy"), model.head("segmentation")
+        emb, sections = _anatomy_embeddings(model, x, head, segmentation)
+        many = emb.dim() == 2
+        probs, names, _ = zero_shot_from_sections(model, emb if many else emb[None],
+                                                  sections if many else sections[None], head, prompt_set, findings)
+    else:
+        emb = embed(model, x)
+        many = emb.dim() == 2
+        probs, names = zero_shot_from_embeddings(model, emb if many else emb[None], prompt_set, findings)
     results = [{name: float(p) for name, p in zip(names, row.tolist())} for row in probs]
     return results if many else results[0]
+
+
+def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit global embeddings [E] or [N, E], section embeddings [S, E] or [N, S, E]) of x:
+    one encoder pass and one segmentation pass per input."""
+    from volumevlm.models.anatomy import organ_labels, organ_token_means
+    from volumevlm.models.report import encoder_features
+
+    items, many = iter_items(x, model)
+    globals_, sections = [], []
+    with inference_mode(model):
+        for item in items:
+            images = _batch(item, model)
+            out = model.encoder(images)
+            globals_.append(F.normalize(model.image_projection(out.pooled), dim=-1)[0].float().cpu())
+            tokens, grid = encoder_features(out)
+            labels = organ_labels(segmentation, images)
+            sections.append(head(organ_token_means(tokens, grid, labels, segmentation.config.num_classes))[0].float().cpu())
+    if many:
+        return torch.stack(globals_), torch.stack(sections)
+    return globals_[0], sections[0]
 
 
 # ---------------------------------------------------------------------- phenotypes

@@ -71,6 +71,8 @@ from volumevlm.text.sections import IMPRESSION_HEADER, SECTIONS, split_report
 IGNORE_INDEX = -100
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_SECTION_NAMES: tuple[str, ...] = (*SECTIONS, IMPRESSION_HEADER)
+# What the findings classifier may read (ReportConfig.findings_features).
+FINDINGS_FEATURES = ("grid", "organs")
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty",
                    "do_sample", "top_p", "temperature")
 
@@ -107,7 +109,12 @@ class ReportConfig:
     it reads long before it learns what 18 new prefix embeddings mean. ``section_findings``
     names the findings each section's prompt may carry (section -> findings, fitted from
     the training reports by :func:`section_findings_of`); a section it does not list, and
-    IMPRESSION, carry every present finding.
+    IMPRESSION, carry every present finding. ``findings_features``: what the findings
+    classifier reads at inference: ``grid`` (the mean and max over the encoder's grid
+    tokens, :func:`finding_features`) or ``organs`` (the tokens averaged inside each organ
+    of the model's own segmentation, plus each organ's size and HU histogram:
+    :func:`image_finding_features`; needs a segmentation head, whose class count is kept
+    as ``organ_classes`` when the classifier is fitted).
 
     Generation defaults: ``max_new_tokens`` (per section when ``sections``),
     ``num_beams`` (1 = greedy), ``repetition_penalty`` (1.0 = off),
@@ -147,6 +154,8 @@ class ReportConfig:
     findings_noise: float = 0.01
     findings_in_prompt: bool = False
     section_findings: dict[str, tuple[str, ...]] | None = None
+    findings_features: str = "grid"
+    organ_classes: int = 0
 
     def __post_init__(self):
         self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
@@ -160,6 +169,11 @@ class ReportConfig:
         else:
             self.findings = ()
         self.findings_in_prompt = bool(self.findings_in_prompt)
+        if self.findings_features not in FINDINGS_FEATURES:
+            raise VolumeVLMError(f"report config: findings_features must be one of {list(FINDINGS_FEATURES)}, "
+                                 f"got {self.findings_features!r}")
+        if isinstance(self.organ_classes, bool) or not isinstance(self.organ_classes, int) or self.organ_classes < 0:
+            raise VolumeVLMError(f"report config: organ_classes must be an integer >= 0, got {self.organ_classes!r}")
         if self.findings_in_prompt and not self.findings:
             raise VolumeVLMError("report config: findings_in_prompt needs findings (report.head.findings or condition_on_findings)")
         if self.section_findings is not None:
@@ -247,6 +261,18 @@ def grid_coordinates(grid: Sequence[int], device=None) -> torch.Tensor:
     """Token centres in [-1, 1] per axis, float32 [gx*gy*gz, 3], x-major (the encoder's token order)."""
     axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2.0 - 1.0 for n in grid]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def finding_feature_width(config: "ReportConfig", encoder_dim: int) -> int:
+    """Input width of the findings classifier of a head with ``config`` on an encoder of width C."""
+    if config.findings_features == "organs":
+        from volumevlm.models.anatomy import ORGAN_HU_BINS
+
+        if config.organ_classes < 2:
+            raise VolumeVLMError("report config: findings_features=organs needs organ_classes (the segmentation "
+                                 "head's class count, background included)")
+        return (config.organ_classes - 1) * (int(encoder_dim) + 1 + ORGAN_HU_BINS)
+    return 2 * int(encoder_dim)
 
 
 def finding_features(tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
@@ -490,7 +516,7 @@ class ReportGenerator(nn.Module):
             # volumevlm.train.report.fit_findings_classifier) predicts the findings at
             # inference, so no report is needed; the decoder reads one prefix token per
             # finding: the learned "absent" and "present" embeddings mixed by P(present).
-            self.findings_classifier = nn.Linear(2 * self.encoder_dim, n)
+            self.findings_classifier = nn.Linear(finding_feature_width(config, self.encoder_dim), n)
             nn.init.zeros_(self.findings_classifier.weight)
             nn.init.zeros_(self.findings_classifier.bias)
             self.register_buffer("finding_thresholds", torch.full((n,), 0.5))
@@ -702,10 +728,25 @@ class ReportGenerator(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict_findings(self, encoder_tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
-        """P(present) float [B, F] over ``config.findings`` from the image alone (the findings classifier)."""
+    def predict_findings(self, encoder_tokens: torch.Tensor | None, grid: Sequence[int] | None = None,
+                         features: torch.Tensor | None = None) -> torch.Tensor:
+        """P(present) float [B, F] over ``config.findings`` from the image alone (the findings
+        classifier). ``features``: the classifier's input, precomputed (required for an
+        ``organs`` head: :func:`image_finding_features` computes it with the model's
+        segmentation head); else the grid features of ``encoder_tokens``."""
         self._need_findings()
-        return torch.sigmoid(self.findings_classifier(finding_features(encoder_tokens, grid).to(self.findings_classifier.weight.dtype)))
+        if features is None:
+            if self.config.findings_features != "grid":
+                raise VolumeVLMError(
+                    "report head: its findings classifier reads organ features; compute them with "
+                    "volumevlm.models.report.image_finding_features(head, tokens, grid, images, "
+                    "model.head('segmentation')), or call generate_reports")
+            features = finding_features(encoder_tokens, grid)
+        weight = self.findings_classifier.weight
+        if features.ndim != 2 or features.shape[1] != weight.shape[1]:
+            raise VolumeVLMError(f"report head: findings features {list(features.shape)}, the classifier reads "
+                                 f"[B, {weight.shape[1]}]")
+        return torch.sigmoid(self.findings_classifier(features.to(weight.device, weight.dtype)))
 
     def findings_calls(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Present (1.0) / absent (0.0) [B, F]: probabilities at or above each finding's threshold."""
@@ -954,4 +995,39 @@ def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = 
         tokens, grid = encoder_features(vlm.encoder(images.to(vlm.device)))
     finally:
         vlm.encoder.train(was_training)
+    if findings is None and head.config.findings and head.config.findings_features != "grid":
+        features = image_finding_features(head, tokens, grid, images, vlm.head("segmentation"))
+        findings = head.findings_calls(head.predict_findings(None, features=features))
     return head.generate(tokens, prompts=prompts, grid=grid, findings=findings, **generation)
+
+
+@torch.no_grad()
+def image_finding_features(head: "ReportGenerator", tokens: torch.Tensor, grid: Sequence[int],
+                           images: torch.Tensor | None = None, segmentation: nn.Module | None = None,
+                           organs: tuple[torch.Tensor, torch.Tensor] | None = None, cache_dir=None) -> torch.Tensor:
+    """The input of ``head``'s findings classifier for B cases with encoder tokens
+    [B, N (+ R), C] on ``grid``.
+
+    A ``grid`` head reads :func:`finding_features`. An ``organs`` head reads, per organ of
+    the model's own label map (:mod:`volumevlm.models.anatomy`), the tokens averaged
+    inside it, then its share of the volume and its HU histogram: [B, K * (C + 1 + bins)].
+    A stone, a cyst or calcium is a small change inside one organ: averaged over that
+    organ it stays visible, averaged over the body it does not. It needs the preprocessed
+    images [B, 1, X, Y, Z] the tokens came from and the model's ``segmentation`` head, or
+    ``organs`` = (organ_token_means, organ_histograms) already computed from them; the
+    label maps are cached under ``cache_dir`` (:func:`~volumevlm.models.anatomy.cached_organ_labels`)."""
+    if head.config.findings_features == "grid":
+        return finding_features(tokens, grid)
+    from volumevlm.models.anatomy import cached_organ_labels, organ_histograms, organ_token_means
+
+    if organs is None:
+        if images is None or segmentation is None:
+            raise VolumeVLMError("report head: organ findings features need the images and the model's segmentation head")
+        classes = int(segmentation.config.num_classes)
+        labels = cached_organ_labels(segmentation, images, cache_dir)
+        organs = (organ_token_means(tokens, grid, labels, classes), organ_histograms(images, labels, classes))
+    means, histograms = organs
+    if head.config.organ_classes and means.shape[1] != head.config.organ_classes - 1:
+        raise VolumeVLMError(f"report head: its findings classifier was fitted on {head.config.organ_classes - 1} "
+                             f"organs, the model's segmentation head finds {means.shape[1]}")
+    return torch.cat([means, histograms.to(means.device)], dim=-1).flatten(1)

@@ -66,11 +66,13 @@ HEADS_DIR = "heads"
 HEAD_TYPES: dict[str, str] = {
     "segmentation": "volumevlm.models.segmentation:SegmentationNet",
     "report": "volumevlm.models.report:ReportGenerator",
+    "anatomy": "volumevlm.models.anatomy:AnatomyHead",
 }
 # What to run when a verb needs a head the checkpoint lacks.
 HEAD_RECIPES: dict[str, str] = {
     "segmentation": "volumevlm train experiment=segment_demo init_from=CKPT data.root=DIR",
     "report": "volumevlm train experiment=report_demo init_from=CKPT data.root=DIR",
+    "anatomy": "volumevlm train experiment=report_demo init_from=CKPT data.root=DIR (a checkpoint with a segmentation head)",
 }
 # A (present, absent) template pair any zero-shot call accepts as ``prompts``; {finding} is
 # the plain-English name. Without ``prompts`` the model's prompt set is used.

@@ -127,6 +127,32 @@ def with_findings(prompt_set, findings: Sequence[str] | None) -> tuple[Any, list
     return prompt_set, keys, requested
 
 
+def zero_shot_from_sections(model, image_emb: torch.Tensor, section_emb: torch.Tensor, anatomy, prompts: Any = None,
+                            findings: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], list[str | None]]:
+    """Zero-shot read in organ-system embeddings: (P(present) float32 [B, F], names,
+    the section each finding was read in or None).
+
+    section_emb [B, S, E]: the anatomy head's output (:class:`volumevlm.models.anatomy.AnatomyHead`)
+    for the same B cases as the unit global ``image_emb`` [B, E]. A finding the head routes
+    to a section is scored with that section's embedding, any other with the global one;
+    the prompts and the pairwise softmax are :func:`zero_shot_from_embeddings`'."""
+    from volumevlm.text.prompts import zero_shot_probabilities
+
+    prompt_set, keys, names = with_findings(resolve_prompt_set(prompts, model), findings)
+    if section_emb.ndim != 3 or section_emb.shape[0] != image_emb.shape[0] or section_emb.shape[1] != len(anatomy.sections):
+        raise VolumeVLMError(f"section embeddings {list(section_emb.shape)} do not match {image_emb.shape[0]} images "
+                             f"and the anatomy head's {len(anatomy.sections)} sections")
+    where = [anatomy.section_index(key) for key in keys]
+    probs = torch.zeros(image_emb.shape[0], len(keys))
+    with inference_mode(model):
+        for index in dict.fromkeys(where):
+            columns = [j for j, w in enumerate(where) if w == index]
+            emb = image_emb if index is None else section_emb[:, index]
+            probs[:, columns] = zero_shot_probabilities(emb.to(model.device), _text_encoder(model), prompt_set,
+                                                        [keys[j] for j in columns], logit_scale=model.scale()).float().cpu()
+    return probs, names, [None if w is None else anatomy.sections[w] for w in where]
+
+
 def _text_encoder(model):
     def encode(texts: list[str]) -> torch.Tensor:
         return model.encode_text(texts).float()

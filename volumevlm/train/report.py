@@ -60,6 +60,9 @@ REPORT_DEFAULTS: dict[str, Any] = {
     # all). Normal sections are most of every report and are learnt at once; dropping most
     # of them spends the steps on the sections that must follow their findings.
     "normal_section_rate": 1.0,
+    # Also fit the anatomy head (volumevlm.train.anatomy) from the same encoder and
+    # segmentation pass over the training cases (needs head.findings_features=organs).
+    "anatomy": False,
 }
 
 
@@ -164,16 +167,21 @@ class ReportCollate:
                 raise VolumeVLMError(f"report batch: cases with different token grids {sorted(grids)} (one preprocessing size is needed)")
             batch["tokens"] = torch.stack([item["tokens"] for item in items])
             batch["grid"] = grids.pop()
+            if "features" in items[0]:
+                batch["finding_inputs"] = torch.stack([item["features"] for item in items])
         else:
             batch["image"] = torch.stack([item["image"] for item in items])
         return batch
 
 
 @torch.no_grad()
-def precompute_tokens(encoder, dataset, batch_size: int, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+def precompute_tokens(encoder, dataset, batch_size: int, device: torch.device | str = "cpu",
+                      features_of=None) -> list[dict[str, Any]]:
     """One no-grad, eval-mode encoder pass over a PretrainDataset's cases (with a report).
 
-    Returns [{"tokens" float32 [N + R, C] on the CPU, "grid", "report", "id"}]."""
+    Returns [{"tokens" float32 [N + R, C] on the CPU, "grid", "report", "id"}];
+    ``features_of(tokens, grid, images)`` -> [B, D], when given, adds each case's
+    findings-classifier input as "features" (computed in the same pass)."""
     from volumevlm.data.datasets import collate_cases
     from volumevlm.models.report import encoder_features
 
@@ -183,10 +191,15 @@ def precompute_tokens(encoder, dataset, batch_size: int, device: torch.device | 
     try:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_cases)
         for batch in loader:
-            tokens, grid = encoder_features(encoder(batch["image"].to(device)))
+            images = batch["image"].to(device)
+            tokens, grid = encoder_features(encoder(images))
+            features = features_of(tokens, grid, images).float().cpu() if features_of is not None else None
             tokens = tokens.float().cpu()
             for i, report in enumerate(batch["report"]):
-                cases.append({"tokens": tokens[i].clone(), "grid": grid, "report": report, "id": batch["id"][i]})
+                case = {"tokens": tokens[i].clone(), "grid": grid, "report": report, "id": batch["id"][i]}
+                if features is not None:
+                    case["features"] = features[i].clone()
+                cases.append(case)
     finally:
         encoder.train(was_training)
     return cases
@@ -371,7 +384,9 @@ class ReportModule(L.LightningModule):
         for i in range(tokens.shape[0]):
             if limit is not None and len(self._gen_cases) >= limit:
                 break
-            self._gen_cases.append((tokens[i], grid, batch["reports"][i], batch["ids"][i]))
+            inputs = batch.get("finding_inputs")
+            self._gen_cases.append((tokens[i], grid, batch["reports"][i], batch["ids"][i],
+                                    None if inputs is None else inputs[i]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._gen_cases:
@@ -385,7 +400,11 @@ class ReportModule(L.LightningModule):
             grids = {c[1] for c in chunk}
             grid = grids.pop() if len(grids) == 1 else None
             tokens = torch.stack([c[0] for c in chunk])
-            generated += self.generator.generate(tokens, grid=grid)
+            calls = None
+            if conditioned and chunk[0][4] is not None:
+                probabilities = self.generator.predict_findings(None, features=torch.stack([c[4] for c in chunk]))
+                calls = self.generator.findings_calls(probabilities)
+            generated += self.generator.generate(tokens, grid=grid, findings=calls)
             if conditioned:
                 # The same decoder given the findings of the true report: how good the text
                 # would be with a perfect findings classifier.
@@ -481,6 +500,12 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         head_settings["section_findings"] = section_findings_of(
             [row["report"] for row in train_rows], ReportConfig.from_dict(head_settings).findings,
             ReportConfig.from_dict(head_settings).section_names)
+    segmentation = None
+    if head_settings.get("findings") and head_settings.get("findings_features", "grid") == "organs":
+        if not settings["precompute"]:
+            raise VolumeVLMError("report.head.findings_features=organs needs report.precompute=true")
+        segmentation = model.head("segmentation")  # one-line error with the recipe when missing
+        head_settings["organ_classes"] = int(segmentation.config.num_classes)
     head_config = ReportConfig.from_dict(head_settings)
     generator = ReportGenerator.build(head_config, model)
 
@@ -498,9 +523,19 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     if settings["precompute"]:
         device = trainer.strategy.root_device
         encoder = model.encoder.to(device)
-        train_set = CaseTokens(precompute_tokens(encoder, train_data, val_batch_size, device))
-        val_set = CaseTokens(precompute_tokens(encoder, val_data, val_batch_size, device)) if val_data else None
+        features_of = None
+        if segmentation is not None:
+            from volumevlm.models.report import image_finding_features
+
+            segmentation.to(device)
+
+            def features_of(tokens, grid, images):
+                return image_finding_features(generator, tokens, grid, images, segmentation, cache_dir=cache_dir)
+        train_set = CaseTokens(precompute_tokens(encoder, train_data, val_batch_size, device, features_of))
+        val_set = CaseTokens(precompute_tokens(encoder, val_data, val_batch_size, device, features_of)) if val_data else None
         model.encoder.to("cpu")
+        if segmentation is not None:
+            segmentation.to("cpu")
         module_encoder, workers = None, 0
     else:
         train_set, val_set = CaseImages(train_data), (CaseImages(val_data) if val_data else None)
@@ -509,13 +544,34 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
     if head_config.findings:
         from volumevlm.models.report import finding_features
 
-        if settings["precompute"]:
+        if settings["precompute"] and segmentation is not None:
+            features = torch.stack([c["features"] for c in train_set.cases])
+        elif settings["precompute"]:
             features = torch.stack([finding_features(c["tokens"][None], c["grid"])[0] for c in train_set.cases])
         else:
             features = case_features(model.encoder, train_data, val_batch_size)
         readings = generator.findings_readings([row["report"] for row in train_rows])
         findings_probe = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed))
         log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
+    anatomy_info: dict[str, Any] | None = None
+    if settings["anatomy"]:
+        from volumevlm.train.anatomy import fit_anatomy_head
+
+        if segmentation is None or not settings["precompute"]:
+            raise VolumeVLMError("report.anatomy=true needs report.head.findings_features=organs (and report.precompute=true)")
+        organs = head_config.organ_classes - 1
+        # The organs features hold, per organ, the token means first (image_finding_features).
+        means = torch.stack([c["features"] for c in train_set.cases]).view(len(train_set), organs, -1)
+        try:
+            anatomy, anatomy_info = fit_anatomy_head(model, means[:, :, : generator.encoder_dim],
+                                                     [row["report"] for row in train_rows], head_config.findings,
+                                                     head_config.organ_classes)
+        except VolumeVLMError as err:  # too few training reports: the report head still trains
+            anatomy_info = {"skipped": str(err)}
+            log.warning("report: %s; the checkpoint gets no anatomy head", err)
+        else:
+            model.attach_head("anatomy", anatomy)
+            log.info("report: anatomy head fitted on %d cases, sections %s", len(train_set), list(anatomy.sections))
     encode_s = time.perf_counter() - encode_started
     log.info("report: %d train / %d val cases; encoder pass %.1f s", len(train_set), len(val_set or []), encode_s)
 
@@ -579,6 +635,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             "encoder_pass_s": round(encode_s, 1),
             "head_parameters": sum(p.numel() for p in generator.parameters()),
             "findings_classifier": findings_probe,
+            "anatomy_head": anatomy_info,
             "samples": samples[:3],
             "model_dir": None if model_dir is None else str(model_dir),
             "device": str(trainer.strategy.root_device),

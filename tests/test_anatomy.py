@@ -1,0 +1,258 @@
+"""Organ-pooled features (volumevlm.models.anatomy) against hand computations, and the
+report head's ``organs`` findings classifier: its width, its one-line errors, and a
+save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from volumevlm.errors import VolumeVLMError
+from volumevlm.models.anatomy import ORGAN_HU_BINS, organ_histograms, organ_labels, organ_token_means
+from volumevlm.models.encoder import EncoderConfig
+from volumevlm.models.report import ReportConfig, finding_feature_width, image_finding_features
+from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_token_means_weigh_each_token_by_the_share_of_its_cell_inside_the_organ():
+    # A 4x2x2 image under a 2x1x1 token grid: token 0 covers x 0..1, token 1 x 2..3.
+    labels = torch.zeros(1, 4, 2, 2, dtype=torch.long)
+    labels[0, 0:2] = 1          # organ 1 fills token 0's cell
+    labels[0, 2, 0, 0] = 1      # and an eighth of token 1's cell
+    labels[0, 3] = 2            # organ 2: half of token 1's cell
+    tokens = torch.tensor([[[1.0, 10.0], [3.0, 30.0], [99.0, 99.0]]])  # the last row is a register
+    means = organ_token_means(tokens, (2, 1, 1), labels, num_classes=4)
+    assert means.shape == (1, 3, 2)
+    expected_1 = (1.0 * torch.tensor([1.0, 10.0]) + 0.125 * torch.tensor([3.0, 30.0])) / 1.125
+    torch.testing.assert_close(means[0, 0], expected_1)
+    torch.testing.assert_close(means[0, 1], torch.tensor([3.0, 30.0]))
+    torch.testing.assert_close(means[0, 2], torch.zeros(2))  # organ 3 absent: zeros, same layout
+
+
+def test_histograms_count_each_organs_voxels_by_intensity_bin():
+    labels = torch.zeros(1, 2, 2, 2, dtype=torch.long)
+    labels[0, 0] = 1  # four voxels
+    images = torch.zeros(1, 1, 2, 2, 2)
+    images[0, 0, 0] = torch.tensor([[0.0, 0.26], [0.99, 1.0]])
+    out = organ_histograms(images, labels, num_classes=3, bins=4)
+    assert out.shape == (1, 2, 5)
+    # share of the 8 voxels, then bins [0, .25), [.25, .5), [.5, .75), [.75, 1] (top edge in the last)
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.5, 0.25, 0.25, 0.0, 0.5]))
+    torch.testing.assert_close(out[0, 1], torch.zeros(5))
+    assert organ_histograms(images, labels, 3).shape == (1, 2, 1 + ORGAN_HU_BINS)
+
+
+def test_shape_mismatches_are_one_line_errors():
+    with pytest.raises(VolumeVLMError, match="do not match grid"):
+        organ_token_means(torch.zeros(1, 3, 2), (2, 2, 1), torch.zeros(1, 4, 4, 2, dtype=torch.long), 3)
+    with pytest.raises(VolumeVLMError, match="differ"):
+        organ_histograms(torch.zeros(1, 1, 4, 4, 2), torch.zeros(1, 4, 4, 4, dtype=torch.long), 3)
+    with pytest.raises(VolumeVLMError, match="at least one organ"):
+        organ_token_means(torch.zeros(1, 4, 2), (2, 2, 1), torch.zeros(1, 4, 4, 2, dtype=torch.long), 1)
+
+
+def _net() -> SegmentationNet:
+    encoder = EncoderConfig(image_size=(16, 16, 16), patch_size=(4, 4, 4), dim=16, depth=2, heads=2, num_registers=1)
+    return SegmentationNet(encoder, SegmentationConfig(feature_size=4, roi_size=(16, 16, 16), decoder="fused"))
+
+
+def test_organ_labels_are_the_heads_argmax_on_the_grid_the_encoder_reads():
+    torch.manual_seed(0)
+    net = _net().train()
+    images = torch.rand(2, 1, 16, 16, 16)
+    labels = organ_labels(net, images)
+    assert net.training  # the caller's mode is kept
+    with torch.no_grad():
+        expected = net.eval()(images).argmax(dim=1)
+    assert labels.shape == (2, 16, 16, 16) and torch.equal(labels, expected)
+    with pytest.raises(VolumeVLMError, match="must be"):
+        organ_labels(net, torch.rand(2, 16, 16, 16))
+
+
+def test_an_organs_report_config_sizes_its_classifier_and_checks_its_inputs():
+    config = ReportConfig(findings=("ascites", "splenomegaly"), findings_features="organs", organ_classes=15)
+    assert finding_feature_width(config, 64) == 14 * (64 + 1 + ORGAN_HU_BINS)
+    assert finding_feature_width(ReportConfig(findings=("ascites",)), 64) == 128
+    assert ReportConfig.from_dict(config.to_dict()) == config
+    assert ReportConfig.from_dict({}).findings_features == "grid"  # heads saved before it existed
+    with pytest.raises(VolumeVLMError, match="findings_features must be one of"):
+        ReportConfig(findings_features="everywhere")
+    with pytest.raises(VolumeVLMError, match="needs organ_classes"):
+        finding_feature_width(ReportConfig(findings=("ascites",), findings_features="organs"), 64)
+
+
+def test_organ_features_of_a_head_equal_the_pooled_parts_in_order():
+    torch.manual_seed(0)
+    net = _net().eval()
+    images = torch.rand(2, 1, 16, 16, 16)
+    tokens = torch.randn(2, 4 * 4 * 4 + 1, 16)
+
+    class Head:
+        config = ReportConfig(findings=("ascites",), findings_features="organs",
+                              organ_classes=net.config.num_classes)
+
+    features = image_finding_features(Head, tokens, (4, 4, 4), images, net)
+    labels = organ_labels(net, images)
+    means = organ_token_means(tokens, (4, 4, 4), labels, net.config.num_classes)
+    histograms = organ_histograms(images, labels, net.config.num_classes)
+    torch.testing.assert_close(features, torch.cat([means, histograms], dim=-1).flatten(1))
+    assert features.shape[1] == finding_feature_width(Head.config, 16)
+    with pytest.raises(VolumeVLMError, match="need the images"):
+        image_finding_features(Head, tokens, (4, 4, 4))
+
+    class Other:
+        config = ReportConfig(findings=("ascites",), findings_features="organs", organ_classes=5)
+
+    with pytest.raises(VolumeVLMError, match="fitted on 4 organs"):
+        image_finding_features(Other, tokens, (4, 4, 4), images, net)
+
+
+# ---------------------------------------------------------------------- the anatomy head
+
+
+def test_each_finding_is_read_in_the_section_that_states_it_most():
+    from volumevlm.train.anatomy import finding_sections_of
+
+    reports = ["SPLEEN: Splenomegaly.\nKIDNEYS AND URETERS: Small renal cyst.\nIMPRESSION: Splenomegaly.",
+               "SPLEEN: Enlarged spleen.\nKIDNEYS AND URETERS: No hydronephrosis.",
+               "LIVER AND BILIARY TREE: Normal liver.\nSPLEEN: Unremarkable spleen."]
+    routing = finding_sections_of(reports, ["splenomegaly", "renal_cyst", "hydronephrosis", "ascites"],
+                                  ["LIVER AND BILIARY TREE", "SPLEEN", "KIDNEYS AND URETERS"])
+    # Denied or never stated: not routed (read in the global embedding).
+    assert routing == {"splenomegaly": "SPLEEN", "renal_cyst": "KIDNEYS AND URETERS"}
+
+
+class _TextTable:
+    """A stand-in for the VolumeVLM's frozen text tower: fixed unit embeddings per text."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def encode_text(self, texts):
+        return torch.stack([self.table[t] for t in texts])
+
+
+def test_the_fit_is_scikit_learns_ridge_folded_into_the_head_and_reads_held_out_cases():
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.models.anatomy import AnatomyHead
+    from volumevlm.train.anatomy import ANATOMY_ALPHAS, fit_anatomy_head
+
+    generator = torch.Generator().manual_seed(0)
+    n, organs, channels = 120, 3, 4
+    means = torch.randn(n + 40, organs, channels, generator=generator)
+    enlarged = means[:, 1, 0] > 0  # the spleen's (organ 2) first channel says it
+    texts = {True: "SPLEEN: Splenomegaly.", False: "SPLEEN: Unremarkable spleen."}
+    table = {texts[True]: torch.tensor([1.0, 0.0, 0.0]), texts[False]: torch.tensor([0.0, 1.0, 0.0])}
+    reports = [f"{texts[bool(e)]}\nIMPRESSION: None." for e in enlarged[:n]]
+    head, info = fit_anatomy_head(_TextTable(table), means[:n], reports, ["splenomegaly"], organ_classes=organs + 1,
+                                  sections=["SPLEEN", "LIVER AND BILIARY TREE"])
+    assert isinstance(head, AnatomyHead) and head.sections == ("SPLEEN",)  # no liver section in any report
+    assert head.finding_sections == {"splenomegaly": "SPLEEN"} and info["train_cases"] == n
+    # The same prediction as scikit-learn's, standardization folded into the weights.
+    x = means[:n].flatten(1).double().numpy()
+    scaler = StandardScaler().fit(x)
+    targets = torch.stack([table[texts[bool(e)]] for e in enlarged[:n]]).double().numpy()
+    ridge = RidgeCV(alphas=ANATOMY_ALPHAS).fit(scaler.transform(x), targets)
+    expected = torch.nn.functional.normalize(
+        torch.from_numpy(ridge.predict(scaler.transform(means[n:].flatten(1).double().numpy()))).float(), dim=-1)
+    out = head(means[n:])
+    assert out.shape == (40, 1, 3)
+    torch.testing.assert_close(out[:, 0], expected, atol=1e-4, rtol=1e-4)
+    assert info["sections"]["SPLEEN"]["alpha"] == pytest.approx(float(ridge.alpha_))
+    # Held-out cases land nearer their own section's text.
+    closer = (out[:, 0, 0] > out[:, 0, 1])
+    assert (closer == enlarged[n:]).float().mean() >= 0.9
+    # Round trip through the head config.
+    again = AnatomyHead.from_head_config(head.head_config())
+    again.load_state_dict(head.state_dict())
+    torch.testing.assert_close(again(means[n:]), out)
+    with pytest.raises(VolumeVLMError, match="expected"):
+        head(means[n:, :2])
+    with pytest.raises(VolumeVLMError, match="unknown"):
+        AnatomyHead.from_head_config({**head.head_config(), "extra": 1})
+
+
+def test_cached_labels_equal_the_heads_and_are_read_back_without_running_it(tmp_path):
+    from volumevlm.models.anatomy import cached_organ_labels
+
+    torch.manual_seed(0)
+    net = _net().eval()
+    images = torch.rand(3, 1, 16, 16, 16)
+    first = cached_organ_labels(net, images, tmp_path)
+    torch.testing.assert_close(first, organ_labels(net, images))
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 1 and len(list(folders[0].glob("*.npz"))) == 3
+    assert not list(folders[0].glob("*.tmp"))  # written atomically
+
+    class Poisoned(torch.nn.Module):
+        """The same weights (so the same cache folder) but a forward that must not run."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.inner, self.config, self._organ_fingerprint = net, net.config, net._organ_fingerprint
+
+        def forward(self, x):
+            raise AssertionError("the cached labels should have been read")
+
+    again = cached_organ_labels(Poisoned(net), images[[2, 0]], tmp_path)
+    assert torch.equal(again, first[[2, 0]])
+    # A damaged entry is recomputed; other weights find other organs, in another folder.
+    damaged = sorted(folders[0].glob("*.npz"))[0]
+    damaged.write_bytes(b"not an npz")
+    torch.testing.assert_close(cached_organ_labels(net, images, tmp_path), first)
+    other = _net().eval()
+    cached_organ_labels(other, images, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+class _TinyVLM(torch.nn.Module):
+    """What zero-shot needs of a VolumeVLM: a text encoder (fixed random unit rows per
+    text), a logit scale and a device."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.rows: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator().manual_seed(1)
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def scale(self):
+        return torch.tensor(50.0)
+
+    def encode_text(self, texts):
+        for t in texts:
+            if t not in self.rows:
+                self.rows[t] = torch.nn.functional.normalize(torch.randn(8, generator=self.generator), dim=0)
+        return torch.stack([self.rows[t] for t in texts])
+
+
+def test_zero_shot_reads_each_finding_in_its_section_and_the_rest_globally():
+    from volumevlm.models.anatomy import AnatomyHead
+    from volumevlm.models.zero_shot import zero_shot_from_sections
+    from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
+
+    model, prompts = _TinyVLM(), load_prompt_set("synthetic")
+    head = AnatomyHead(["SPLEEN", "PERITONEUM"], {"splenomegaly": "SPLEEN", "ascites": "PERITONEUM"},
+                       organ_classes=3, encoder_dim=4, embed_dim=8)
+    generator = torch.Generator().manual_seed(2)
+    image = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    sections = torch.nn.functional.normalize(torch.randn(5, 2, 8, generator=generator), dim=-1)
+    findings = ["ascites", "cardiomegaly", "splenomegaly"]
+    probs, names, read_in = zero_shot_from_sections(model, image, sections, head, prompts, findings)
+    assert names == findings and read_in == ["PERITONEUM", None, "SPLEEN"]
+
+    def direct(emb, key):
+        return zero_shot_probabilities(emb, model.encode_text, prompts, [key], logit_scale=model.scale())[:, 0]
+
+    torch.testing.assert_close(probs[:, 0], direct(sections[:, 1], "ascites"))
+    torch.testing.assert_close(probs[:, 1], direct(image, "cardiomegaly"))
+    torch.testing.assert_close(probs[:, 2], direct(sections[:, 0], "splenomegaly"))
+    with pytest.raises(VolumeVLMError, match="do not match"):
+        zero_shot_from_sections(model, image, sections[:, :1], head, prompts, findings)

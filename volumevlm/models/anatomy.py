@@ -1,0 +1,218 @@
+"""Features pooled inside the organs the model segments itself.
+
+Why: a CT's findings are small and local (a stone in a kidney, calcium in the aorta, a
+lesion in the liver), and a mean over the whole body washes them out. A global embedding
+of the demo's encoder reads the 18 synthetic findings no better than a probe on pooled
+voxels; the same frozen tokens averaged inside each organ of the model's own segmentation
+read them far better (docs/learning.md). So wherever the model has a segmentation head,
+its findings classifiers can look where a radiologist looks.
+
+``organ_labels``      the segmentation head's argmax on the grid the encoder reads.
+``organ_token_means`` the encoder's grid tokens averaged inside each organ [B, K, C].
+``organ_histograms``  model-free companions: each organ's share of the volume and the HU
+                      histogram of its voxels [B, K, 1 + bins] (the organ-wise counterpart
+                      of the voxel probe, :mod:`volumevlm.eval.probes`).
+
+K = the segmentation head's classes minus background (label 0). An organ the head does
+not find in a case gives zeros, so the feature vector keeps its layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volumevlm.errors import VolumeVLMError
+
+# Equal HU bins over the preprocessing window, per organ: fine enough to tell fat from
+# parenchyma and fluid from calcium, few enough that 14 organs stay a small vector.
+ORGAN_HU_BINS = 16
+
+
+@torch.no_grad()
+def organ_labels(segmentation: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """int64 [B, X, Y, Z]: the argmax of ``segmentation`` (a SegmentationNet, run once in
+    eval mode, without autograd) on preprocessed images float [B, 1, X, Y, Z] in [0, 1].
+    The images are the ones the encoder reads (the centre pad/crop), not the whole field
+    the mask verbs segment, so the labels line up with the encoder's token grid."""
+    if images.ndim != 5 or images.shape[1] != 1:
+        raise VolumeVLMError(f"organ labels: images must be [B, 1, X, Y, Z], got {list(images.shape)}")
+    was_training = segmentation.training
+    segmentation.eval()
+    try:
+        device = next(segmentation.parameters()).device
+        return segmentation(images.to(device, dtype=torch.float32)).argmax(dim=1).to(images.device)
+    finally:
+        segmentation.train(was_training)
+
+
+def _fingerprint(module: nn.Module) -> str:
+    """sha1 of a module's weights (computed once per module object): the organs it finds."""
+    cached = getattr(module, "_organ_fingerprint", None)
+    if cached is None:
+        digest = hashlib.sha1()
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        cached = digest.hexdigest()[:16]
+        module._organ_fingerprint = cached
+    return cached
+
+
+@torch.no_grad()
+def cached_organ_labels(segmentation: nn.Module, images: torch.Tensor, cache_dir=None) -> torch.Tensor:
+    """:func:`organ_labels`, kept on disk under ``cache_dir/organs-<weights sha1>/``, one
+    compressed uint8 file per image named by the sha1 of its voxels: the report task and
+    ``volumevlm evaluate`` segment the same training cases, and the second pass reads the
+    first's labels (about 0.2 s of CPU per case saved). Without ``cache_dir``, no cache."""
+    if cache_dir is None or segmentation.config.num_classes > 256:
+        return organ_labels(segmentation, images)
+    folder = Path(cache_dir) / f"organs-{_fingerprint(segmentation)}"
+    keys = [hashlib.sha1(image.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest() for image in images]
+    found: dict[int, torch.Tensor] = {}
+    for i, key in enumerate(keys):
+        path = folder / f"{key}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as data:
+                    found[i] = torch.from_numpy(data["labels"].astype(np.int64))
+            except (OSError, ValueError, KeyError):  # a damaged entry is recomputed
+                pass
+    missing = [i for i in range(len(keys)) if i not in found or found[i].shape != images.shape[2:]]
+    if missing:
+        computed = organ_labels(segmentation, images[missing])
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, labels in zip(missing, computed):
+            found[i] = labels.cpu()
+            handle, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+            with os.fdopen(handle, "wb") as file:
+                np.savez_compressed(file, labels=labels.cpu().numpy().astype(np.uint8))
+            os.replace(tmp, folder / f"{keys[i]}.npz")
+    return torch.stack([found[i] for i in range(len(keys))]).to(images.device)
+
+
+def _organ_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if labels.ndim != 4:
+        raise VolumeVLMError(f"organ features: labels must be [B, X, Y, Z], got {list(labels.shape)}")
+    if num_classes < 2:
+        raise VolumeVLMError(f"organ features: need background and at least one organ, got {num_classes} classes")
+    return F.one_hot(labels.long().clamp(0, num_classes - 1), num_classes).permute(0, 4, 1, 2, 3)[:, 1:].float()
+
+
+def organ_token_means(tokens: torch.Tensor, grid: Sequence[int], labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Encoder grid tokens averaged inside each organ: float [B, K, C].
+
+    tokens [B, N (+ R), C] x-major over ``grid`` = (gx, gy, gz) (registers after the grid
+    are left out); labels int [B, X, Y, Z] on the image grid the tokens were computed from.
+    Each token weighs by the share of its cell that the organ fills (the label map
+    average-pooled onto the token grid), so a token half inside the liver counts half."""
+    gx, gy, gz = (int(g) for g in grid)
+    n = gx * gy * gz
+    if tokens.ndim != 3 or tokens.shape[1] < n or tokens.shape[0] != labels.shape[0]:
+        raise VolumeVLMError(f"organ features: tokens {list(tokens.shape)} do not match grid {list(grid)} "
+                             f"and labels {list(labels.shape)}")
+    masks = _organ_masks(labels.to(tokens.device), num_classes)
+    weights = F.adaptive_avg_pool3d(masks, (gx, gy, gz)).flatten(2)  # [B, K, N]
+    grid_tokens = tokens[:, :n].float()
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.bmm(weights, grid_tokens) / total.clamp_min(1e-6) * (total > 0)
+
+
+def organ_histograms(images: torch.Tensor, labels: torch.Tensor, num_classes: int, bins: int = ORGAN_HU_BINS) -> torch.Tensor:
+    """Model-free organ statistics: float [B, K, 1 + bins]: each organ's share of the
+    voxels, then the fraction of its voxels in each of ``bins`` equal intensity bins of
+    the preprocessed [0, 1] range (the preprocessing window; the top edge counts in the last
+    bin). An organ absent from a case gives zeros."""
+    x = images.float()
+    if x.ndim == 5:
+        if x.shape[1] != 1:
+            raise VolumeVLMError(f"organ histograms: images must be [B, 1, X, Y, Z], got {list(images.shape)}")
+        x = x[:, 0]
+    if x.shape != labels.shape:
+        raise VolumeVLMError(f"organ histograms: images {list(images.shape)} and labels {list(labels.shape)} differ")
+    batch, voxels = x.shape[0], math.prod(x.shape[1:])
+    label = labels.long().clamp(0, num_classes - 1).flatten(1)
+    level = (x.flatten(1).clamp(0.0, 1.0) * bins).floor().clamp(0, bins - 1).long()
+    counts = torch.zeros(batch, num_classes * bins, device=x.device)
+    counts.scatter_add_(1, label * bins + level, torch.ones_like(x.flatten(1)))
+    counts = counts.view(batch, num_classes, bins)[:, 1:]
+    size = counts.sum(dim=-1, keepdim=True)
+    return torch.cat([size / voxels, counts / size.clamp_min(1.0)], dim=-1)
+
+
+# ---------------------------------------------------------------------- the anatomy head
+
+
+class AnatomyHead(nn.Module):
+    """Organ-system embeddings in the shared image-text space.
+
+    For each report section s (an organ system: "SPLEEN", "KIDNEYS AND URETERS", ...) a
+    linear map takes the case's organ token means [K, C] (:func:`organ_token_means`, in
+    the organs of the model's own segmentation head) to the embedding its report's section
+    s would have in the text tower: [B, S, E], unit rows. It is fitted by ridge regression
+    on the training cases' section embeddings (:func:`volumevlm.train.anatomy.fit_anatomy_head`),
+    the text tower frozen, so it learns from report text only, as the contrastive image
+    embedding does, but per organ system, where a small finding is not averaged away.
+
+    Zero-shot reads a finding in its own section's embedding (``finding_sections``: the
+    section of the training reports that states it most often); a finding without one is
+    read in the global image embedding.
+    """
+
+    head_type: ClassVar[str] = "anatomy"
+
+    def __init__(self, sections: Sequence[str], finding_sections: dict[str, str], organ_classes: int,
+                 encoder_dim: int, embed_dim: int, alpha: dict[str, float] | None = None):
+        super().__init__()
+        self.sections = tuple(str(s) for s in sections)
+        if not self.sections or len(set(self.sections)) != len(self.sections):
+            raise VolumeVLMError(f"anatomy head: sections must be distinct names, got {list(sections)}")
+        stray = sorted(set(finding_sections.values()) - set(self.sections))
+        if stray:
+            raise VolumeVLMError(f"anatomy head: finding_sections names sections it does not have: {stray}")
+        if int(organ_classes) < 2:
+            raise VolumeVLMError(f"anatomy head: organ_classes must be >= 2, got {organ_classes}")
+        self.finding_sections = {str(k): str(v) for k, v in finding_sections.items()}
+        self.organ_classes, self.encoder_dim, self.embed_dim = int(organ_classes), int(encoder_dim), int(embed_dim)
+        self.alpha = dict(alpha or {})
+        width = (self.organ_classes - 1) * self.encoder_dim
+        self.weight = nn.Parameter(torch.zeros(len(self.sections), self.embed_dim, width), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(len(self.sections), self.embed_dim), requires_grad=False)
+
+    def forward(self, organ_means: torch.Tensor) -> torch.Tensor:
+        """organ_means float [B, K, C] -> section embeddings float [B, S, E], unit rows."""
+        expected = (self.organ_classes - 1, self.encoder_dim)
+        if organ_means.ndim != 3 or tuple(organ_means.shape[1:]) != expected:
+            raise VolumeVLMError(f"anatomy head: organ means {list(organ_means.shape)}, expected [B, {expected[0]}, "
+                                 f"{expected[1]}]")
+        x = organ_means.flatten(1).to(self.weight.dtype)
+        return F.normalize(torch.einsum("bd,sed->bse", x, self.weight) + self.bias, dim=-1)
+
+    def section_index(self, finding: str) -> int | None:
+        """Index of the section a finding is read in, or None (read it globally)."""
+        section = self.finding_sections.get(finding)
+        return None if section is None else self.sections.index(section)
+
+    def head_config(self) -> dict:
+        return {"sections": list(self.sections), "finding_sections": dict(self.finding_sections),
+                "organ_classes": self.organ_classes, "encoder_dim": self.encoder_dim, "embed_dim": self.embed_dim,
+                "alpha": dict(self.alpha)}
+
+    @classmethod
+    def from_head_config(cls, config, folder=None, vlm=None) -> "AnatomyHead":
+        known = {"sections", "finding_sections", "organ_classes", "encoder_dim", "embed_dim", "alpha"}
+        config = dict(config)
+        missing, unknown = sorted(known - set(config) - {"alpha"}), sorted(set(config) - known)
+        if missing or unknown:
+            raise VolumeVLMError(f"{folder or 'anatomy head'}: head config missing {missing}, unknown {unknown}")
+        return cls(**config)

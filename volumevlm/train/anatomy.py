@@ -1,0 +1,95 @@
+"""Fitting the anatomy head (:class:`volumevlm.models.anatomy.AnatomyHead`).
+
+For each organ-system section of the training reports, a ridge regression (scikit-learn's
+``RidgeCV``, its strength chosen by efficient leave-one-out on the training cases) from
+the case's organ token means to the frozen text tower's embedding of that section. No
+finding label is used to fit it: the images are matched to their own report text, one
+organ system at a time (the anatomy-level alignment of fVLM, as a closed-form fit on the
+frozen towers). The labeler only decides which section a finding is read in
+(:func:`finding_sections_of`), as it decides for the report head's prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from volumevlm.errors import VolumeVLMError
+
+# Ridge strengths tried by leave-one-out (features standardized; ~900 of them for the
+# tiny encoder's 14 organs x 64 channels, a few hundred cases).
+ANATOMY_ALPHAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
+# A section stated in fewer training reports than this is not fitted.
+MIN_SECTION_CASES = 20
+TEXT_BATCH = 256
+
+
+def finding_sections_of(reports: Sequence[str], findings: Sequence[str], sections: Sequence[str]) -> dict[str, str]:
+    """{finding: the section of ``sections`` that states it in most training reports}, read by
+    the labeler from each section alone; a finding no section states is left out."""
+    from volumevlm.text.labeler import findings_matrix, label_reports
+    from volumevlm.text.sections import split_report
+
+    findings = list(findings)
+    parts = [split_report(r) for r in reports]
+    counts = np.zeros((len(sections), len(findings)))
+    for j, name in enumerate(sections):
+        texts = [f"{name}: {p[name]}" for p in parts if p.get(name, "").strip()]
+        if texts:
+            counts[j] = (findings_matrix(label_reports(texts, findings), findings, uncertain_as=1) > 0).sum(axis=0)
+    return {f: sections[int(counts[:, i].argmax())] for i, f in enumerate(findings) if counts[:, i].max() > 0}
+
+
+@torch.no_grad()
+def _section_embeddings(model, texts: list[str]) -> np.ndarray:
+    rows = [model.encode_text(texts[i:i + TEXT_BATCH]).float().cpu() for i in range(0, len(texts), TEXT_BATCH)]
+    return torch.cat(rows).double().numpy()
+
+
+def fit_anatomy_head(model, organ_means: torch.Tensor, reports: Sequence[str], findings: Sequence[str],
+                     organ_classes: int, sections: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(AnatomyHead, info) fitted on N training cases: organ_means float [N, K, C]
+    (:func:`~volumevlm.models.anatomy.organ_token_means`), their reports, the findings to
+    route (labeler keys), the segmentation head's class count. ``model``: the VolumeVLM
+    whose (frozen) text tower embeds the sections. info: per section the chosen ridge
+    strength and the cases it was fitted on, and the finding -> section routing."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.models.anatomy import AnatomyHead
+    from volumevlm.text.sections import SECTIONS, split_report
+
+    if organ_means.ndim != 3 or organ_means.shape[0] != len(reports):
+        raise VolumeVLMError(f"anatomy head: organ means {list(organ_means.shape)} for {len(reports)} reports")
+    x = organ_means.flatten(1).double().numpy()
+    scaler = StandardScaler().fit(x)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    xs = (x - scaler.mean_) / scale
+    parts = [split_report(r) for r in reports]
+    fitted: list[tuple[str, np.ndarray, np.ndarray]] = []
+    info: dict[str, Any] = {"sections": {}, "train_cases": len(reports)}
+    for name in sections or SECTIONS:
+        rows = [i for i, p in enumerate(parts) if p.get(name, "").strip()]
+        if len(rows) < MIN_SECTION_CASES:
+            continue
+        targets = _section_embeddings(model, [f"{name}: {parts[i][name]}" for i in rows])
+        ridge = RidgeCV(alphas=ANATOMY_ALPHAS).fit(xs[rows], targets)
+        # Standardization folded into the linear map: W x + b on the raw means.
+        weight = ridge.coef_ / scale
+        bias = ridge.intercept_ - (ridge.coef_ * scaler.mean_ / scale).sum(axis=1)
+        fitted.append((name, weight, bias))
+        info["sections"][name] = {"alpha": float(ridge.alpha_), "cases": len(rows)}
+    if not fitted:
+        raise VolumeVLMError(f"anatomy head: no report section is stated in {MIN_SECTION_CASES} or more training reports")
+    names = [name for name, _, _ in fitted]
+    routing = finding_sections_of(reports, findings, names)
+    head = AnatomyHead(names, routing, organ_classes, organ_means.shape[2], fitted[0][1].shape[0],
+                       alpha={name: info["sections"][name]["alpha"] for name in names})
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(np.stack([w for _, w, _ in fitted])).float())
+        head.bias.copy_(torch.from_numpy(np.stack([b for _, _, b in fitted])).float())
+    info["finding_sections"] = routing
+    return head.eval(), info
