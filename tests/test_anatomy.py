@@ -256,3 +256,29 @@ def test_zero_shot_reads_each_finding_in_its_section_and_the_rest_globally():
     torch.testing.assert_close(probs[:, 2], direct(sections[:, 0], "splenomegaly"))
     with pytest.raises(VolumeVLMError, match="do not match"):
         zero_shot_from_sections(model, image, sections[:, :1], head, prompts, findings)
+
+
+def test_the_fit_reads_the_text_tower_in_eval_mode_and_gives_the_callers_mode_back():
+    from volumevlm.train.anatomy import fit_anatomy_head
+
+    class NoisyInTraining(torch.nn.Module):
+        """Text embeddings that are noise while in training mode (as dropout would make them)."""
+
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+
+        def encode_text(self, texts):
+            rows = torch.stack([self.table[t] for t in texts])
+            return rows + torch.randn_like(rows) if self.training else rows
+
+    generator = torch.Generator().manual_seed(3)
+    means = torch.randn(60, 2, 3, generator=generator)
+    texts = ["SPLEEN: Splenomegaly.", "SPLEEN: Unremarkable spleen."]
+    table = {texts[0]: torch.tensor([1.0, 0.0]), texts[1]: torch.tensor([0.0, 1.0])}
+    reports = [texts[int(m > 0)] for m in means[:, 0, 0]]
+    tower = NoisyInTraining(table)
+    expected, _ = fit_anatomy_head(tower.eval(), means, reports, ["splenomegaly"], organ_classes=3, sections=["SPLEEN"])
+    got, _ = fit_anatomy_head(tower.train(), means, reports, ["splenomegaly"], organ_classes=3, sections=["SPLEEN"])
+    assert tower.training
+    torch.testing.assert_close(got.weight, expected.weight)

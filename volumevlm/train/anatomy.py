@@ -45,7 +45,16 @@ def finding_sections_of(reports: Sequence[str], findings: Sequence[str], section
 
 @torch.no_grad()
 def _section_embeddings(model, texts: list[str]) -> np.ndarray:
-    rows = [model.encode_text(texts[i:i + TEXT_BATCH]).float().cpu() for i in range(0, len(texts), TEXT_BATCH)]
+    # The tower in eval mode whatever the caller left it in: dropout would make the
+    # regression's targets noise.
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        rows = [model.encode_text(texts[i:i + TEXT_BATCH]).float().cpu() for i in range(0, len(texts), TEXT_BATCH)]
+    finally:
+        if was_training:
+            model.train(True)
     return torch.cat(rows).double().numpy()
 
 
