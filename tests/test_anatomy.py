@@ -240,7 +240,7 @@ def test_zero_shot_reads_each_finding_in_its_section_and_the_rest_globally():
 
     model, prompts = _TinyVLM(), load_prompt_set("synthetic")
     head = AnatomyHead(["SPLEEN", "PERITONEUM"], {"splenomegaly": "SPLEEN", "ascites": "PERITONEUM"},
-                       organ_classes=3, encoder_dim=4, embed_dim=8)
+                       organ_classes=3, feature_dim=4, embed_dim=8)
     generator = torch.Generator().manual_seed(2)
     image = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
     sections = torch.nn.functional.normalize(torch.randn(5, 2, 8, generator=generator), dim=-1)

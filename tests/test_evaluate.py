@@ -306,7 +306,9 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
     anatomy = model.head("anatomy")
     with torch.no_grad():
         images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in held_out])
-        section_emb = anatomy(torch.from_numpy(eval_tok).view(len(held_out), classes - 1, -1))
+        organs = classes - 1  # the anatomy head reads each organ's token means, then its size + histogram
+        section_emb = anatomy(torch.cat([torch.from_numpy(eval_tok).view(len(held_out), organs, -1),
+                                         torch.from_numpy(eval_hist).view(len(held_out), organs, -1)], dim=-1))
         scores, keys, read_in = zero_shot_from_sections(model, model.encode_image(images), section_emb, anatomy,
                                                         findings=names)
     expected, used = macro_auroc(scores.numpy(), eval_y)

@@ -215,7 +215,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
     from volumevlm.data.datasets import PretrainDataset, collate_cases
     from volumevlm.eval.probes import voxel_features
-    from volumevlm.models.anatomy import cached_organ_labels, organ_histograms, organ_token_means
+    from volumevlm.models.anatomy import ORGAN_HU_BINS, cached_organ_labels, organ_features
     from volumevlm.models.report import encoder_features, image_finding_features
 
     dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
@@ -245,12 +245,12 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         organs = None
         if segmentation is not None:
             classes = int(segmentation.config.num_classes)
-            labels = cached_organ_labels(segmentation, images, cache_dir)
-            organs = (organ_token_means(tokens, grid, labels, classes), organ_histograms(images, labels, classes))
-            organ_tokens.append(organs[0].flatten(1).float().cpu())
-            organ_hist.append(organs[1].flatten(1).float().cpu())
+            organs = organ_features(tokens, grid, images, cached_organ_labels(segmentation, images, cache_dir), classes)
+            means_end = organs.shape[-1] - 1 - ORGAN_HU_BINS  # token means, then size + histogram
+            organ_tokens.append(organs[..., :means_end].flatten(1).float().cpu())
+            organ_hist.append(organs[..., means_end:].flatten(1).float().cpu())
             if anatomy is not None:
-                section_emb.append(anatomy(organs[0]).float().cpu())
+                section_emb.append(anatomy(organs).float().cpu())
         if head is not None:
             calls = None
             if head.config.findings and head.config.findings_features == "organs":

@@ -234,7 +234,7 @@ def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any
 def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit global embeddings [E] or [N, E], section embeddings [S, E] or [N, S, E]) of x:
     one encoder pass and one segmentation pass per input."""
-    from volumevlm.models.anatomy import organ_labels, organ_token_means
+    from volumevlm.models.anatomy import organ_features, organ_labels
     from volumevlm.models.report import encoder_features
 
     items, many = iter_items(x, model)
@@ -246,7 +246,7 @@ def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor
             globals_.append(F.normalize(model.image_projection(out.pooled), dim=-1)[0].float().cpu())
             tokens, grid = encoder_features(out)
             labels = organ_labels(segmentation, images)
-            sections.append(head(organ_token_means(tokens, grid, labels, segmentation.config.num_classes))[0].float().cpu())
+            sections.append(head(organ_features(tokens, grid, images, labels, segmentation.config.num_classes))[0].float().cpu())
     if many:
         return torch.stack(globals_), torch.stack(sections)
     return globals_[0], sections[0]

@@ -150,6 +150,16 @@ def organ_histograms(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     return torch.cat([size / voxels, counts / size.clamp_min(1.0)], dim=-1)
 
 
+def organ_features(tokens: torch.Tensor, grid: Sequence[int], images: torch.Tensor, labels: torch.Tensor,
+                   num_classes: int) -> torch.Tensor:
+    """Per organ of ``labels``, the encoder's token means then the organ's share of the volume
+    and HU histogram: float [B, K, C + 1 + bins], what the anatomy head and an ``organs``
+    findings probe read. The HU histograms carry what a token mean loses of a small
+    bright or dark spot (a stone, calcium, a cyst) inside the organ."""
+    means = organ_token_means(tokens, grid, labels, num_classes)
+    return torch.cat([means, organ_histograms(images, labels, num_classes).to(means.device)], dim=-1)
+
+
 # ---------------------------------------------------------------------- the anatomy head
 
 
@@ -157,9 +167,10 @@ class AnatomyHead(nn.Module):
     """Organ-system embeddings in the shared image-text space.
 
     For each report section s (an organ system: "SPLEEN", "KIDNEYS AND URETERS", ...) a
-    linear map takes the case's organ token means [K, C] (:func:`organ_token_means`, in
-    the organs of the model's own segmentation head) to the embedding its report's section
-    s would have in the text tower: [B, S, E], unit rows. It is fitted by ridge regression
+    linear map takes the case's organ features [K, F] (:func:`organ_features`: per organ of
+    the model's own segmentation head, the encoder's token means, the organ's share of the
+    volume and its HU histogram) to the embedding its report's section s would have in the
+    text tower: [B, S, E], unit rows. It is fitted by ridge regression
     on the training cases' section embeddings (:func:`volumevlm.train.anatomy.fit_anatomy_head`),
     the text tower frozen, so it learns from report text only, as the contrastive image
     embedding does, but per organ system, where a small finding is not averaged away.
@@ -172,7 +183,7 @@ class AnatomyHead(nn.Module):
     head_type: ClassVar[str] = "anatomy"
 
     def __init__(self, sections: Sequence[str], finding_sections: dict[str, str], organ_classes: int,
-                 encoder_dim: int, embed_dim: int, alpha: dict[str, float] | None = None):
+                 feature_dim: int, embed_dim: int, alpha: dict[str, float] | None = None):
         super().__init__()
         self.sections = tuple(str(s) for s in sections)
         if not self.sections or len(set(self.sections)) != len(self.sections):
@@ -183,19 +194,20 @@ class AnatomyHead(nn.Module):
         if int(organ_classes) < 2:
             raise VolumeVLMError(f"anatomy head: organ_classes must be >= 2, got {organ_classes}")
         self.finding_sections = {str(k): str(v) for k, v in finding_sections.items()}
-        self.organ_classes, self.encoder_dim, self.embed_dim = int(organ_classes), int(encoder_dim), int(embed_dim)
+        self.organ_classes, self.feature_dim, self.embed_dim = int(organ_classes), int(feature_dim), int(embed_dim)
         self.alpha = dict(alpha or {})
-        width = (self.organ_classes - 1) * self.encoder_dim
+        width = (self.organ_classes - 1) * self.feature_dim
         self.weight = nn.Parameter(torch.zeros(len(self.sections), self.embed_dim, width), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(len(self.sections), self.embed_dim), requires_grad=False)
 
-    def forward(self, organ_means: torch.Tensor) -> torch.Tensor:
-        """organ_means float [B, K, C] -> section embeddings float [B, S, E], unit rows."""
-        expected = (self.organ_classes - 1, self.encoder_dim)
-        if organ_means.ndim != 3 or tuple(organ_means.shape[1:]) != expected:
-            raise VolumeVLMError(f"anatomy head: organ means {list(organ_means.shape)}, expected [B, {expected[0]}, "
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Organ features float [B, K, F] (:func:`organ_features`) -> section embeddings
+        float [B, S, E], unit rows."""
+        expected = (self.organ_classes - 1, self.feature_dim)
+        if features.ndim != 3 or tuple(features.shape[1:]) != expected:
+            raise VolumeVLMError(f"anatomy head: organ features {list(features.shape)}, expected [B, {expected[0]}, "
                                  f"{expected[1]}]")
-        x = organ_means.flatten(1).to(self.weight.dtype)
+        x = features.flatten(1).to(self.weight.dtype)
         return F.normalize(torch.einsum("bd,sed->bse", x, self.weight) + self.bias, dim=-1)
 
     def section_index(self, finding: str) -> int | None:
@@ -205,12 +217,12 @@ class AnatomyHead(nn.Module):
 
     def head_config(self) -> dict:
         return {"sections": list(self.sections), "finding_sections": dict(self.finding_sections),
-                "organ_classes": self.organ_classes, "encoder_dim": self.encoder_dim, "embed_dim": self.embed_dim,
+                "organ_classes": self.organ_classes, "feature_dim": self.feature_dim, "embed_dim": self.embed_dim,
                 "alpha": dict(self.alpha)}
 
     @classmethod
     def from_head_config(cls, config, folder=None, vlm=None) -> "AnatomyHead":
-        known = {"sections", "finding_sections", "organ_classes", "encoder_dim", "embed_dim", "alpha"}
+        known = {"sections", "finding_sections", "organ_classes", "feature_dim", "embed_dim", "alpha"}
         config = dict(config)
         missing, unknown = sorted(known - set(config) - {"alpha"}), sorted(set(config) - known)
         if missing or unknown:

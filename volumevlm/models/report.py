@@ -1004,7 +1004,7 @@ def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = 
 @torch.no_grad()
 def image_finding_features(head: "ReportGenerator", tokens: torch.Tensor, grid: Sequence[int],
                            images: torch.Tensor | None = None, segmentation: nn.Module | None = None,
-                           organs: tuple[torch.Tensor, torch.Tensor] | None = None, cache_dir=None) -> torch.Tensor:
+                           organs: torch.Tensor | None = None, cache_dir=None) -> torch.Tensor:
     """The input of ``head``'s findings classifier for B cases with encoder tokens
     [B, N (+ R), C] on ``grid``.
 
@@ -1014,20 +1014,19 @@ def image_finding_features(head: "ReportGenerator", tokens: torch.Tensor, grid: 
     A stone, a cyst or calcium is a small change inside one organ: averaged over that
     organ it stays visible, averaged over the body it does not. It needs the preprocessed
     images [B, 1, X, Y, Z] the tokens came from and the model's ``segmentation`` head, or
-    ``organs`` = (organ_token_means, organ_histograms) already computed from them; the
-    label maps are cached under ``cache_dir`` (:func:`~volumevlm.models.anatomy.cached_organ_labels`)."""
+    ``organs`` [B, K, C + 1 + bins] (:func:`~volumevlm.models.anatomy.organ_features`)
+    already computed from them; the label maps are cached under ``cache_dir``
+    (:func:`~volumevlm.models.anatomy.cached_organ_labels`)."""
     if head.config.findings_features == "grid":
         return finding_features(tokens, grid)
-    from volumevlm.models.anatomy import cached_organ_labels, organ_histograms, organ_token_means
+    from volumevlm.models.anatomy import cached_organ_labels, organ_features
 
     if organs is None:
         if images is None or segmentation is None:
             raise VolumeVLMError("report head: organ findings features need the images and the model's segmentation head")
         classes = int(segmentation.config.num_classes)
-        labels = cached_organ_labels(segmentation, images, cache_dir)
-        organs = (organ_token_means(tokens, grid, labels, classes), organ_histograms(images, labels, classes))
-    means, histograms = organs
-    if head.config.organ_classes and means.shape[1] != head.config.organ_classes - 1:
+        organs = organ_features(tokens, grid, images, cached_organ_labels(segmentation, images, cache_dir), classes)
+    if head.config.organ_classes and organs.shape[1] != head.config.organ_classes - 1:
         raise VolumeVLMError(f"report head: its findings classifier was fitted on {head.config.organ_classes - 1} "
-                             f"organs, the model's segmentation head finds {means.shape[1]}")
-    return torch.cat([means, histograms.to(means.device)], dim=-1).flatten(1)
+                             f"organs, the model's segmentation head finds {organs.shape[1]}")
+    return organs.flatten(1)

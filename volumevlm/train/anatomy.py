@@ -2,7 +2,8 @@
 
 For each organ-system section of the training reports, a ridge regression (scikit-learn's
 ``RidgeCV``, its strength chosen by efficient leave-one-out on the training cases) from
-the case's organ token means to the frozen text tower's embedding of that section. No
+the case's organ features (token means, size and HU histogram per organ of the model's own
+segmentation) to the frozen text tower's embedding of that section. No
 finding label is used to fit it: the images are matched to their own report text, one
 organ system at a time (the anatomy-level alignment of fVLM, as a closed-form fit on the
 frozen towers). The labeler only decides which section a finding is read in
@@ -58,10 +59,10 @@ def _section_embeddings(model, texts: list[str]) -> np.ndarray:
     return torch.cat(rows).double().numpy()
 
 
-def fit_anatomy_head(model, organ_means: torch.Tensor, reports: Sequence[str], findings: Sequence[str],
+def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str], findings: Sequence[str],
                      organ_classes: int, sections: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
-    """(AnatomyHead, info) fitted on N training cases: organ_means float [N, K, C]
-    (:func:`~volumevlm.models.anatomy.organ_token_means`), their reports, the findings to
+    """(AnatomyHead, info) fitted on N training cases: organ_features float [N, K, F]
+    (:func:`~volumevlm.models.anatomy.organ_features`), their reports, the findings to
     route (labeler keys), the segmentation head's class count. ``model``: the VolumeVLM
     whose (frozen) text tower embeds the sections. info: per section the chosen ridge
     strength and the cases it was fitted on, and the finding -> section routing."""
@@ -71,9 +72,9 @@ def fit_anatomy_head(model, organ_means: torch.Tensor, reports: Sequence[str], f
     from volumevlm.models.anatomy import AnatomyHead
     from volumevlm.text.sections import SECTIONS, split_report
 
-    if organ_means.ndim != 3 or organ_means.shape[0] != len(reports):
-        raise VolumeVLMError(f"anatomy head: organ means {list(organ_means.shape)} for {len(reports)} reports")
-    x = organ_means.flatten(1).double().numpy()
+    if organ_features.ndim != 3 or organ_features.shape[0] != len(reports):
+        raise VolumeVLMError(f"anatomy head: organ features {list(organ_features.shape)} for {len(reports)} reports")
+    x = organ_features.flatten(1).double().numpy()
     scaler = StandardScaler().fit(x)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     xs = (x - scaler.mean_) / scale
@@ -95,7 +96,7 @@ def fit_anatomy_head(model, organ_means: torch.Tensor, reports: Sequence[str], f
         raise VolumeVLMError(f"anatomy head: no report section is stated in {MIN_SECTION_CASES} or more training reports")
     names = [name for name, _, _ in fitted]
     routing = finding_sections_of(reports, findings, names)
-    head = AnatomyHead(names, routing, organ_classes, organ_means.shape[2], fitted[0][1].shape[0],
+    head = AnatomyHead(names, routing, organ_classes, organ_features.shape[2], fitted[0][1].shape[0],
                        alpha={name: info["sections"][name]["alpha"] for name in names})
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(np.stack([w for _, w, _ in fitted])).float())

@@ -560,10 +560,10 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         if segmentation is None or not settings["precompute"]:
             raise VolumeVLMError("report.anatomy=true needs report.head.findings_features=organs (and report.precompute=true)")
         organs = head_config.organ_classes - 1
-        # The organs features hold, per organ, the token means first (image_finding_features).
-        means = torch.stack([c["features"] for c in train_set.cases]).view(len(train_set), organs, -1)
+        # The findings probe's input is the organ features, organ by organ (image_finding_features).
+        features = torch.stack([c["features"] for c in train_set.cases]).view(len(train_set), organs, -1)
         try:
-            anatomy, anatomy_info = fit_anatomy_head(model, means[:, :, : generator.encoder_dim],
+            anatomy, anatomy_info = fit_anatomy_head(model, features,
                                                      [row["report"] for row in train_rows], head_config.findings,
                                                      head_config.organ_classes)
         except VolumeVLMError as err:  # too few training reports: the report head still trains
