@@ -95,6 +95,15 @@ def by_hand(runs):
     return {"model": model, "rows": rows, "image_emb": image_emb, "text_emb": text_emb, "logits": logits}
 
 
+def probe_splits(cohort: Path):
+    """(train rows, val + test rows, the findings the held-out rows label): what the probes
+    are fitted on and scored on."""
+    rows = read_manifest(cohort / "manifest.jsonl").rows
+    train = [row for row in rows if row["split"] == "train"]
+    held_out = [row for row in rows if row["split"] in ("val", "test")]
+    return train, held_out, list(dict.fromkeys(k for row in held_out for k in row["findings"]))
+
+
 def test_metrics_json_has_every_key_and_plot(evaluated, runs):
     metrics, out = evaluated
     on_disk = json.loads((out / METRICS_NAME).read_text())
@@ -238,10 +247,7 @@ def test_a_checkpoint_without_heads_reports_skipped_sections_on_the_command_line
     # The yardsticks, by hand: probes fitted on the train split's embeddings / voxel
     # features (each case preprocessed and encoded here), scored on val + test.
     model = volumevlm.load(runs["plain"])
-    rows = read_manifest(runs["cohort"] / "manifest.jsonl").rows
-    train = [row for row in rows if row["split"] == "train"]
-    held_out = [row for row in rows if row["split"] in ("val", "test")]
-    names = list(dict.fromkeys(k for row in held_out for k in row["findings"]))
+    train, held_out, names = probe_splits(runs["cohort"])
 
     def features(case_rows):
         with torch.no_grad():
@@ -287,10 +293,7 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
     model = volumevlm.load(runs["full"])
     seg = model.head("segmentation")
     classes = seg.config.num_classes
-    rows = read_manifest(runs["cohort"] / "manifest.jsonl").rows
-    train = [row for row in rows if row["split"] == "train"]
-    held_out = [row for row in rows if row["split"] in ("val", "test")]
-    names = list(dict.fromkeys(k for row in held_out for k in row["findings"]))
+    train, held_out, names = probe_splits(runs["cohort"])
 
     def features(case_rows):
         with torch.no_grad():

@@ -286,64 +286,63 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 # ---------------------------------------------------------------------- protocols
 
 
+def _scored_findings(model, rows, prompts):
+    """(prompt set, the keys of its findings the rows label, targets float [N, F] with -1
+    where a row does not label one) for the zero-shot sections; keys empty when none."""
+    from volumevlm.models.zero_shot import resolve_prompt_set
+
+    prompt_set = resolve_prompt_set(prompts, model)
+    labelled = {str(k) for row in rows for k in (row.get("findings") or {})}
+    keys = [k for k in prompt_set.keys if k in labelled]
+    targets = np.array([[float((row.get("findings") or {}).get(k, -1)) for k in keys] for row in rows])
+    return prompt_set, keys, targets
+
+
+def _auroc_figures(scores: np.ndarray, targets: np.ndarray, keys: Sequence[str]) -> dict[str, Any]:
+    """Macro AUROC with its bootstrap interval, per-finding AUROC and the findings scored."""
+    from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
+
+    macro, used = macro_auroc(scores, targets)
+    return {"macro_auroc": macro, "macro_auroc_ci95": macro_auroc_interval(scores, targets),
+            "per_finding": per_finding_auroc(scores, targets, keys), "findings_scored": used}
+
+
 def zero_shot_anatomy_section(model, encoded, rows, prompts) -> dict[str, Any]:
     """Zero-shot read in the anatomy head's organ-system embeddings
     (:func:`volumevlm.models.zero_shot.zero_shot_from_sections`): the same prompts, cases
     and figures as ``zero_shot``, each finding scored in the section its head routes it
     to (``read_in``; the global embedding where none)."""
-    from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
-    from volumevlm.models.zero_shot import resolve_prompt_set, zero_shot_from_sections
+    from volumevlm.models.zero_shot import zero_shot_from_sections
 
     if "section_emb" not in encoded:
         return {"skipped": "no anatomy head (fitted by the report task with report.anatomy=true)"}
-    prompt_set = resolve_prompt_set(prompts, model)
-    labelled = {str(k) for row in rows for k in (row.get("findings") or {})}
-    keys = [k for k in prompt_set.keys if k in labelled]
+    prompt_set, keys, targets = _scored_findings(model, rows, prompts)
     if not keys:
         return {"skipped": f"no finding labels of prompt set {prompt_set.name!r} in the split's manifest rows"}
-    targets = np.array([[float((row.get("findings") or {}).get(k, -1)) for k in keys] for row in rows])
     scores, _, read_in = zero_shot_from_sections(model, encoded["image_emb"], encoded["section_emb"],
                                                  model.head("anatomy"), prompt_set, keys)
-    scores = scores.numpy()
-    macro, used = macro_auroc(scores, targets)
-    return {
-        "macro_auroc": macro if used else None,
-        "macro_auroc_ci95": macro_auroc_interval(scores, targets) if used else None,
-        "per_finding": per_finding_auroc(scores, targets, keys),
-        "read_in": dict(zip(keys, read_in)),
-        "findings_scored": used,
-        "prompt_set": prompt_set.name,
-        "chance": 0.5,
-    }
+    return {**_auroc_figures(scores.numpy().astype(np.float64), targets, keys), "read_in": dict(zip(keys, read_in)),
+            "prompt_set": prompt_set.name, "chance": 0.5}
 
 
 def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool) -> tuple[dict[str, Any], str | None]:
     from volumevlm.eval.plots import plot_roc_curves
-    from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
-    from volumevlm.models.zero_shot import resolve_prompt_set, zero_shot_from_embeddings
+    from volumevlm.models.zero_shot import zero_shot_from_embeddings
 
-    prompt_set = resolve_prompt_set(prompts, model)
-    labelled = {str(k) for row in rows for k in (row.get("findings") or {})}
-    keys = [k for k in prompt_set.keys if k in labelled]
+    prompt_set, keys, targets = _scored_findings(model, rows, prompts)
     if not keys:
         return {"skipped": f"no finding labels of prompt set {prompt_set.name!r} in the split's manifest rows"}, None
-    targets = np.array([[float((row.get("findings") or {}).get(k, -1)) for k in keys] for row in rows])
     scores, _ = zero_shot_from_embeddings(model, encoded["image_emb"], prompt_set, keys)
     scores = scores.numpy().astype(np.float64)
-    per_finding = per_finding_auroc(scores, targets, keys)
-    macro, used = macro_auroc(scores, targets)
     section = {
-        "macro_auroc": macro,
-        "macro_auroc_ci95": macro_auroc_interval(scores, targets),
-        "per_finding": per_finding,
-        "findings_scored": used,
+        **_auroc_figures(scores, targets, keys),
         "findings": len(keys),
         "prompt_set": prompt_set.name,
         "prevalence": {k: _mean(v for v in targets[:, j] if v >= 0) for j, k in enumerate(keys)},
         "chance": 0.5,
     }
     plot = None
-    if used:
+    if section["findings_scored"]:
         plot = str(plot_roc_curves(scores, targets, keys, out / PLOTS["zero_shot"],
                                    title=f"Zero-shot ROC ({prompt_set.name} prompts)", synthetic=synthetic))
     return section, plot
