@@ -4,6 +4,7 @@ save/load round trip."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,3 +283,64 @@ def test_the_fit_reads_the_text_tower_in_eval_mode_and_gives_the_callers_mode_ba
     got, _ = fit_anatomy_head(tower.train(), means, reports, ["splenomegaly"], organ_classes=3, sections=["SPLEEN"])
     assert tower.training
     torch.testing.assert_close(got.weight, expected.weight)
+
+
+def test_folded_linear_acts_on_raw_features_as_the_fit_on_standardized_ones():
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.train.anatomy import folded_linear
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(50, 4))
+    x[:, 2] = 7.0  # a constant feature: scale 0, left unscaled
+    scaler = StandardScaler().fit(x)
+    coef, intercept = rng.normal(size=(2, 4)), rng.normal(size=2)
+    weight, bias = folded_linear(scaler, coef, intercept)
+    np.testing.assert_allclose(x @ weight.T + bias, scaler.transform(x) @ coef.T + intercept, atol=1e-10)
+
+
+def test_phenotype_classifiers_are_scikit_learns_logistic_fits_on_the_organ_features():
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.models.anatomy import AnatomyHead
+    from volumevlm.train.anatomy import MIN_CODE_CASES, PHENOTYPE_CS, PHENOTYPE_FOLDS, fit_anatomy_head
+
+    generator = torch.Generator().manual_seed(4)
+    n, organs, channels = 150, 3, 4
+    features = torch.randn(n + 50, organs, channels, generator=generator)
+    enlarged = features[:, 1, 0] > 0.3       # the spleen's code, 289.4, follows organ 2
+    rare = torch.zeros(n + 50, dtype=torch.bool)
+    rare[: MIN_CODE_CASES - 1] = True      # too few positives to fit: left out
+    codes = torch.stack([enlarged, rare], dim=1).double().numpy()
+    texts = {True: "SPLEEN: Splenomegaly.", False: "SPLEEN: Unremarkable spleen."}
+    table = {texts[True]: torch.tensor([1.0, 0.0]), texts[False]: torch.tensor([0.0, 1.0])}
+    reports = [texts[bool(e)] for e in enlarged[:n]]
+    head, info = fit_anatomy_head(_TextTable(table), features[:n], reports, ["splenomegaly"], organ_classes=organs + 1,
+                                  sections=["SPLEEN"], phecodes=["289.4", "999"], codes=codes[:n], seed=0)
+    assert head.phecodes == ("289.4",) and set(info["phenotypes"]) == {"289.4"}
+    x = features.flatten(1).double().numpy()
+    scaler = StandardScaler().fit(x[:n])
+    expected = LogisticRegressionCV(Cs=list(PHENOTYPE_CS), scoring="roc_auc", max_iter=2000,
+                                    cv=StratifiedKFold(PHENOTYPE_FOLDS, shuffle=True, random_state=0)
+                                    ).fit(scaler.transform(x[:n]), codes[:n, 0] > 0.5)
+    logits = head.phenotype_logits(features[n:])
+    assert logits.shape == (50, 1)
+    np.testing.assert_allclose(logits[:, 0].numpy(), expected.decision_function(scaler.transform(x[n:])),
+                               atol=1e-3, rtol=1e-3)
+    assert info["phenotypes"]["289.4"] == {"positives": int(enlarged[:n].sum()), "C": float(expected.C_[0])}
+    # It reads held-out cases.
+    assert ((logits[:, 0] > 0) == enlarged[n:]).float().mean() >= 0.9
+    # Round trip; a head fitted (or saved) without codes has no classifier and says how to get one.
+    again = AnatomyHead.from_head_config(head.head_config())
+    again.load_state_dict(head.state_dict())
+    torch.testing.assert_close(again.phenotype_logits(features[n:]), logits)
+    config = {k: v for k, v in head.head_config().items() if k != "phecodes"}
+    older = AnatomyHead.from_head_config(config)
+    older.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("phenotype")})
+    with pytest.raises(VolumeVLMError, match="fitted without phecodes.*experiment=report_demo"):
+        older.phenotype_logits(features[n:])
+    with pytest.raises(VolumeVLMError, match="codes"):
+        fit_anatomy_head(_TextTable(table), features[:n], reports, ["splenomegaly"], organ_classes=organs + 1,
+                         sections=["SPLEEN"], phecodes=["289.4"], codes=codes[:n])

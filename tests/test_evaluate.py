@@ -243,6 +243,9 @@ def test_a_checkpoint_without_heads_reports_skipped_sections_on_the_command_line
     assert code != 0
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no anatomy head" in error[0] and "experiment=report_demo" in error[0]
+    assert cli_main(["phenotypes", "-m", str(runs["plain"]), "-i", str(image), "--anatomy"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "experiment=" in error[0]
 
     # The yardsticks, by hand: probes fitted on the train split's embeddings / voxel
     # features (each case preprocessed and encoded here), scored on val + test.
@@ -324,6 +327,25 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
     for row, probs in zip(scores[:3], verb):
         assert list(probs) == names
         np.testing.assert_allclose(list(probs.values()), row.numpy(), atol=1e-4)
+    # Phenotypes from the anatomy head's classifiers on the same organ features, by hand.
+    assert anatomy.phecodes  # the cohort's frequent codes are fitted
+    vocab = model.phecode_vocab
+    with_codes = [i for i, row in enumerate(held_out) if row.get("phecodes")]
+    columns = [list(vocab.codes).index(c) for c in anatomy.phecodes]
+    code_targets = np.array([vocab.encode(held_out[i]["phecodes"]) for i in with_codes])[:, columns]
+    with torch.no_grad():
+        organ_logits = anatomy.phenotype_logits(torch.cat([torch.from_numpy(eval_tok).view(len(held_out), organs, -1),
+                                                           torch.from_numpy(eval_hist).view(len(held_out), organs, -1)],
+                                                          dim=-1))
+    expected, used = macro_auroc(organ_logits[with_codes].numpy(), code_targets)
+    ph = metrics["phenotypes"]["anatomy"]
+    assert ph["codes"] == len(anatomy.phecodes) and ph["codes_scored"] == used > 0
+    assert ph["macro_auroc"] == pytest.approx(expected, abs=1e-3)
+    verb = model.phenotypes([row["image"] for row in held_out[:2]], top_k=None, anatomy=True)
+    for logits, ranked in zip(organ_logits[:2], verb):
+        assert sorted(code for code, _, _ in ranked) == sorted(anatomy.phecodes)
+        probs = dict(zip(anatomy.phecodes, torch.sigmoid(logits).tolist()))
+        assert all(p == pytest.approx(probs[code], abs=1e-4) for code, _, p in ranked)
     assert train_tok.shape[1] == (classes - 1) * model.encoder.config.dim
     for section, fit_x, eval_x in ((metrics["organ_probe"], train_tok, eval_tok),
                                    (metrics["baseline"]["organ_voxel_probe"], train_hist, eval_hist)):

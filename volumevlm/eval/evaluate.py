@@ -30,7 +30,9 @@ phenotypes
     checkpoint's codes with positives and negatives in the split, ``per_code``; and
     ``macro_auroc_image_visible`` over the codes an image can show (``--visible-phecodes``;
     for the synthetic cohort by default the phecodes of its imaging findings, since
-    hypertension or diabetes codes are invisible to any image model).
+    hypertension or diabetes codes are invisible to any image model). With an anatomy
+    head fitted with codes, the same figures for its classifiers on the organ features
+    under ``anatomy`` (over the codes it was fitted for).
 retrieval
     image and report embeddings of the cases with a report (section-mean report
     embeddings when the text tower was trained on sections). Merlin's protocol: recall@1/5/10
@@ -207,7 +209,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     preprocessed volumes), "generated" list[str] (report head, when ``generate``), "ids"};
     with a segmentation head also "organ_tokens" [N, K*C] and "organ_histograms"
     [N, K*(1 + bins)] (:mod:`volumevlm.models.anatomy`, inside the organs that head finds),
-    and with an anatomy head "section_emb" [N, S, E] (its organ-system embeddings).
+    and with an anatomy head "section_emb" [N, S, E] (its organ-system embeddings) and,
+    when it has phenotype classifiers, "anatomy_phenotype_logits" [N, V'] (its codes).
     The encoder runs once per batch: embedding, phenotype logits and the report head's
     visual tokens all come from that one output, and the segmentation head once per batch
     too (the organ features and an ``organs`` report head's findings share it)."""
@@ -225,7 +228,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     task = progress.add_task(what + (" + reports" if generate else ""), total=len(dataset)) if progress else None
     image_emb, logits, text_emb, has_report, generated, ids, voxels = [], [], [], [], [], [], []
     oracle: list[str | None] = []
-    organ_tokens, organ_hist, section_emb = [], [], []
+    organ_tokens, organ_hist, section_emb, organ_logits = [], [], [], []
     anatomy = model.heads["anatomy"] if "anatomy" in model.heads and segmentation is not None else None
     for batch in loader:
         voxels.append(voxel_features(batch["image"], model.preprocess.hu_window))
@@ -251,6 +254,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
             organ_hist.append(organs[..., means_end:].flatten(1).float().cpu())
             if anatomy is not None:
                 section_emb.append(anatomy(organs).float().cpu())
+                if anatomy.phecodes:
+                    organ_logits.append(anatomy.phenotype_logits(organs).float().cpu())
         if head is not None:
             calls = None
             if head.config.findings and head.config.findings_features == "organs":
@@ -277,6 +282,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         "voxel_features": torch.cat(voxels),
         **({"organ_tokens": torch.cat(organ_tokens), "organ_histograms": torch.cat(organ_hist)} if organ_tokens else {}),
         **({"section_emb": torch.cat(section_emb)} if section_emb else {}),
+        **({"anatomy_phenotype_logits": torch.cat(organ_logits)} if organ_logits else {}),
         "generated": generated,
         "generated_from_true_findings": oracle,
         "ids": ids,
@@ -348,9 +354,30 @@ def zero_shot_section(model, encoded, rows, prompts, out: Path, synthetic: bool)
     return section, plot
 
 
-def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None = None) -> dict[str, Any]:
+def _phenotype_figures(scores: np.ndarray, targets: np.ndarray, codes: Sequence[str],
+                       visible_codes: Sequence[str] | None) -> dict[str, Any]:
     from volumevlm.metrics import macro_auroc, macro_auroc_interval, per_finding_auroc
 
+    macro, used = macro_auroc(scores, targets)
+    figures: dict[str, Any] = {
+        "macro_auroc": macro if used else None,
+        "macro_auroc_ci95": macro_auroc_interval(scores, targets) if used else None,
+        "codes_scored": used,
+        "codes": len(codes),
+        "per_code": per_finding_auroc(scores, targets, list(codes)),
+    }
+    if visible_codes is not None:
+        columns = [j for j, code in enumerate(codes) if code in set(visible_codes)]
+        visible, visible_used = macro_auroc(scores[:, columns], targets[:, columns]) if columns else (math.nan, 0)
+        figures["macro_auroc_image_visible"] = None if not visible_used else visible
+        figures["macro_auroc_image_visible_ci95"] = (
+            macro_auroc_interval(scores[:, columns], targets[:, columns]) if visible_used else None)
+        figures["image_visible_codes_scored"] = visible_used
+        figures["image_visible_codes"] = [codes[j] for j in columns]
+    return figures
+
+
+def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None = None) -> dict[str, Any]:
     vocab = model.phecode_vocab
     codes = list(vocab.codes)
     if not codes:
@@ -360,28 +387,21 @@ def phenotype_section(model, encoded, rows, visible_codes: Sequence[str] | None 
         return {"skipped": "no case of the split carries codes"}
     targets = np.array([vocab.encode(rows[i].get("phecodes") or []) for i in with_codes])
     scores = torch.sigmoid(encoded["phenotype_logits"][with_codes]).numpy().astype(np.float64)
-    macro, used = macro_auroc(scores, targets)
-    if not used:
+    section = _phenotype_figures(scores, targets, codes, visible_codes)
+    if not section["codes_scored"]:
         return {"skipped": "no phecode of the checkpoint has both positives and negatives in the split",
                 "macro_auroc": None, "codes_scored": 0}
-    section = {
-        "macro_auroc": macro,
-        "macro_auroc_ci95": macro_auroc_interval(scores, targets),
-        "codes_scored": used,
-        "codes": len(codes),
-        "cases": len(with_codes),
-        "per_code": per_finding_auroc(scores, targets, codes),
-        "descriptions": {c: vocab.description(c) for c in codes},
-        "chance": 0.5,
-    }
-    if visible_codes is not None:
-        columns = [j for j, code in enumerate(codes) if code in set(visible_codes)]
-        visible, visible_used = macro_auroc(scores[:, columns], targets[:, columns]) if columns else (math.nan, 0)
-        section["macro_auroc_image_visible"] = None if not visible_used else visible
-        section["macro_auroc_image_visible_ci95"] = (
-            macro_auroc_interval(scores[:, columns], targets[:, columns]) if visible_used else None)
-        section["image_visible_codes_scored"] = visible_used
-        section["image_visible_codes"] = [codes[j] for j in columns]
+    section.update(cases=len(with_codes), descriptions={c: vocab.description(c) for c in codes}, chance=0.5)
+    if "anatomy_phenotype_logits" in encoded:
+        # The anatomy head's classifiers on the organ features: the codes it was fitted for.
+        fitted = list(model.head("anatomy").phecodes)
+        columns = [codes.index(c) for c in fitted]
+        organ_scores = encoded["anatomy_phenotype_logits"][with_codes].numpy().astype(np.float64)
+        section["anatomy"] = {
+            **_phenotype_figures(organ_scores, targets[:, columns], fitted, visible_codes),
+            "features": "organ features of the model's own segmentation (the anatomy head's classifiers)",
+            "chance": 0.5,
+        }
     return section
 
 
@@ -855,6 +875,11 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         if ph.get("image_visible_codes_scored"):
             rows.append((f"phenotype AUROC (macro, {ph['image_visible_codes_scored']} image-visible codes) [95% CI]",
                          _fmt_ci(ph.get("macro_auroc_image_visible"), ph.get("macro_auroc_image_visible_ci95")), "0.500"))
+        organ_codes = ph.get("anatomy") or {}
+        if organ_codes.get("image_visible_codes_scored"):
+            rows.append((f"phenotype AUROC, organ features ({organ_codes['image_visible_codes_scored']} image-visible "
+                         "codes) [95% CI]", _fmt_ci(organ_codes.get("macro_auroc_image_visible"),
+                                                    organ_codes.get("macro_auroc_image_visible_ci95")), "0.500"))
     if "skipped" not in rt:
         for direction, label in (("image_to_report", "image->report"), ("report_to_image", "report->image")):
             values = rt.get(direction, {})

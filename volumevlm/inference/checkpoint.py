@@ -47,11 +47,12 @@ class VolumeVLM(vlm.VolumeVLM):
 
         return pipeline.zero_shot(self, x, findings=findings, prompts=prompts, anatomy=anatomy)
 
-    def phenotypes(self, x: Any, top_k: int | None = 10):
-        """[(phecode, description, probability)], most likely first."""
+    def phenotypes(self, x: Any, top_k: int | None = 10, anatomy: bool = False):
+        """[(phecode, description, probability)], most likely first; ``anatomy``: from the
+        anatomy head's classifiers on the organs the model segments."""
         from volumevlm.inference import pipeline
 
-        return pipeline.phenotypes(self, x, top_k=top_k)
+        return pipeline.phenotypes(self, x, top_k=top_k, anatomy=anatomy)
 
     def similarity_map(self, x: Any, finding: str, prompts: Any = None, upsample: str = "linear", out=None):
         """Patch-level cosine map of ``finding`` as a float nibabel image in x's own geometry."""

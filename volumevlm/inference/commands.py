@@ -2,7 +2,7 @@
 
     volumevlm embed       -m CKPT -i IN... [-o OUT.safetensors|.npy|.npz|.json]
     volumevlm zero-shot   -m CKPT -i IN... [-o OUT.json] [--findings a,b] [--prompts SET_OR_YAML] [--anatomy]
-    volumevlm phenotypes  -m CKPT -i IN... [-o OUT.json] [--top-k N|all]
+    volumevlm phenotypes  -m CKPT -i IN... [-o OUT.json] [--top-k N|all] [--anatomy]
     volumevlm segment     -m CKPT -i IN... -o MASK.nii.gz|SEG.dcm|FOLDER [--format nifti|dicom-seg] [--statistics STATS.json|.csv]
     volumevlm retrieve    -m CKPT -i IN... --index DIR [-k N] [--kind report|image|all] [-o OUT.json]
     volumevlm report      -m CKPT -i IN... [-o OUT.txt|.json] [--max-new-tokens N] [--num-beams N]
@@ -258,6 +258,9 @@ def _top_k(text: str) -> int | None:
 def _phenotypes_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser, "JSON {results: {input: [{phecode, description, probability}]}} (default: a table on stdout)")
     parser.add_argument("--top-k", type=_top_k, default=10, help="most likely codes per input, or 'all' (default 10)")
+    parser.add_argument("--anatomy", action="store_true",
+                        help="the anatomy head's classifiers on the organs the model segments (needs the anatomy and "
+                             "segmentation heads)")
 
 
 def _phenotypes_run(args: argparse.Namespace) -> int:
@@ -266,7 +269,13 @@ def _phenotypes_run(args: argparse.Namespace) -> int:
         output_format(args.output, JSON_SUFFIXES, "phenotypes")
         _not_an_input(args.output, inputs)
     model = _load(args)
-    results = model.phenotypes(inputs, top_k=args.top_k)
+    if args.anatomy:  # a missing head or classifier fails before any image is read, naming the recipe
+        from volumevlm.models.anatomy import NO_PHENOTYPES
+
+        model.head("segmentation")
+        if not model.head("anatomy").phecodes:
+            raise VolumeVLMError(NO_PHENOTYPES)
+    results = model.phenotypes(inputs, top_k=args.top_k, anatomy=args.anatomy)
     by_source = {s: [{"phecode": c, "description": d, "probability": p} for c, d, p in ranked]
                  for s, ranked in zip(inputs, results)}
     if not args.output:
@@ -275,7 +284,7 @@ def _phenotypes_run(args: argparse.Namespace) -> int:
             print(("\n" if number else "") + source)
             print(_table(["phecode", "probability", "description"], rows, [False, True, False]))
         return 0
-    write_json(args.output, document(model, top_k=args.top_k, results=by_source))
+    write_json(args.output, document(model, top_k=args.top_k, anatomy=args.anatomy, results=by_source))
     _wrote(args.output)
     return 0
 

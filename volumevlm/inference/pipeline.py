@@ -231,22 +231,34 @@ def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any
     return results if many else results[0]
 
 
-def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit global embeddings [E] or [N, E], section embeddings [S, E] or [N, S, E]) of x:
+def _organ_passes(model, x: Any, segmentation):
+    """(lazy (unit global embedding [1, E], organ features [1, K, F]) per input of x, many):
     one encoder pass and one segmentation pass per input."""
     from volumevlm.models.anatomy import organ_features, organ_labels
     from volumevlm.models.report import encoder_features
 
     items, many = iter_items(x, model)
-    globals_, sections = [], []
-    with inference_mode(model):
+
+    def passes():
         for item in items:
             images = _batch(item, model)
             out = model.encoder(images)
-            globals_.append(F.normalize(model.image_projection(out.pooled), dim=-1)[0].float().cpu())
             tokens, grid = encoder_features(out)
             labels = organ_labels(segmentation, images)
-            sections.append(head(organ_features(tokens, grid, images, labels, segmentation.config.num_classes))[0].float().cpu())
+            yield (F.normalize(model.image_projection(out.pooled), dim=-1),
+                   organ_features(tokens, grid, images, labels, segmentation.config.num_classes))
+
+    return passes(), many
+
+
+def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit global embeddings [E] or [N, E], section embeddings [S, E] or [N, S, E]) of x."""
+    globals_, sections = [], []
+    with inference_mode(model):
+        passes, many = _organ_passes(model, x, segmentation)
+        for emb, organs in passes:
+            globals_.append(emb[0].float().cpu())
+            sections.append(head(organs)[0].float().cpu())
     if many:
         return torch.stack(globals_), torch.stack(sections)
     return globals_[0], sections[0]
@@ -255,18 +267,34 @@ def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor
 # ---------------------------------------------------------------------- phenotypes
 
 
-def phenotypes(model, x: Any, top_k: int | None = 10):
+def phenotypes(model, x: Any, top_k: int | None = 10, anatomy: bool = False):
     """[(phecode, description, P)] sorted by probability, the ``top_k`` most likely
-    (None: every code of the vocabulary); a list of such lists for a list."""
+    (None: every code of the vocabulary); a list of such lists for a list.
+
+    anatomy: the anatomy head's classifiers on the organ features of the model's own
+    segmentation (the codes it was fitted for) instead of the global phenotype head."""
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
         raise VolumeVLMError(f"top_k: must be a positive integer or None, got {top_k!r}")
+    from volumevlm.models.anatomy import NO_PHENOTYPES
+
     vocab = model.phecode_vocab
-    codes = list(vocab.codes)
-    items, many = iter_items(x, model)
+    if anatomy:
+        head, segmentation = model.head("anatomy"), model.head("segmentation")
+        if not head.phecodes:
+            raise VolumeVLMError(NO_PHENOTYPES)
+        codes = list(head.phecodes)
+    else:
+        codes = list(vocab.codes)
     results = []
     with inference_mode(model):
-        for item in items:
-            probs = torch.sigmoid(model.phenotype_logits(_batch(item, model))[0].float()).cpu()
+        if anatomy:
+            passes, many = _organ_passes(model, x, segmentation)
+            logits = (head.phenotype_logits(organs)[0] for _, organs in passes)
+        else:
+            items, many = iter_items(x, model)
+            logits = (model.phenotype_logits(_batch(item, model))[0] for item in items)
+        for row in logits:
+            probs = torch.sigmoid(row.float()).cpu()
             order = torch.argsort(probs, descending=True, stable=True).tolist()
             if top_k is not None:
                 order = order[: int(top_k)]

@@ -37,6 +37,9 @@ from volumevlm.errors import VolumeVLMError
 # Equal HU bins over the preprocessing window, per organ: fine enough to tell fat from
 # parenchyma and fluid from calcium, few enough that 14 organs stay a small vector.
 ORGAN_HU_BINS = 16
+NO_PHENOTYPES = ("anatomy head: fitted without phecodes, so it predicts no phenotypes; refit it with "
+                 "volumevlm train experiment=report_demo init_from=CKPT data.root=DIR on a cohort whose training "
+                 "cases carry codes")
 
 
 @torch.no_grad()
@@ -178,12 +181,19 @@ class AnatomyHead(nn.Module):
     Zero-shot reads a finding in its own section's embedding (``finding_sections``: the
     section of the training reports that states it most often); a finding without one is
     read in the global image embedding.
+
+    Phenotypes organ by organ (``phecodes``, optional): per EHR code, a logistic
+    regression on the same organ features fitted on the training cases' codes
+    (:func:`volumevlm.train.anatomy.fit_anatomy_head`); :meth:`phenotype_logits`. The
+    pretraining's phenotype head reads the global embedding, where an organ's code is as
+    diluted as its finding.
     """
 
     head_type: ClassVar[str] = "anatomy"
 
     def __init__(self, sections: Sequence[str], finding_sections: dict[str, str], organ_classes: int,
-                 feature_dim: int, embed_dim: int, alpha: dict[str, float] | None = None):
+                 feature_dim: int, embed_dim: int, alpha: dict[str, float] | None = None,
+                 phecodes: Sequence[str] = ()):
         super().__init__()
         self.sections = tuple(str(s) for s in sections)
         if not self.sections or len(set(self.sections)) != len(self.sections):
@@ -199,16 +209,30 @@ class AnatomyHead(nn.Module):
         width = (self.organ_classes - 1) * self.feature_dim
         self.weight = nn.Parameter(torch.zeros(len(self.sections), self.embed_dim, width), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(len(self.sections), self.embed_dim), requires_grad=False)
+        self.phecodes = tuple(str(c) for c in phecodes)
+        if len(set(self.phecodes)) != len(self.phecodes):
+            raise VolumeVLMError(f"anatomy head: phecodes must be distinct, got {list(phecodes)}")
+        if self.phecodes:  # heads fitted without codes (or saved before them) carry no such weights
+            self.phenotype_weight = nn.Parameter(torch.zeros(len(self.phecodes), width), requires_grad=False)
+            self.phenotype_bias = nn.Parameter(torch.zeros(len(self.phecodes)), requires_grad=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Organ features float [B, K, F] (:func:`organ_features`) -> section embeddings
-        float [B, S, E], unit rows."""
+    def _flat(self, features: torch.Tensor) -> torch.Tensor:
         expected = (self.organ_classes - 1, self.feature_dim)
         if features.ndim != 3 or tuple(features.shape[1:]) != expected:
             raise VolumeVLMError(f"anatomy head: organ features {list(features.shape)}, expected [B, {expected[0]}, "
                                  f"{expected[1]}]")
-        x = features.flatten(1).to(self.weight.dtype)
-        return F.normalize(torch.einsum("bd,sed->bse", x, self.weight) + self.bias, dim=-1)
+        return features.flatten(1).to(self.weight.dtype)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Organ features float [B, K, F] (:func:`organ_features`) -> section embeddings
+        float [B, S, E], unit rows."""
+        return F.normalize(torch.einsum("bd,sed->bse", self._flat(features), self.weight) + self.bias, dim=-1)
+
+    def phenotype_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Organ features float [B, K, F] -> logits float [B, V] of :attr:`phecodes`."""
+        if not self.phecodes:
+            raise VolumeVLMError(NO_PHENOTYPES)
+        return self._flat(features) @ self.phenotype_weight.T + self.phenotype_bias
 
     def section_index(self, finding: str) -> int | None:
         """Index of the section a finding is read in, or None (read it globally)."""
@@ -218,13 +242,13 @@ class AnatomyHead(nn.Module):
     def head_config(self) -> dict:
         return {"sections": list(self.sections), "finding_sections": dict(self.finding_sections),
                 "organ_classes": self.organ_classes, "feature_dim": self.feature_dim, "embed_dim": self.embed_dim,
-                "alpha": dict(self.alpha)}
+                "alpha": dict(self.alpha), "phecodes": list(self.phecodes)}
 
     @classmethod
     def from_head_config(cls, config, folder=None, vlm=None) -> "AnatomyHead":
-        known = {"sections", "finding_sections", "organ_classes", "feature_dim", "embed_dim", "alpha"}
+        known = {"sections", "finding_sections", "organ_classes", "feature_dim", "embed_dim", "alpha", "phecodes"}
         config = dict(config)
-        missing, unknown = sorted(known - set(config) - {"alpha"}), sorted(set(config) - known)
+        missing, unknown = sorted(known - set(config) - {"alpha", "phecodes"}), sorted(set(config) - known)
         if missing or unknown:
             raise VolumeVLMError(f"{folder or 'anatomy head'}: head config missing {missing}, unknown {unknown}")
         return cls(**config)

@@ -8,6 +8,11 @@ finding label is used to fit it: the images are matched to their own report text
 organ system at a time (the anatomy-level alignment of fVLM, as a closed-form fit on the
 frozen towers). The labeler only decides which section a finding is read in
 (:func:`finding_sections_of`), as it decides for the report head's prompts.
+
+Where the training cases carry EHR codes, the head also gets a phenotype classifier on
+the same organ features: per code, scikit-learn's standardised ``LogisticRegressionCV``
+(L2 strength by stratified cross-validation on the training cases, ROC AUC), the
+standardisation folded into the weights (:func:`folded_linear`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,63 @@ ANATOMY_ALPHAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
 # A section stated in fewer training reports than this is not fitted.
 MIN_SECTION_CASES = 20
 TEXT_BATCH = 256
+# Phenotype classifiers: L2 strengths tried (C = 1 / strength), folds, and the fewest
+# positive (and negative) training cases a code needs to be fitted at all.
+PHENOTYPE_CS = (1e-3, 1e-2, 1e-1, 1.0)
+PHENOTYPE_FOLDS = 3
+MIN_CODE_CASES = 5
+
+
+def folded_linear(scaler, coef: np.ndarray, intercept) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of a linear model fitted on standardised features, acting on the raw
+    ones: ``coef @ (x - mean) / scale + intercept == weight @ x + bias``. ``coef`` [O, D] or
+    [D], ``scaler`` a fitted scikit-learn ``StandardScaler`` (a constant feature, scale 0,
+    is left unscaled as scikit-learn does)."""
+    coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    weight = coef / scale
+    bias = np.asarray(intercept, dtype=np.float64).reshape(-1) - (weight * scaler.mean_).sum(axis=1)
+    return weight, bias
+
+
+def fit_phenotype_classifiers(x: np.ndarray, codes: np.ndarray, phecodes: Sequence[str],
+                              seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
+    """Per code with at least :data:`MIN_CODE_CASES` positive and negative training cases,
+    a standardised logistic regression on the features x [N, D] against codes [N, V] (0/1).
+    Returns (the codes fitted, weight [V', D], bias [V'] on the raw features, info per
+    code: positives and the chosen C)."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape != (x.shape[0], len(phecodes)):
+        raise VolumeVLMError(f"phenotype classifiers: codes {list(codes.shape)} for {x.shape[0]} cases and "
+                             f"{len(phecodes)} phecodes")
+    scaler = StandardScaler().fit(x)
+    xs = scaler.transform(x)
+    fitted, weights, biases, info = [], [], [], {}
+    for j, code in enumerate(phecodes):
+        y = codes[:, j] > 0.5
+        positives = int(y.sum())
+        if min(positives, len(y) - positives) < MIN_CODE_CASES:
+            continue
+        regression = LogisticRegressionCV(Cs=list(PHENOTYPE_CS), scoring="roc_auc", max_iter=2000,
+                                          cv=StratifiedKFold(PHENOTYPE_FOLDS, shuffle=True, random_state=seed))
+        with warnings.catch_warnings():
+            # An easy code's small folds converge to huge weights: still a ranking.
+            warnings.simplefilter("ignore")
+            regression.fit(xs, y)
+        weight, bias = folded_linear(scaler, regression.coef_, regression.intercept_)
+        fitted.append(str(code))
+        weights.append(weight[0])
+        biases.append(bias[0])
+        info[str(code)] = {"positives": positives, "C": float(regression.C_[0])}
+    if not fitted:
+        return [], np.zeros((0, x.shape[1])), np.zeros(0), info
+    return fitted, np.stack(weights), np.asarray(biases), info
 
 
 def finding_sections_of(reports: Sequence[str], findings: Sequence[str], sections: Sequence[str]) -> dict[str, str]:
@@ -60,12 +122,16 @@ def _section_embeddings(model, texts: list[str]) -> np.ndarray:
 
 
 def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str], findings: Sequence[str],
-                     organ_classes: int, sections: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+                     organ_classes: int, sections: Sequence[str] | None = None,
+                     phecodes: Sequence[str] | None = None, codes: Any = None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """(AnatomyHead, info) fitted on N training cases: organ_features float [N, K, F]
     (:func:`~volumevlm.models.anatomy.organ_features`), their reports, the findings to
     route (labeler keys), the segmentation head's class count. ``model``: the VolumeVLM
-    whose (frozen) text tower embeds the sections. info: per section the chosen ridge
-    strength and the cases it was fitted on, and the finding -> section routing."""
+    whose (frozen) text tower embeds the sections. ``phecodes`` and ``codes`` [N, V] (0/1,
+    the cases' EHR codes in that order): also fit the phenotype classifiers
+    (:func:`fit_phenotype_classifiers`). info: per section the chosen ridge strength and
+    the cases it was fitted on, the finding -> section routing, per code fitted its
+    positives and C."""
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
@@ -76,8 +142,7 @@ def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str]
         raise VolumeVLMError(f"anatomy head: organ features {list(organ_features.shape)} for {len(reports)} reports")
     x = organ_features.flatten(1).double().numpy()
     scaler = StandardScaler().fit(x)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    xs = (x - scaler.mean_) / scale
+    xs = scaler.transform(x)
     parts = [split_report(r) for r in reports]
     fitted: list[tuple[str, np.ndarray, np.ndarray]] = []
     info: dict[str, Any] = {"sections": {}, "train_cases": len(reports)}
@@ -87,19 +152,22 @@ def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str]
             continue
         targets = _section_embeddings(model, [f"{name}: {parts[i][name]}" for i in rows])
         ridge = RidgeCV(alphas=ANATOMY_ALPHAS).fit(xs[rows], targets)
-        # Standardization folded into the linear map: W x + b on the raw means.
-        weight = ridge.coef_ / scale
-        bias = ridge.intercept_ - (ridge.coef_ * scaler.mean_ / scale).sum(axis=1)
-        fitted.append((name, weight, bias))
+        fitted.append((name, *folded_linear(scaler, ridge.coef_, ridge.intercept_)))
         info["sections"][name] = {"alpha": float(ridge.alpha_), "cases": len(rows)}
     if not fitted:
         raise VolumeVLMError(f"anatomy head: no report section is stated in {MIN_SECTION_CASES} or more training reports")
     names = [name for name, _, _ in fitted]
     routing = finding_sections_of(reports, findings, names)
+    code_names: list[str] = []
+    if phecodes is not None and codes is not None and len(phecodes):
+        code_names, code_weight, code_bias, info["phenotypes"] = fit_phenotype_classifiers(x, codes, phecodes, seed)
     head = AnatomyHead(names, routing, organ_classes, organ_features.shape[2], fitted[0][1].shape[0],
-                       alpha={name: info["sections"][name]["alpha"] for name in names})
+                       alpha={name: info["sections"][name]["alpha"] for name in names}, phecodes=code_names)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(np.stack([w for _, w, _ in fitted])).float())
         head.bias.copy_(torch.from_numpy(np.stack([b for _, _, b in fitted])).float())
+        if code_names:
+            head.phenotype_weight.copy_(torch.from_numpy(code_weight).float())
+            head.phenotype_bias.copy_(torch.from_numpy(code_bias).float())
     info["finding_sections"] = routing
     return head.eval(), info

@@ -244,6 +244,8 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from volumevlm.train.anatomy import folded_linear
+
     x = features.double().numpy()
     y = readings.numpy().astype(int)
     if x.shape[0] != y.shape[0] or y.shape[1] != len(generator.config.findings):
@@ -271,10 +273,8 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
             if f1 > best_f1:
                 best_f1, best_t = f1, float(t)
         probe.fit(x, y[:, j])
-        scaler, logistic = probe[0], probe[1]
-        scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-        weight[j] = logistic.coef_[0] / scale
-        bias[j] = logistic.intercept_[0] - float((logistic.coef_[0] * scaler.mean_ / scale).sum())
+        folded_weight, folded_bias = folded_linear(probe[0], probe[1].coef_, probe[1].intercept_)
+        weight[j], bias[j] = folded_weight[0], folded_bias[0]
         thresholds[j] = best_t
         oof_f1[name] = round(best_f1, 4)
     layer = generator.findings_classifier
@@ -555,6 +555,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
     anatomy_info: dict[str, Any] | None = None
     if settings["anatomy"]:
+        import numpy as np
+
         from volumevlm.train.anatomy import fit_anatomy_head
 
         if segmentation is None or not settings["precompute"]:
@@ -563,9 +565,13 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         # The findings probe's input is the organ features, organ by organ (image_finding_features).
         features = torch.stack([c["features"] for c in train_set.cases]).view(len(train_set), organs, -1)
         try:
+            vocab = model.phecode_vocab
+            # The pretraining's phenotype targets: a case without codes has none of them.
+            codes = np.array([vocab.encode(row.get("phecodes") or []) for row in train_rows]) if vocab.codes else None
             anatomy, anatomy_info = fit_anatomy_head(model, features,
                                                      [row["report"] for row in train_rows], head_config.findings,
-                                                     head_config.organ_classes)
+                                                     head_config.organ_classes, phecodes=list(vocab.codes),
+                                                     codes=codes, seed=int(cfg.seed))
         except VolumeVLMError as err:  # too few training reports: the report head still trains
             anatomy_info = {"skipped": str(err)}
             log.warning("report: %s; the checkpoint gets no anatomy head", err)
