@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from volumevlm.errors import VolumeVLMError
-from volumevlm.models.anatomy import ORGAN_HU_BINS, organ_histograms, organ_labels, organ_token_means
+from volumevlm.models.anatomy import (
+    ORGAN_HU_BINS,
+    ORGAN_HU_EDGES,
+    organ_histograms,
+    organ_labels,
+    organ_statistics_width,
+    organ_token_means,
+)
 from volumevlm.models.encoder import EncoderConfig
 from volumevlm.models.report import ReportConfig, finding_feature_width, image_finding_features
 from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
@@ -32,17 +39,49 @@ def test_token_means_weigh_each_token_by_the_share_of_its_cell_inside_the_organ(
     torch.testing.assert_close(means[0, 2], torch.zeros(2))  # organ 3 absent: zeros, same layout
 
 
-def test_histograms_count_each_organs_voxels_by_intensity_bin():
+def test_legacy_histograms_count_each_organs_own_voxels_in_16_equal_bins():
     labels = torch.zeros(1, 2, 2, 2, dtype=torch.long)
     labels[0, 0] = 1  # four voxels
     images = torch.zeros(1, 1, 2, 2, 2)
     images[0, 0, 0] = torch.tensor([[0.0, 0.26], [0.99, 1.0]])
-    out = organ_histograms(images, labels, num_classes=3, bins=4)
-    assert out.shape == (1, 2, 5)
-    # share of the 8 voxels, then bins [0, .25), [.25, .5), [.5, .75), [.75, 1] (top edge in the last)
-    torch.testing.assert_close(out[0, 0], torch.tensor([0.5, 0.25, 0.25, 0.0, 0.5]))
-    torch.testing.assert_close(out[0, 1], torch.zeros(5))
-    assert organ_histograms(images, labels, 3).shape == (1, 2, 1 + ORGAN_HU_BINS)
+    out = organ_histograms(images, labels, num_classes=3, statistics="hu16")
+    assert out.shape == (1, 2, 1 + ORGAN_HU_BINS) == (1, 2, organ_statistics_width("hu16"))
+    # share of the 8 voxels, then 16 bins of 1/16: 0.0 in bin 0, 0.26 in bin 4, 0.99 and 1.0 in bin 15
+    expected = torch.zeros(1 + ORGAN_HU_BINS)
+    expected[0], expected[1 + 0], expected[1 + 4], expected[1 + 15] = 0.5, 0.25, 0.25, 0.5
+    torch.testing.assert_close(out[0, 0], expected)
+    torch.testing.assert_close(out[0, 1], torch.zeros(1 + ORGAN_HU_BINS))
+
+
+def test_fine_histograms_count_the_organ_grown_by_one_voxel_in_hu_bins():
+    # A 5x1x1 line: organ 1 at x=1, organ 2 at x=4; grown by one voxel, organ 1 covers x 0..2
+    # and organ 2 x 3..4 (the grown masks may overlap other organs; here they do not).
+    labels = torch.tensor([0, 1, 0, 0, 2]).view(1, 5, 1, 1)
+    window = (-1000.0, 1000.0)
+    hu = torch.tensor([5.0, 45.0, 1200.0, -2000.0, 150.0])  # outside the window: clamped to its edges
+    images = ((hu.clamp(*window) - window[0]) / (window[1] - window[0])).view(1, 1, 5, 1, 1)
+    out = organ_histograms(images, labels, num_classes=3, statistics="hu_fine_dilated", hu_window=window)
+    bins = len(ORGAN_HU_EDGES) - 1
+    assert out.shape == (1, 2, 1 + bins) == (1, 2, organ_statistics_width())
+
+    def bin_of(value):  # [edge_i, edge_i+1), the top edge in the last bin
+        return min(int(np.searchsorted(ORGAN_HU_EDGES, value, side="right")) - 1, bins - 1)
+
+    first = torch.zeros(1 + bins)
+    first[0] = 3 / 5
+    for value in (5.0, 45.0, 1000.0):
+        first[1 + bin_of(value)] += 1 / 3
+    second = torch.zeros(1 + bins)
+    second[0] = 2 / 5
+    for value in (-1000.0, 150.0):
+        second[1 + bin_of(value)] += 1 / 2
+    torch.testing.assert_close(out[0, 0], first)
+    torch.testing.assert_close(out[0, 1], second)
+    assert bin_of(5.0) != bin_of(45.0)  # fluid and parenchyma fall in different bins
+    with pytest.raises(VolumeVLMError, match="hu_window"):
+        organ_histograms(images, labels, num_classes=3)
+    with pytest.raises(VolumeVLMError, match="must be one of"):
+        organ_histograms(images, labels, num_classes=3, statistics="hu99", hu_window=window)
 
 
 def test_shape_mismatches_are_one_line_errors():
@@ -74,7 +113,11 @@ def test_organ_labels_are_the_heads_argmax_on_the_grid_the_encoder_reads():
 
 def test_an_organs_report_config_sizes_its_classifier_and_checks_its_inputs():
     config = ReportConfig(findings=("ascites", "splenomegaly"), findings_features="organs", organ_classes=15)
-    assert finding_feature_width(config, 64) == 14 * (64 + 1 + ORGAN_HU_BINS)
+    assert finding_feature_width(config, 64) == 14 * (64 + 1 + len(ORGAN_HU_EDGES) - 1)
+    # A head saved before the setting read 16 equal bins of its own masks.
+    legacy = {k: v for k, v in config.to_dict().items() if k != "organ_statistics"}
+    assert ReportConfig.from_dict(legacy).organ_statistics == "hu16"
+    assert finding_feature_width(ReportConfig.from_dict(legacy), 64) == 14 * (64 + 1 + ORGAN_HU_BINS)
     assert finding_feature_width(ReportConfig(findings=("ascites",)), 64) == 128
     assert ReportConfig.from_dict(config.to_dict()) == config
     assert ReportConfig.from_dict({}).findings_features == "grid"  # heads saved before it existed
@@ -94,10 +137,11 @@ def test_organ_features_of_a_head_equal_the_pooled_parts_in_order():
         config = ReportConfig(findings=("ascites",), findings_features="organs",
                               organ_classes=net.config.num_classes)
 
-    features = image_finding_features(Head, tokens, (4, 4, 4), images, net)
+    window = (-1000.0, 1000.0)
+    features = image_finding_features(Head, tokens, (4, 4, 4), images, net, hu_window=window)
     labels = organ_labels(net, images)
     means = organ_token_means(tokens, (4, 4, 4), labels, net.config.num_classes)
-    histograms = organ_histograms(images, labels, net.config.num_classes)
+    histograms = organ_histograms(images, labels, net.config.num_classes, "hu_fine_dilated", window)
     torch.testing.assert_close(features, torch.cat([means, histograms], dim=-1).flatten(1))
     assert features.shape[1] == finding_feature_width(Head.config, 16)
     with pytest.raises(VolumeVLMError, match="need the images"):
@@ -107,7 +151,7 @@ def test_organ_features_of_a_head_equal_the_pooled_parts_in_order():
         config = ReportConfig(findings=("ascites",), findings_features="organs", organ_classes=5)
 
     with pytest.raises(VolumeVLMError, match="fitted on 4 organs"):
-        image_finding_features(Other, tokens, (4, 4, 4), images, net)
+        image_finding_features(Other, tokens, (4, 4, 4), images, net, hu_window=window)
 
 
 # ---------------------------------------------------------------------- the anatomy head
@@ -336,8 +380,9 @@ def test_phenotype_classifiers_are_scikit_learns_logistic_fits_on_the_organ_feat
     again = AnatomyHead.from_head_config(head.head_config())
     again.load_state_dict(head.state_dict())
     torch.testing.assert_close(again.phenotype_logits(features[n:]), logits)
-    config = {k: v for k, v in head.head_config().items() if k != "phecodes"}
+    config = {k: v for k, v in head.head_config().items() if k not in ("phecodes", "organ_statistics")}
     older = AnatomyHead.from_head_config(config)
+    assert head.organ_statistics == "hu_fine_dilated" and older.organ_statistics == "hu16"  # saved before the setting
     older.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("phenotype")})
     with pytest.raises(VolumeVLMError, match="fitted without phecodes.*experiment=report_demo"):
         older.phenotype_logits(features[n:])

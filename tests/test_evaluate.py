@@ -304,12 +304,13 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
             tokens, grid = encoder_features(model.encoder(images))
             labels = organ_labels(seg, images)
             return (organ_token_means(tokens, grid, labels, classes).flatten(1).numpy(),
-                    organ_histograms(images, labels, classes).flatten(1).numpy(),
+                    organ_histograms(images, labels, classes, "hu_fine_dilated", model.preprocess.hu_window).flatten(1).numpy(),
                     np.array([[row["findings"].get(k, -1) for k in names] for row in case_rows], dtype=float))
 
     (train_tok, train_hist, train_y), (eval_tok, eval_hist, eval_y) = features(train), features(held_out)
     # Zero-shot in the anatomy head's organ-system embeddings, by hand.
     anatomy = model.head("anatomy")
+    assert anatomy.organ_statistics == "hu_fine_dilated" == model.head("report").config.organ_statistics
     with torch.no_grad():
         images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in held_out])
         organs = classes - 1  # the anatomy head reads each organ's token means, then its size + histogram

@@ -208,7 +208,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     "voxel_features" [N, D] (:func:`volumevlm.eval.probes.voxel_features` of the
     preprocessed volumes), "generated" list[str] (report head, when ``generate``), "ids"};
     with a segmentation head also "organ_tokens" [N, K*C] and "organ_histograms"
-    [N, K*(1 + bins)] (:mod:`volumevlm.models.anatomy`, inside the organs that head finds),
+    [N, K*(1 + bins)] (:mod:`volumevlm.models.anatomy`, inside the organs that head finds,
+    the current histogram recipe; the heads read theirs),
     and with an anatomy head "section_emb" [N, S, E] (its organ-system embeddings) and,
     when it has phenotype classifiers, "anatomy_phenotype_logits" [N, V'] (its codes).
     The encoder runs once per batch: embedding, phenotype logits and the report head's
@@ -218,7 +219,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
     from volumevlm.data.datasets import PretrainDataset, collate_cases
     from volumevlm.eval.probes import voxel_features
-    from volumevlm.models.anatomy import ORGAN_HU_BINS, cached_organ_labels, organ_features
+    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, cached_organ_labels, organ_histograms, organ_token_means
     from volumevlm.models.report import encoder_features, image_finding_features
 
     dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
@@ -230,6 +231,12 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     oracle: list[str | None] = []
     organ_tokens, organ_hist, section_emb, organ_logits = [], [], [], []
     anatomy = model.heads["anatomy"] if "anatomy" in model.heads and segmentation is not None else None
+    # The histogram recipes to compute: the probes' (the current one) and each head's own.
+    recipes = {DEFAULT_ORGAN_STATISTICS}
+    if anatomy is not None:
+        recipes.add(anatomy.organ_statistics)
+    if head is not None and head.config.findings and head.config.findings_features == "organs":
+        recipes.add(head.config.organ_statistics)
     for batch in loader:
         voxels.append(voxel_features(batch["image"], model.preprocess.hu_window))
         images = batch["image"].to(model.device, dtype=torch.float32)
@@ -245,23 +252,26 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         has_report.extend(mask)
         ids.extend(batch["id"])
         tokens, grid = encoder_features(out)
-        organs = None
+        organs_by: dict[str, torch.Tensor] = {}  # organ features per histogram recipe, one segmentation pass
         if segmentation is not None:
             classes = int(segmentation.config.num_classes)
-            organs = organ_features(tokens, grid, images, cached_organ_labels(segmentation, images, cache_dir), classes)
-            means_end = organs.shape[-1] - 1 - ORGAN_HU_BINS  # token means, then size + histogram
-            organ_tokens.append(organs[..., :means_end].flatten(1).float().cpu())
-            organ_hist.append(organs[..., means_end:].flatten(1).float().cpu())
+            labels = cached_organ_labels(segmentation, images, cache_dir)
+            means = organ_token_means(tokens, grid, labels, classes)
+            for statistics in recipes:
+                histograms = organ_histograms(images, labels, classes, statistics, model.preprocess.hu_window)
+                organs_by[statistics] = torch.cat([means, histograms.to(means.device)], dim=-1)
+            organ_tokens.append(means.flatten(1).float().cpu())
+            organ_hist.append(organs_by[DEFAULT_ORGAN_STATISTICS][..., means.shape[-1]:].flatten(1).float().cpu())
             if anatomy is not None:
-                section_emb.append(anatomy(organs).float().cpu())
+                section_emb.append(anatomy(organs_by[anatomy.organ_statistics]).float().cpu())
                 if anatomy.phecodes:
-                    organ_logits.append(anatomy.phenotype_logits(organs).float().cpu())
+                    organ_logits.append(anatomy.phenotype_logits(organs_by[anatomy.organ_statistics]).float().cpu())
         if head is not None:
             calls = None
             if head.config.findings and head.config.findings_features == "organs":
-                if organs is None:
+                if segmentation is None:
                     model.head("segmentation")  # the one-line error naming the recipe
-                features = image_finding_features(head, tokens, grid, organs=organs)
+                features = image_finding_features(head, tokens, grid, organs=organs_by[head.config.organ_statistics])
                 calls = head.findings_calls(head.predict_findings(None, features=features))
             generated.extend(head.generate(tokens, grid=grid, findings=calls))
             if head.config.findings:

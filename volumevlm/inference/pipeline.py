@@ -231,9 +231,10 @@ def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any
     return results if many else results[0]
 
 
-def _organ_passes(model, x: Any, segmentation):
-    """(lazy (unit global embedding [1, E], organ features [1, K, F]) per input of x, many):
-    one encoder pass and one segmentation pass per input."""
+def _organ_passes(model, x: Any, segmentation, statistics: str):
+    """(lazy (unit global embedding [1, E], organ features [1, K, F] by the histogram recipe
+    ``statistics``) per input of x, many): one encoder pass and one segmentation pass per
+    input."""
     from volumevlm.models.anatomy import organ_features, organ_labels
     from volumevlm.models.report import encoder_features
 
@@ -246,7 +247,8 @@ def _organ_passes(model, x: Any, segmentation):
             tokens, grid = encoder_features(out)
             labels = organ_labels(segmentation, images)
             yield (F.normalize(model.image_projection(out.pooled), dim=-1),
-                   organ_features(tokens, grid, images, labels, segmentation.config.num_classes))
+                   organ_features(tokens, grid, images, labels, segmentation.config.num_classes, statistics,
+                                  model.preprocess.hu_window))
 
     return passes(), many
 
@@ -255,7 +257,7 @@ def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor
     """(unit global embeddings [E] or [N, E], section embeddings [S, E] or [N, S, E]) of x."""
     globals_, sections = [], []
     with inference_mode(model):
-        passes, many = _organ_passes(model, x, segmentation)
+        passes, many = _organ_passes(model, x, segmentation, head.organ_statistics)
         for emb, organs in passes:
             globals_.append(emb[0].float().cpu())
             sections.append(head(organs)[0].float().cpu())
@@ -288,7 +290,7 @@ def phenotypes(model, x: Any, top_k: int | None = 10, anatomy: bool = False):
     results = []
     with inference_mode(model):
         if anatomy:
-            passes, many = _organ_passes(model, x, segmentation)
+            passes, many = _organ_passes(model, x, segmentation, head.organ_statistics)
             logits = (head.phenotype_logits(organs)[0] for _, organs in passes)
         else:
             items, many = iter_items(x, model)

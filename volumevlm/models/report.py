@@ -114,7 +114,8 @@ class ReportConfig:
     tokens, :func:`finding_features`) or ``organs`` (the tokens averaged inside each organ
     of the model's own segmentation, plus each organ's size and HU histogram:
     :func:`image_finding_features`; needs a segmentation head, whose class count is kept
-    as ``organ_classes`` when the classifier is fitted).
+    as ``organ_classes`` when the classifier is fitted; ``organ_statistics`` names the
+    histogram recipe, :data:`volumevlm.models.anatomy.ORGAN_STATISTICS`).
 
     Generation defaults: ``max_new_tokens`` (per section when ``sections``),
     ``num_beams`` (1 = greedy), ``repetition_penalty`` (1.0 = off),
@@ -156,6 +157,7 @@ class ReportConfig:
     section_findings: dict[str, tuple[str, ...]] | None = None
     findings_features: str = "grid"
     organ_classes: int = 0
+    organ_statistics: str = "hu_fine_dilated"
 
     def __post_init__(self):
         self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
@@ -172,6 +174,9 @@ class ReportConfig:
         if self.findings_features not in FINDINGS_FEATURES:
             raise VolumeVLMError(f"report config: findings_features must be one of {list(FINDINGS_FEATURES)}, "
                                  f"got {self.findings_features!r}")
+        from volumevlm.models.anatomy import check_organ_statistics
+
+        check_organ_statistics(self.organ_statistics)
         if isinstance(self.organ_classes, bool) or not isinstance(self.organ_classes, int) or self.organ_classes < 0:
             raise VolumeVLMError(f"report config: organ_classes must be an integer >= 0, got {self.organ_classes!r}")
         if self.findings_in_prompt and not self.findings:
@@ -230,6 +235,10 @@ class ReportConfig:
                 raise VolumeVLMError(f"report config: {key} must be a list of strings, got one string")
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
+        if values.get("findings_features") == "organs" and "organ_statistics" not in values:
+            from volumevlm.models.anatomy import LEGACY_ORGAN_STATISTICS
+
+            values["organ_statistics"] = LEGACY_ORGAN_STATISTICS  # a head saved before the setting
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,12 +275,12 @@ def grid_coordinates(grid: Sequence[int], device=None) -> torch.Tensor:
 def finding_feature_width(config: "ReportConfig", encoder_dim: int) -> int:
     """Input width of the findings classifier of a head with ``config`` on an encoder of width C."""
     if config.findings_features == "organs":
-        from volumevlm.models.anatomy import ORGAN_HU_BINS
+        from volumevlm.models.anatomy import organ_statistics_width
 
         if config.organ_classes < 2:
             raise VolumeVLMError("report config: findings_features=organs needs organ_classes (the segmentation "
                                  "head's class count, background included)")
-        return (config.organ_classes - 1) * (int(encoder_dim) + 1 + ORGAN_HU_BINS)
+        return (config.organ_classes - 1) * (int(encoder_dim) + organ_statistics_width(config.organ_statistics))
     return 2 * int(encoder_dim)
 
 
@@ -740,7 +749,7 @@ class ReportGenerator(nn.Module):
                 raise VolumeVLMError(
                     "report head: its findings classifier reads organ features; compute them with "
                     "volumevlm.models.report.image_finding_features(head, tokens, grid, images, "
-                    "model.head('segmentation')), or call generate_reports")
+                    "model.head('segmentation'), hu_window=model.preprocess.hu_window), or call generate_reports")
             features = finding_features(encoder_tokens, grid)
         weight = self.findings_classifier.weight
         if features.ndim != 2 or features.shape[1] != weight.shape[1]:
@@ -996,7 +1005,8 @@ def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = 
     finally:
         vlm.encoder.train(was_training)
     if findings is None and head.config.findings and head.config.findings_features != "grid":
-        features = image_finding_features(head, tokens, grid, images, vlm.head("segmentation"))
+        features = image_finding_features(head, tokens, grid, images, vlm.head("segmentation"),
+                                          hu_window=vlm.preprocess.hu_window)
         findings = head.findings_calls(head.predict_findings(None, features=features))
     return head.generate(tokens, prompts=prompts, grid=grid, findings=findings, **generation)
 
@@ -1004,7 +1014,8 @@ def generate_reports(vlm, images: torch.Tensor, prompts: Sequence[str] | None = 
 @torch.no_grad()
 def image_finding_features(head: "ReportGenerator", tokens: torch.Tensor, grid: Sequence[int],
                            images: torch.Tensor | None = None, segmentation: nn.Module | None = None,
-                           organs: torch.Tensor | None = None, cache_dir=None) -> torch.Tensor:
+                           organs: torch.Tensor | None = None, cache_dir=None,
+                           hu_window: Sequence[float] | None = None) -> torch.Tensor:
     """The input of ``head``'s findings classifier for B cases with encoder tokens
     [B, N (+ R), C] on ``grid``.
 
@@ -1014,9 +1025,10 @@ def image_finding_features(head: "ReportGenerator", tokens: torch.Tensor, grid: 
     A stone, a cyst or calcium is a small change inside one organ: averaged over that
     organ it stays visible, averaged over the body it does not. It needs the preprocessed
     images [B, 1, X, Y, Z] the tokens came from and the model's ``segmentation`` head, or
-    ``organs`` [B, K, C + 1 + bins] (:func:`~volumevlm.models.anatomy.organ_features`)
-    already computed from them; the label maps are cached under ``cache_dir``
-    (:func:`~volumevlm.models.anatomy.cached_organ_labels`)."""
+    ``organs`` [B, K, C + 1 + bins] (:func:`~volumevlm.models.anatomy.organ_features`,
+    with the head's ``organ_statistics``) already computed from them; the label maps are
+    cached under ``cache_dir`` (:func:`~volumevlm.models.anatomy.cached_organ_labels`);
+    ``hu_window``: the preprocessing's (the HU bins need it)."""
     if head.config.findings_features == "grid":
         return finding_features(tokens, grid)
     from volumevlm.models.anatomy import cached_organ_labels, organ_features
@@ -1025,7 +1037,8 @@ def image_finding_features(head: "ReportGenerator", tokens: torch.Tensor, grid: 
         if images is None or segmentation is None:
             raise VolumeVLMError("report head: organ findings features need the images and the model's segmentation head")
         classes = int(segmentation.config.num_classes)
-        organs = organ_features(tokens, grid, images, cached_organ_labels(segmentation, images, cache_dir), classes)
+        organs = organ_features(tokens, grid, images, cached_organ_labels(segmentation, images, cache_dir), classes,
+                                head.config.organ_statistics, hu_window)
     if head.config.organ_classes and organs.shape[1] != head.config.organ_classes - 1:
         raise VolumeVLMError(f"report head: its findings classifier was fitted on {head.config.organ_classes - 1} "
                              f"organs, the model's segmentation head finds {organs.shape[1]}")

@@ -123,19 +123,21 @@ def _section_embeddings(model, texts: list[str]) -> np.ndarray:
 
 def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str], findings: Sequence[str],
                      organ_classes: int, sections: Sequence[str] | None = None,
-                     phecodes: Sequence[str] | None = None, codes: Any = None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+                     phecodes: Sequence[str] | None = None, codes: Any = None, seed: int = 0,
+                     organ_statistics: str | None = None) -> tuple[Any, dict[str, Any]]:
     """(AnatomyHead, info) fitted on N training cases: organ_features float [N, K, F]
     (:func:`~volumevlm.models.anatomy.organ_features`), their reports, the findings to
     route (labeler keys), the segmentation head's class count. ``model``: the VolumeVLM
     whose (frozen) text tower embeds the sections. ``phecodes`` and ``codes`` [N, V] (0/1,
     the cases' EHR codes in that order): also fit the phenotype classifiers
-    (:func:`fit_phenotype_classifiers`). info: per section the chosen ridge strength and
+    (:func:`fit_phenotype_classifiers`). ``organ_statistics``: the histogram recipe the
+    features were computed with (default: the current one), kept in the head. info: per section the chosen ridge strength and
     the cases it was fitted on, the finding -> section routing, per code fitted its
     positives and C."""
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    from volumevlm.models.anatomy import AnatomyHead
+    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, AnatomyHead
     from volumevlm.text.sections import SECTIONS, split_report
 
     if organ_features.ndim != 3 or organ_features.shape[0] != len(reports):
@@ -162,7 +164,8 @@ def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str]
     if phecodes is not None and codes is not None and len(phecodes):
         code_names, code_weight, code_bias, info["phenotypes"] = fit_phenotype_classifiers(x, codes, phecodes, seed)
     head = AnatomyHead(names, routing, organ_classes, organ_features.shape[2], fitted[0][1].shape[0],
-                       alpha={name: info["sections"][name]["alpha"] for name in names}, phecodes=code_names)
+                       alpha={name: info["sections"][name]["alpha"] for name in names}, phecodes=code_names,
+                       organ_statistics=organ_statistics or DEFAULT_ORGAN_STATISTICS)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(np.stack([w for _, w, _ in fitted])).float())
         head.bias.copy_(torch.from_numpy(np.stack([b for _, _, b in fitted])).float())

@@ -502,10 +502,15 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             ReportConfig.from_dict(head_settings).section_names)
     segmentation = None
     if head_settings.get("findings") and head_settings.get("findings_features", "grid") == "organs":
+        from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS
+
         if not settings["precompute"]:
             raise VolumeVLMError("report.head.findings_features=organs needs report.precompute=true")
         segmentation = model.head("segmentation")  # one-line error with the recipe when missing
         head_settings["organ_classes"] = int(segmentation.config.num_classes)
+        # A new head takes the current histogram recipe unless the config names one
+        # (ReportConfig.from_dict reads a missing one as the legacy recipe of saved heads).
+        head_settings.setdefault("organ_statistics", DEFAULT_ORGAN_STATISTICS)
     head_config = ReportConfig.from_dict(head_settings)
     generator = ReportGenerator.build(head_config, model)
 
@@ -530,7 +535,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             segmentation.to(device)
 
             def features_of(tokens, grid, images):
-                return image_finding_features(generator, tokens, grid, images, segmentation, cache_dir=cache_dir)
+                return image_finding_features(generator, tokens, grid, images, segmentation, cache_dir=cache_dir,
+                                              hu_window=model.preprocess.hu_window)
         train_set = CaseTokens(precompute_tokens(encoder, train_data, val_batch_size, device, features_of))
         val_set = CaseTokens(precompute_tokens(encoder, val_data, val_batch_size, device, features_of)) if val_data else None
         model.encoder.to("cpu")
@@ -571,7 +577,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             anatomy, anatomy_info = fit_anatomy_head(model, features,
                                                      [row["report"] for row in train_rows], head_config.findings,
                                                      head_config.organ_classes, phecodes=list(vocab.codes),
-                                                     codes=codes, seed=int(cfg.seed))
+                                                     codes=codes, seed=int(cfg.seed),
+                                                     organ_statistics=head_config.organ_statistics)
         except VolumeVLMError as err:  # too few training reports: the report head still trains
             anatomy_info = {"skipped": str(err)}
             log.warning("report: %s; the checkpoint gets no anatomy head", err)
