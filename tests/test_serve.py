@@ -30,6 +30,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import uvicorn
 
 import volumevlm
@@ -821,3 +822,49 @@ def test_segment_as_dicom_seg_over_http_equals_the_python_api(setup, client, tmp
     # A NIfTI upload has no DICOM to reference: one line, before the model runs.
     assert_error(post_file(client, "/v1/segment", setup["inputs"]["nii.gz"], output="dicom-seg"), 400,
                  "ct.nii.gz", "dicom-seg needs a DICOM upload")
+
+
+def test_zero_shot_and_phenotypes_organ_by_organ_over_http_equal_the_python_api(setup, client, tmp_path):
+    """``?anatomy=true`` reads in the organs the model segments, batched as the other
+    requests are: the answers equal ``model.zero_shot(x, anatomy=True)`` and
+    ``model.phenotypes(x, anatomy=True)`` on the same files; a checkpoint without the
+    anatomy head answers 409 with the recipe, before reading the upload."""
+    from volumevlm.models.anatomy import AnatomyHead, organ_statistics_width
+
+    path = setup["inputs"]["nii.gz"]
+    assert_error(post_file(client, "/v1/zero-shot", path, anatomy="true"), 409, "anatomy", "experiment=report_demo")
+    assert_error(post_file(client, "/v1/phenotypes", path, anatomy="true"), 409, "anatomy", "experiment=report_demo")
+
+    model = volumevlm.load(setup["full"])
+    torch.manual_seed(3)
+    classes = model.head("segmentation").config.num_classes
+    head = AnatomyHead(["SPLEEN", "PERITONEUM"], {"splenomegaly": "SPLEEN", "ascites": "PERITONEUM"},
+                       organ_classes=classes, feature_dim=model.encoder.config.dim + organ_statistics_width(),
+                       embed_dim=model.embed_dim, phecodes=list(model.phecode_vocab.codes)[:3])
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(0.0, 0.3)
+    model.attach_head("anatomy", head.eval())
+    checkpoint = model.save_pretrained(tmp_path / "anatomy")
+    model = volumevlm.load(checkpoint)
+    files = [setup["inputs"]["nii.gz"], setup["inputs"]["nrrd"]]
+    with running(checkpoint, tmp_path / "uploads", max_batch=4, batch_wait_ms=200) as url:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for file in files:
+                scored = ok_json(post_file(c, "/v1/zero-shot", file, anatomy="true"))
+                expected = model.zero_shot(file, anatomy=True)
+                assert scored["anatomy"] is True and list(scored["probabilities"]) == list(expected)
+                np.testing.assert_allclose(list(scored["probabilities"].values()), list(expected.values()), atol=1e-4)
+                # Read organ by organ, the routed findings differ from the global reading.
+                assert scored["probabilities"]["splenomegaly"] != pytest.approx(model.zero_shot(file)["splenomegaly"])
+                chosen = ok_json(post_file(c, "/v1/zero-shot", file, anatomy="true", findings="ascites"))
+                assert chosen["probabilities"] == pytest.approx({"ascites": expected["ascites"]}, abs=1e-4)
+                top = ok_json(post_file(c, "/v1/phenotypes", file, anatomy="true", top_k=2))["phenotypes"]
+                expected_top = model.phenotypes(file, top_k=2, anatomy=True)
+                assert [row["phecode"] for row in top] == [code for code, _, _ in expected_top]
+                assert [row["probability"] for row in top] == pytest.approx([p for _, _, p in expected_top], abs=1e-4)
+            # Without the option the same server answers from the global embedding.
+            plain = ok_json(post_file(c, "/v1/zero-shot", files[0]))
+            assert plain["anatomy"] is False
+            np.testing.assert_allclose(list(plain["probabilities"].values()),
+                                       list(model.zero_shot(files[0]).values()), atol=1e-5)

@@ -13,8 +13,9 @@ token when the server has one, and ``docs=False`` / ``--no-docs`` turns them off
                            batching counters and memory
 ``GET  /v1/model``         versions, checkpoint, label names, findings, limits
 ``POST /v1/embed``         upload -> unit image embedding
-``POST /v1/zero-shot``     upload -> {finding: P(present)}
-``POST /v1/phenotypes``    upload -> most likely phecodes
+``POST /v1/zero-shot``     upload -> {finding: P(present)}; ``?anatomy=true``: read in
+                           the organs the model segments (anatomy head; 409 without it)
+``POST /v1/phenotypes``    upload -> most likely phecodes; ``?anatomy=true`` likewise
 ``POST /v1/segment``       upload -> label mask as NIfTI in the input's geometry, or
                            per-structure statistics with ``?output=json``
 ``POST /v1/retrieve``      upload (or JSON ``{"text": ...}``) -> nearest index entries
@@ -468,6 +469,24 @@ async def _upload_job(request: Request, verb: str, options: dict[str, Any], fini
 # ---------------------------------------------------------------------- the app
 
 
+ANATOMY_HELP = ("read in the organs the model segments (the anatomy and segmentation heads, fitted by "
+                "volumevlm train experiment=report_demo) instead of the global embedding")
+
+
+def _need_anatomy(service, phenotypes: bool = False) -> None:
+    """409 naming the recipe when the checkpoint cannot read organ by organ; checked before
+    any upload is read."""
+    from volumevlm.models.anatomy import NO_PHENOTYPES
+
+    try:
+        service.model.head("segmentation")
+        head = service.model.head("anatomy")
+    except VolumeVLMError as err:
+        raise ServiceError(409, "missing_head", str(err).replace(f"{service.model.source}: ", "")) from None
+    if phenotypes and not head.phecodes:
+        raise ServiceError(409, "missing_head", NO_PHENOTYPES)
+
+
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -657,13 +676,17 @@ def create_app(
 
         return _json(await _upload_job(request, "embed", {}, finish))
 
-    @app.post("/v1/zero-shot", dependencies=secured, openapi_extra=UPLOAD_BODY, responses=ERRORS,
+    @app.post("/v1/zero-shot", dependencies=secured, openapi_extra=UPLOAD_BODY,
+              responses={**ERRORS, 409: {"description": "anatomy=true on a checkpoint without the anatomy head"}},
               summary="{finding: P(present)} of an uploaded CT")
     async def zero_shot(request: Request, findings: list[str] | None = Query(
-            None, description="findings to score (repeat, or comma-separate); default: the prompt set's")):
+            None, description="findings to score (repeat, or comma-separate); default: the prompt set's"),
+            anatomy: bool = Query(False, description=ANATOMY_HELP)):
         from volumevlm.inference.pipeline import with_findings
 
         service: Service = request.app.state.service
+        if anatomy:
+            _need_anatomy(service)
         wanted = _split_list(findings)
         if wanted is not None:
             if len(wanted) > MAX_FINDINGS:
@@ -679,18 +702,25 @@ def create_app(
                 raise ServiceError(400, "bad_request", f"query parameter findings: {err}") from None
 
         def finish(read, probabilities):
-            return {"probabilities": probabilities, "prompt_set": service.prompt_set.name, "input": read.facts}
-
-        return _json(await _upload_job(request, "zero_shot", {"findings": wanted}, finish))
-
-    @app.post("/v1/phenotypes", dependencies=secured, openapi_extra=UPLOAD_BODY, responses=ERRORS,
-              summary="most likely phecodes of an uploaded CT")
-    async def phenotypes(request: Request, top_k: int = Query(10, ge=1, description="how many phecodes")):
-        def finish(read, hits):
-            return {"phenotypes": [{"phecode": c, "description": d, "probability": p} for c, d, p in hits],
+            return {"probabilities": probabilities, "prompt_set": service.prompt_set.name, "anatomy": anatomy,
                     "input": read.facts}
 
-        return _json(await _upload_job(request, "phenotypes", {"top_k": top_k}, finish))
+        return _json(await _upload_job(request, "zero_shot", {"findings": wanted, "anatomy": anatomy}, finish))
+
+    @app.post("/v1/phenotypes", dependencies=secured, openapi_extra=UPLOAD_BODY,
+              responses={**ERRORS, 409: {"description": "anatomy=true on a checkpoint without the anatomy head"}},
+              summary="most likely phecodes of an uploaded CT")
+    async def phenotypes(request: Request, top_k: int = Query(10, ge=1, description="how many phecodes"),
+                         anatomy: bool = Query(False, description=ANATOMY_HELP)):
+        service: Service = request.app.state.service
+        if anatomy:
+            _need_anatomy(service, phenotypes=True)
+
+        def finish(read, hits):
+            return {"phenotypes": [{"phecode": c, "description": d, "probability": p} for c, d, p in hits],
+                    "anatomy": anatomy, "input": read.facts}
+
+        return _json(await _upload_job(request, "phenotypes", {"top_k": top_k, "anatomy": anatomy}, finish))
 
     @app.post("/v1/segment", dependencies=secured, openapi_extra=UPLOAD_BODY,
               responses={**ERRORS, 200: {"description": "the mask (.nii.gz) or, with output=json, statistics",

@@ -6,6 +6,8 @@ a job; the worker thread, the only one that touches the model, takes the oldest 
 waits up to ``max_wait_s`` for more jobs of the same verb, and runs up to ``max_batch``
 of them at once:
 
+* zero_shot / phenotypes with the option ``anatomy``: the same batch also goes through the
+  segmentation head, and each answer is read in the organs it finds (the anatomy head).
 * embed / zero_shot / phenotypes / retrieve: the preprocessed volumes are stacked into one
   ``[B, 1, X, Y, Z]`` batch and go through the image encoder in ONE forward pass
   (``model.encode_image`` / ``model.phenotype_logits``); each job's answer is made from its
@@ -238,13 +240,17 @@ def run_batch(model, jobs: list[Job], *, index=None, prompt_set=None, prompts: P
             emb = model.encode_text([job.payload for job in jobs]).float()
         return _retrieve(index, emb, jobs)
 
-    # Volumes of one preprocessed shape go through the encoder together.
+    # Volumes of one preprocessed shape go through the encoder together (and, read organ by
+    # organ, through the segmentation head too).
     results: list[Any] = [None] * len(jobs)
-    for positions in _groups(jobs, lambda job: tuple(job.payload.shape)).values():
+    for (_, anatomy), positions in _groups(jobs, lambda job: (tuple(job.payload.shape),
+                                                               bool(job.options.get("anatomy")))).items():
         group = [jobs[p] for p in positions]
         x = _stack(group, model.device)
         with inference_mode(model):
-            if verb == "phenotypes":
+            if anatomy:
+                answers = _organ_by_organ(model, verb, x, group, prompt_set)
+            elif verb == "phenotypes":
                 answers = _phenotypes(model, model.phenotype_logits(x).float().cpu(), group)
             else:
                 emb = model.encode_image(x).float()
@@ -298,12 +304,41 @@ def _zero_shot(model, emb: torch.Tensor, jobs: list[Job], prompt_set, prompts: P
     return answers
 
 
-def _phenotypes(model, logits: torch.Tensor, jobs: list[Job]) -> list[list[tuple[str, str, float]]]:
-    """(phecode, description, P) most likely first, each job's top_k (None: all)."""
+def _organ_by_organ(model, verb: str, x: torch.Tensor, jobs: list[Job], prompt_set) -> list[Any]:
+    """zero_shot / phenotypes read in the organs the model segments (the anatomy head):
+    what :func:`volumevlm.inference.pipeline.zero_shot` and ``phenotypes`` compute with
+    ``anatomy=True``, for a batch: one encoder and one segmentation pass."""
+    import torch.nn.functional as F
+
+    from volumevlm.models.anatomy import organ_features, organ_labels
+    from volumevlm.models.report import encoder_features
+    from volumevlm.models.zero_shot import zero_shot_from_sections
+
+    head, segmentation = model.head("anatomy"), model.head("segmentation")
+    out = model.encoder(x)
+    tokens, grid = encoder_features(out)
+    organs = organ_features(tokens, grid, x, organ_labels(segmentation, x), segmentation.config.num_classes,
+                            head.organ_statistics, model.preprocess.hu_window)
+    if verb == "phenotypes":
+        return _phenotypes(model, head.phenotype_logits(organs).float().cpu(), jobs, codes=head.phecodes)
+    emb = F.normalize(model.image_projection(out.pooled), dim=-1).float().cpu()
+    sections = head(organs).float().cpu()
+    answers: list[Any] = [None] * len(jobs)
+    for findings, positions in _groups(jobs, lambda job: job.options.get("findings")).items():
+        probs, names, _ = zero_shot_from_sections(model, emb[positions], sections[positions], head, prompt_set,
+                                                  list(findings) if findings else None)
+        for p, row in zip(positions, probs.float().cpu()):
+            answers[p] = {name: float(v) for name, v in zip(names, row.tolist())}
+    return answers
+
+
+def _phenotypes(model, logits: torch.Tensor, jobs: list[Job], codes=None) -> list[list[tuple[str, str, float]]]:
+    """(phecode, description, P) most likely first, each job's top_k (None: all); ``codes``:
+    the logits' columns (default: the phecode vocabulary's)."""
     from volumevlm.errors import VolumeVLMError
 
     vocab = model.phecode_vocab
-    codes = list(vocab.codes)
+    codes = list(vocab.codes if codes is None else codes)
     answers = []
     for row, job in zip(torch.sigmoid(logits), jobs):
         order = torch.argsort(row, descending=True, stable=True).tolist()
