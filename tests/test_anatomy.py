@@ -114,10 +114,10 @@ def test_organ_labels_are_the_heads_argmax_on_the_grid_the_encoder_reads():
 def test_an_organs_report_config_sizes_its_classifier_and_checks_its_inputs():
     config = ReportConfig(findings=("ascites", "splenomegaly"), findings_features="organs", organ_classes=15)
     assert finding_feature_width(config, 64) == 14 * (64 + 1 + len(ORGAN_HU_EDGES) - 1)
-    # A head saved before the setting read 16 equal bins of its own masks.
-    legacy = {k: v for k, v in config.to_dict().items() if k != "organ_statistics"}
-    assert ReportConfig.from_dict(legacy).organ_statistics == "hu16"
-    assert finding_feature_width(ReportConfig.from_dict(legacy), 64) == 14 * (64 + 1 + ORGAN_HU_BINS)
+    legacy = ReportConfig(findings=("ascites",), findings_features="organs", organ_classes=15, organ_statistics="hu16")
+    assert finding_feature_width(legacy, 64) == 14 * (64 + 1 + ORGAN_HU_BINS)
+    with pytest.raises(VolumeVLMError, match="organ statistics must be one of"):
+        ReportConfig(findings_features="organs", organ_classes=15, organ_statistics="hu99")
     assert finding_feature_width(ReportConfig(findings=("ascites",)), 64) == 128
     assert ReportConfig.from_dict(config.to_dict()) == config
     assert ReportConfig.from_dict({}).findings_features == "grid"  # heads saved before it existed
@@ -349,7 +349,8 @@ def test_phenotype_classifiers_are_scikit_learns_logistic_fits_on_the_organ_feat
     from sklearn.preprocessing import StandardScaler
 
     from volumevlm.models.anatomy import AnatomyHead
-    from volumevlm.train.anatomy import MIN_CODE_CASES, PHENOTYPE_CS, PHENOTYPE_FOLDS, fit_anatomy_head
+    from volumevlm.models.probes import PROBE_CS, PROBE_FOLDS
+    from volumevlm.train.anatomy import MIN_CODE_CASES, fit_anatomy_head
 
     generator = torch.Generator().manual_seed(4)
     n, organs, channels = 150, 3, 4
@@ -366,8 +367,8 @@ def test_phenotype_classifiers_are_scikit_learns_logistic_fits_on_the_organ_feat
     assert head.phecodes == ("289.4",) and set(info["phenotypes"]) == {"289.4"}
     x = features.flatten(1).double().numpy()
     scaler = StandardScaler().fit(x[:n])
-    expected = LogisticRegressionCV(Cs=list(PHENOTYPE_CS), scoring="roc_auc", max_iter=2000,
-                                    cv=StratifiedKFold(PHENOTYPE_FOLDS, shuffle=True, random_state=0)
+    expected = LogisticRegressionCV(Cs=list(PROBE_CS), scoring="roc_auc", max_iter=2000,
+                                    cv=StratifiedKFold(PROBE_FOLDS, shuffle=True, random_state=0)
                                     ).fit(scaler.transform(x[:n]), codes[:n, 0] > 0.5)
     logits = head.phenotype_logits(features[n:])
     assert logits.shape == (50, 1)

@@ -21,6 +21,7 @@ import torch
 import volumevlm
 from pretrain_helpers import make_cohort, shrunk_config
 from volumevlm.errors import VolumeVLMError
+from volumevlm.models.anatomy import organ_statistics_width
 from volumevlm.models.report import (
     IGNORE_INDEX,
     ReportConfig,
@@ -423,6 +424,30 @@ def test_old_report_heads_load_and_mismatched_ones_are_refused_in_one_line(overf
     with pytest.raises(VolumeVLMError) as err:
         volumevlm.load(folder)
     assert "no such finding" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_organs_heads_saved_before_the_statistics_setting_load_with_the_legacy_histograms(pretrained, tmp_path):
+    """A report head whose saved config names no organ_statistics read 16-bin histograms
+    (the only recipe then): it loads as "hu16" with its classifier's width; a head saved
+    with the setting keeps it, and a new config without it takes the current recipe."""
+    from pretrain_helpers import TINY_REPORT_HEAD
+    from volumevlm.models.anatomy import ORGAN_HU_BINS
+
+    model = volumevlm.load(pretrained)
+    organs = {**TINY_REPORT_HEAD, "findings": ["ascites", "splenomegaly"], "findings_features": "organs",
+              "organ_classes": 5}
+    assert ReportConfig.from_dict(organs).organ_statistics == "hu_fine_dilated"
+    for statistics, width in (("hu16", 1 + ORGAN_HU_BINS), ("hu_fine_dilated", organ_statistics_width())):
+        model.attach_head("report", ReportGenerator.build({**organs, "organ_statistics": statistics}, model))
+        folder = model.save_pretrained(tmp_path / statistics)
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        if statistics == "hu16":
+            del config["heads"]["report"]["config"]["config"]["organ_statistics"]
+            config_path.write_text(json.dumps(config))
+        head = volumevlm.load(folder).head("report")
+        assert head.config.organ_statistics == statistics
+        assert head.findings_classifier.weight.shape[1] == 4 * (model.encoder.config.dim + width)
 
 
 def _tiny_local_causal_lm(folder: Path, reports) -> Path:

@@ -18,7 +18,6 @@ interval), the same functions as zero-shot, so the figures compare directly.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,15 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from volumevlm.errors import VolumeVLMError
+from volumevlm.models.probes import PROBE_CS, PROBE_FOLDS, fit_logistic_probes
 
 # 96x96x48 demo volumes -> cells of 8x8x6 voxels; the findings are local (a 4x4x2 grid
 # loses most of them), so the grid is the tiny encoder's own token grid order of size.
 VOXEL_GRID = (12, 12, 8)
 HU_BINS = 32
-# L2 strengths tried by cross-validation (scikit-learn's C = 1 / strength).
-PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
-PROBE_FOLDS = 3
-PROBE_MAX_ITER = 2000
 
 
 def voxel_features(images: torch.Tensor, hu_window: Sequence[float], grid: Sequence[int] = VOXEL_GRID,
@@ -62,23 +58,6 @@ def voxel_features(images: torch.Tensor, hu_window: Sequence[float], grid: Seque
     return torch.cat([pooled, histogram], dim=1)
 
 
-def _probe_model(minority: int, seed: int):
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    folds = min(PROBE_FOLDS, minority)
-    if folds >= 2:
-        regression = LogisticRegressionCV(
-            Cs=list(PROBE_CS), cv=StratifiedKFold(folds, shuffle=True, random_state=seed), scoring="roc_auc",
-            max_iter=PROBE_MAX_ITER)
-    else:
-        # One positive (or negative): no fold could score it; the middle strength.
-        regression = LogisticRegression(C=PROBE_CS[len(PROBE_CS) // 2], max_iter=PROBE_MAX_ITER)
-    return make_pipeline(StandardScaler(), regression)
-
-
 def probe_scores(train_x: Any, train_y: Any, eval_x: Any, seed: int = 0) -> tuple[np.ndarray, list[bool]]:
     """Fit one logistic probe per column of ``train_y`` and score ``eval_x``.
 
@@ -94,21 +73,11 @@ def probe_scores(train_x: Any, train_y: Any, eval_x: Any, seed: int = 0) -> tupl
         raise VolumeVLMError(f"probe: features/targets do not match (train {list(tx.shape)} / {list(ty.shape)}, "
                              f"evaluated {list(ex.shape)})")
     scores = np.full((ex.shape[0], ty.shape[1]), np.nan)
-    fitted = []
-    for j in range(ty.shape[1]):
-        known = np.isfinite(ty[:, j]) & (ty[:, j] >= 0)
-        labels = ty[known, j] > 0.5
-        positives, negatives = int(labels.sum()), int((~labels).sum())
-        if positives == 0 or negatives == 0:
-            fitted.append(False)
-            continue
-        model = _probe_model(min(positives, negatives), seed)
-        with warnings.catch_warnings():
-            # Small folds of an easy finding converge to huge weights: still a ranking.
-            warnings.simplefilter("ignore")
-            model.fit(tx[known], labels)
-        scores[:, j] = model.decision_function(ex)
-        fitted.append(True)
+    models = fit_logistic_probes(tx, ty, seed)
+    for j, model in enumerate(models):
+        if model is not None:
+            scores[:, j] = model.decision_function(ex)
+    fitted = [model is not None for model in models]
     return scores, fitted
 
 

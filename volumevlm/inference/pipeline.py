@@ -231,26 +231,24 @@ def zero_shot(model, x: Any, findings: Sequence[str] | None = None, prompts: Any
     return results if many else results[0]
 
 
-def _organ_passes(model, x: Any, segmentation, statistics: str):
-    """(lazy (unit global embedding [1, E], organ features [1, K, F] by the histogram recipe
-    ``statistics``) per input of x, many): one encoder pass and one segmentation pass per
-    input."""
+def organ_pass(model, images: torch.Tensor, segmentation, statistics: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit global embeddings [B, E], organ features [B, K, F] by the histogram recipe
+    ``statistics``) of preprocessed images [B, 1, X, Y, Z]: one encoder and one
+    segmentation pass, what reading organ by organ needs (here and in the server's batches)."""
     from volumevlm.models.anatomy import organ_features, organ_labels
     from volumevlm.models.report import encoder_features
 
+    out = model.encoder(images)
+    tokens, grid = encoder_features(out)
+    organs = organ_features(tokens, grid, images, organ_labels(segmentation, images), segmentation.config.num_classes,
+                            statistics, model.preprocess.hu_window)
+    return F.normalize(model.image_projection(out.pooled), dim=-1), organs
+
+
+def _organ_passes(model, x: Any, segmentation, statistics: str):
+    """(lazy :func:`organ_pass` of each input of x, many)."""
     items, many = iter_items(x, model)
-
-    def passes():
-        for item in items:
-            images = _batch(item, model)
-            out = model.encoder(images)
-            tokens, grid = encoder_features(out)
-            labels = organ_labels(segmentation, images)
-            yield (F.normalize(model.image_projection(out.pooled), dim=-1),
-                   organ_features(tokens, grid, images, labels, segmentation.config.num_classes, statistics,
-                                  model.preprocess.hu_window))
-
-    return passes(), many
+    return (organ_pass(model, _batch(item, model), segmentation, statistics) for item in items), many
 
 
 def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor, torch.Tensor]:

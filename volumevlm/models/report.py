@@ -66,6 +66,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumevlm.errors import InputError, VolumeVLMError, one_line
+from volumevlm.models.anatomy import (
+    DEFAULT_ORGAN_STATISTICS,
+    LEGACY_ORGAN_STATISTICS,
+    check_organ_statistics,
+    organ_statistics_width,
+)
 from volumevlm.text.sections import IMPRESSION_HEADER, SECTIONS, split_report
 
 IGNORE_INDEX = -100
@@ -157,7 +163,7 @@ class ReportConfig:
     section_findings: dict[str, tuple[str, ...]] | None = None
     findings_features: str = "grid"
     organ_classes: int = 0
-    organ_statistics: str = "hu_fine_dilated"
+    organ_statistics: str = DEFAULT_ORGAN_STATISTICS
 
     def __post_init__(self):
         self.section_names = tuple(str(s) for s in (self.section_names or DEFAULT_SECTION_NAMES))
@@ -174,8 +180,6 @@ class ReportConfig:
         if self.findings_features not in FINDINGS_FEATURES:
             raise VolumeVLMError(f"report config: findings_features must be one of {list(FINDINGS_FEATURES)}, "
                                  f"got {self.findings_features!r}")
-        from volumevlm.models.anatomy import check_organ_statistics
-
         check_organ_statistics(self.organ_statistics)
         if isinstance(self.organ_classes, bool) or not isinstance(self.organ_classes, int) or self.organ_classes < 0:
             raise VolumeVLMError(f"report config: organ_classes must be an integer >= 0, got {self.organ_classes!r}")
@@ -235,10 +239,6 @@ class ReportConfig:
                 raise VolumeVLMError(f"report config: {key} must be a list of strings, got one string")
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
-        if values.get("findings_features") == "organs" and "organ_statistics" not in values:
-            from volumevlm.models.anatomy import LEGACY_ORGAN_STATISTICS
-
-            values["organ_statistics"] = LEGACY_ORGAN_STATISTICS  # a head saved before the setting
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,8 +275,6 @@ def grid_coordinates(grid: Sequence[int], device=None) -> torch.Tensor:
 def finding_feature_width(config: "ReportConfig", encoder_dim: int) -> int:
     """Input width of the findings classifier of a head with ``config`` on an encoder of width C."""
     if config.findings_features == "organs":
-        from volumevlm.models.anatomy import organ_statistics_width
-
         if config.organ_classes < 2:
             raise VolumeVLMError("report config: findings_features=organs needs organ_classes (the segmentation "
                                  "head's class count, background included)")
@@ -589,7 +587,11 @@ class ReportGenerator(nn.Module):
         """Rebuild (random weights) from :meth:`head_config`'s dict; folder = the
         checkpoint's heads/report (holds the tokenizer of a pretrained decoder)."""
         try:
-            report_config = ReportConfig.from_dict(config["config"])
+            saved = dict(config["config"])
+            if saved.get("findings_features") == "organs":
+                # A head saved before the setting existed read the legacy histograms.
+                saved.setdefault("organ_statistics", LEGACY_ORGAN_STATISTICS)
+            report_config = ReportConfig.from_dict(saved)
             encoder_dim = int(config["encoder_dim"])
             decoder_config = config["decoder_config"]
             source = config.get("tokenizer", "vlm")

@@ -308,20 +308,14 @@ def _organ_by_organ(model, verb: str, x: torch.Tensor, jobs: list[Job], prompt_s
     """zero_shot / phenotypes read in the organs the model segments (the anatomy head):
     what :func:`volumevlm.inference.pipeline.zero_shot` and ``phenotypes`` compute with
     ``anatomy=True``, for a batch: one encoder and one segmentation pass."""
-    import torch.nn.functional as F
-
-    from volumevlm.models.anatomy import organ_features, organ_labels
-    from volumevlm.models.report import encoder_features
+    from volumevlm.inference.pipeline import organ_pass
     from volumevlm.models.zero_shot import zero_shot_from_sections
 
     head, segmentation = model.head("anatomy"), model.head("segmentation")
-    out = model.encoder(x)
-    tokens, grid = encoder_features(out)
-    organs = organ_features(tokens, grid, x, organ_labels(segmentation, x), segmentation.config.num_classes,
-                            head.organ_statistics, model.preprocess.hu_window)
+    emb, organs = organ_pass(model, x, segmentation, head.organ_statistics)
     if verb == "phenotypes":
         return _phenotypes(model, head.phenotype_logits(organs).float().cpu(), jobs, codes=head.phecodes)
-    emb = F.normalize(model.image_projection(out.pooled), dim=-1).float().cpu()
+    emb = emb.float().cpu()
     sections = head(organs).float().cpu()
     answers: list[Any] = [None] * len(jobs)
     for findings, positions in _groups(jobs, lambda job: job.options.get("findings")).items():

@@ -10,9 +10,9 @@ frozen towers). The labeler only decides which section a finding is read in
 (:func:`finding_sections_of`), as it decides for the report head's prompts.
 
 Where the training cases carry EHR codes, the head also gets a phenotype classifier on
-the same organ features: per code, scikit-learn's standardised ``LogisticRegressionCV``
-(L2 strength by stratified cross-validation on the training cases, ROC AUC), the
-standardisation folded into the weights (:func:`folded_linear`).
+the same organ features: per code, the logistic probe of the yardsticks
+(:func:`volumevlm.models.probes.fit_logistic_probes`), the standardisation folded into the
+weights (:func:`folded_linear`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ ANATOMY_ALPHAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
 # A section stated in fewer training reports than this is not fitted.
 MIN_SECTION_CASES = 20
 TEXT_BATCH = 256
-# Phenotype classifiers: L2 strengths tried (C = 1 / strength), folds, and the fewest
-# positive (and negative) training cases a code needs to be fitted at all.
-PHENOTYPE_CS = (1e-3, 1e-2, 1e-1, 1.0)
-PHENOTYPE_FOLDS = 3
+# The fewest positive (and negative) training cases a code needs to get a classifier.
 MIN_CODE_CASES = 5
 
 
@@ -53,38 +50,25 @@ def folded_linear(scaler, coef: np.ndarray, intercept) -> tuple[np.ndarray, np.n
 def fit_phenotype_classifiers(x: np.ndarray, codes: np.ndarray, phecodes: Sequence[str],
                               seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, Any]]:
     """Per code with at least :data:`MIN_CODE_CASES` positive and negative training cases,
-    a standardised logistic regression on the features x [N, D] against codes [N, V] (0/1).
-    Returns (the codes fitted, weight [V', D], bias [V'] on the raw features, info per
-    code: positives and the chosen C)."""
-    import warnings
+    the yardsticks' logistic probe (:func:`volumevlm.models.probes.fit_logistic_probes`) on
+    the features x [N, D] against codes [N, V] (0/1). Returns (the codes fitted, weight
+    [V', D], bias [V'] on the raw features, info per code: positives and the chosen C)."""
+    from volumevlm.models.probes import fit_logistic_probes
 
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.preprocessing import StandardScaler
-
-    codes = np.asarray(codes)
+    codes = np.asarray(codes, dtype=np.float64)
     if codes.ndim != 2 or codes.shape != (x.shape[0], len(phecodes)):
         raise VolumeVLMError(f"phenotype classifiers: codes {list(codes.shape)} for {x.shape[0]} cases and "
                              f"{len(phecodes)} phecodes")
-    scaler = StandardScaler().fit(x)
-    xs = scaler.transform(x)
     fitted, weights, biases, info = [], [], [], {}
-    for j, code in enumerate(phecodes):
-        y = codes[:, j] > 0.5
-        positives = int(y.sum())
-        if min(positives, len(y) - positives) < MIN_CODE_CASES:
+    for code, column, probe in zip(phecodes, codes.T, fit_logistic_probes(x, codes, seed, MIN_CODE_CASES)):
+        if probe is None:
             continue
-        regression = LogisticRegressionCV(Cs=list(PHENOTYPE_CS), scoring="roc_auc", max_iter=2000,
-                                          cv=StratifiedKFold(PHENOTYPE_FOLDS, shuffle=True, random_state=seed))
-        with warnings.catch_warnings():
-            # An easy code's small folds converge to huge weights: still a ranking.
-            warnings.simplefilter("ignore")
-            regression.fit(xs, y)
+        scaler, regression = probe[0], probe[-1]
         weight, bias = folded_linear(scaler, regression.coef_, regression.intercept_)
         fitted.append(str(code))
         weights.append(weight[0])
         biases.append(bias[0])
-        info[str(code)] = {"positives": positives, "C": float(regression.C_[0])}
+        info[str(code)] = {"positives": int((column > 0.5).sum()), "C": float(regression.C_[0])}
     if not fitted:
         return [], np.zeros((0, x.shape[1])), np.zeros(0), info
     return fitted, np.stack(weights), np.asarray(biases), info

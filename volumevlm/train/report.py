@@ -502,15 +502,10 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             ReportConfig.from_dict(head_settings).section_names)
     segmentation = None
     if head_settings.get("findings") and head_settings.get("findings_features", "grid") == "organs":
-        from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS
-
         if not settings["precompute"]:
             raise VolumeVLMError("report.head.findings_features=organs needs report.precompute=true")
         segmentation = model.head("segmentation")  # one-line error with the recipe when missing
         head_settings["organ_classes"] = int(segmentation.config.num_classes)
-        # A new head takes the current histogram recipe unless the config names one
-        # (ReportConfig.from_dict reads a missing one as the legacy recipe of saved heads).
-        head_settings.setdefault("organ_statistics", DEFAULT_ORGAN_STATISTICS)
     head_config = ReportConfig.from_dict(head_settings)
     generator = ReportGenerator.build(head_config, model)
 
