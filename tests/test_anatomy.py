@@ -390,3 +390,57 @@ def test_phenotype_classifiers_are_scikit_learns_logistic_fits_on_the_organ_feat
     with pytest.raises(VolumeVLMError, match="codes"):
         fit_anatomy_head(_TextTable(table), features[:n], reports, ["splenomegaly"], organ_classes=organs + 1,
                          sections=["SPLEEN"], phecodes=["289.4"], codes=codes[:n])
+
+
+def test_phenotypes_read_through_the_findings_classifier_when_given_one():
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.models.anatomy import AnatomyHead
+    from volumevlm.models.probes import PROBE_CS, PROBE_FOLDS
+    from volumevlm.train.anatomy import fit_anatomy_head
+
+    rng = np.random.default_rng(5)
+    n, organs, channels = 150, 3, 4
+    features = torch.from_numpy(rng.normal(size=(n + 50, organs, channels))).float()
+    x = features.flatten(1).double().numpy()
+    # A findings classifier on the organ features: splenomegaly follows organ 2's first channel.
+    weight = np.zeros((2, organs * channels))
+    weight[0, channels] = 3.0
+    weight[1] = rng.normal(size=organs * channels)
+    bias = np.array([-1.0, 0.5])
+    probabilities = 1.0 / (1.0 + np.exp(-(x @ weight.T + bias)))
+    out_of_fold = np.clip(probabilities[:n] + rng.normal(scale=0.05, size=(n, 2)), 0.0, 1.0)  # as if held out
+    enlarged = probabilities[:, 0] > 0.5
+    codes = enlarged[:, None].astype(float)
+    texts = {True: "SPLEEN: Splenomegaly.", False: "SPLEEN: Unremarkable spleen."}
+    table = {texts[True]: torch.tensor([1.0, 0.0]), texts[False]: torch.tensor([0.0, 1.0])}
+    reports = [texts[bool(e)] for e in enlarged[:n]]
+    probe = {"findings": ["splenomegaly", "ascites"], "weight": weight, "bias": bias, "out_of_fold": out_of_fold}
+    head, info = fit_anatomy_head(_TextTable(table), features[:n], reports, ["splenomegaly"], organ_classes=organs + 1,
+                                  sections=["SPLEEN"], phecodes=["289.4"], codes=codes[:n], seed=0, findings_probe=probe)
+    assert head.phenotype_findings == ("splenomegaly", "ascites") and info["phenotypes_through"] == ["splenomegaly", "ascites"]
+    assert head.phenotype_weight.shape == (1, 2)
+    # The code's regression is scikit-learn's on the out-of-fold probabilities, applied to
+    # the classifier's probabilities of new cases.
+    scaler = StandardScaler().fit(out_of_fold)
+    expected = LogisticRegressionCV(Cs=list(PROBE_CS), scoring="roc_auc", max_iter=2000,
+                                    cv=StratifiedKFold(PROBE_FOLDS, shuffle=True, random_state=0)
+                                    ).fit(scaler.transform(out_of_fold), codes[:n, 0] > 0.5)
+    logits = head.phenotype_logits(features[n:])
+    np.testing.assert_allclose(logits[:, 0].numpy(), expected.decision_function(scaler.transform(probabilities[n:])),
+                               atol=1e-3, rtol=1e-3)
+    assert ((logits[:, 0] > 0).numpy() == enlarged[n:]).mean() >= 0.9
+    # Saved and loaded; a head saved before the setting reads the codes from the organ features.
+    again = AnatomyHead.from_head_config(head.head_config())
+    again.load_state_dict(head.state_dict())
+    torch.testing.assert_close(again.phenotype_logits(features[n:]), logits)
+    older = {k: v for k, v in head.head_config().items() if k != "phenotype_findings"}
+    assert AnatomyHead.from_head_config(older).phenotype_weight.shape == (1, organs * channels)
+    with pytest.raises(VolumeVLMError, match="findings classifier weight"):
+        fit_anatomy_head(_TextTable(table), features[:n], reports, ["splenomegaly"], organ_classes=organs + 1,
+                         sections=["SPLEEN"], phecodes=["289.4"], codes=codes[:n],
+                         findings_probe={**probe, "out_of_fold": out_of_fold[:-1]})
+    with pytest.raises(VolumeVLMError, match="phenotype_findings without phecodes"):
+        AnatomyHead(["SPLEEN"], {}, organs + 1, channels, 2, phenotype_findings=["splenomegaly"])

@@ -32,6 +32,7 @@ from ct_files import seg_content, zip_series
 from pretrain_helpers import make_checkpoints
 from volumevlm.cli import COMMANDS, main
 from volumevlm.errors import GeometryError, InputError, VolumeVLMError
+from volumevlm.inference.commands import report_text
 from volumevlm.inference.index import build_index
 from volumevlm.inference.statistics import (
     format_statistics,
@@ -431,6 +432,13 @@ def test_report_equals_the_api_as_text_and_json(model, checkpoints, inputs, tmp_
     assert written == f"{NOTE}\n\n== {sources[0]} ==\n{expected[0].strip()}\n\n== {sources[1]} ==\n{expected[1].strip()}\n"
     status, stdout, _ = run_cli(capsys, "report", "-m", checkpoints["full"], "-i", *sources)
     assert status == 0 and stdout == written
+    # Decoding settings reach the head as the Python keywords do.
+    settings = {"max_new_tokens": 6, "num_beams": 2, "consistent_candidates": 2}
+    shorter = model.generate_report(sources, **settings)
+    assert shorter != expected
+    status, stdout, _ = run_cli(capsys, "report", "-m", checkpoints["full"], "-i", *sources, "--max-new-tokens", "6",
+                                "--num-beams", "2", "--consistent-candidates", "2")
+    assert status == 0 and stdout == report_text(dict(zip(sources, shorter)))
     no_temporaries(tmp_path)
 
 

@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,6 +285,53 @@ def test_cases_with_different_findings_get_reports_stating_their_own(conditioned
     assert generator.generate(train_cases["tokens"], grid=train_cases["grid"], findings=names) == texts
 
 
+def test_consistent_choice_keeps_the_candidate_that_states_the_findings(pretrained):
+    model = volumevlm.load(pretrained)
+    sections = {"SPLEEN": ["splenomegaly"], "PERITONEUM": ["ascites"]}
+    generator = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_in_prompt": True,
+                                       "section_findings": sections}, model)
+    normal, enlarged = "The spleen is normal in size.", "Splenomegaly."
+    assert generator.consistent_choice("SPLEEN", [normal, enlarged], ["splenomegaly"]) == enlarged
+    assert generator.consistent_choice("SPLEEN", [enlarged, normal], []) == normal
+    # A finding outside the section's scope may be stated only when present; ties keep
+    # the decoder's order.
+    spill = "Splenomegaly. Moderate ascites."
+    assert generator.consistent_choice("SPLEEN", [spill, enlarged], ["splenomegaly"]) == enlarged
+    assert generator.consistent_choice("SPLEEN", [spill, enlarged], ["splenomegaly", "ascites"]) == spill
+    # The impression (and a whole report) must state exactly the present findings.
+    both, one = "1. Splenomegaly. 2. Ascites.", "1. Splenomegaly."
+    assert generator.consistent_choice(IMPRESSION_HEADER, [both, one], ["splenomegaly"]) == one
+    assert generator.consistent_choice(IMPRESSION_HEADER, [one, both], ["ascites", "splenomegaly"]) == both
+    assert generator.consistent_choice(None, [both, one], ["splenomegaly"]) == one
+    # A section the mapping does not name may not state an absent finding.
+    assert generator.consistent_choice("PANCREAS", ["Moderate ascites.", "Unremarkable pancreas."], []) == "Unremarkable pancreas."
+    assert generator.consistent_choice("SPLEEN", [normal], ["splenomegaly"]) == normal  # one candidate: as it is
+
+
+def test_generation_with_consistent_candidates_picks_among_the_best_beams(conditioned, train_cases):
+    generator = conditioned["generator"]
+    tokens, grid = train_cases["tokens"], train_cases["grid"]
+    findings = conditioned["readings"]
+    assert generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=1) == \
+        generator.generate(tokens, grid=grid, findings=findings)
+    chosen = generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=3, num_beams=1)
+    present_of = generator.present_findings(findings)
+    prefix = generator.visual_prefix(tokens, grid, findings)
+    settings = {**generator.config.generation(), "num_beams": 1}
+    settings.pop("consistent_candidates")
+    in_prompt = present_of if generator.config.findings_in_prompt else [[] for _ in present_of]
+    for name in generator.config.section_names:
+        beams = generator._continue(prefix, [generator.prompt_text(name, p) for p in in_prompt], settings, 3)
+        assert all(len(b) == 3 for b in beams)  # three beams per case, the decoder's best first
+        for i, texts in enumerate(beams):
+            pick = generator.consistent_choice(name, texts, present_of[i])
+            assert f"{name}: {pick or 'Unremarkable.'}" in chosen[i] or (name == IMPRESSION_HEADER and pick in chosen[i])
+    assert [present(t) for t in chosen] == [present(r) for r in train_cases["reports"]]
+    for bad in (0, 1.5, True):
+        with pytest.raises(VolumeVLMError, match="consistent_candidates must be a positive integer"):
+            generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=bad)
+
+
 def test_section_findings_are_read_from_the_reports_sections():
     from volumevlm.models.report import section_findings_of
 
@@ -390,6 +438,17 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     assert 0.0 < info["thresholds"][0] < 1.0 and info["thresholds"][1] == 0.5
     accuracy = ((probs[:, 0] >= holder.finding_thresholds[0]).float() == readings[:, 0]).float().mean()
     assert accuracy > 0.85
+    # The out-of-fold probabilities (what the anatomy head's phenotypes are fitted on):
+    # scikit-learn's cross_val_predict over the same folds; the prevalence for the rare one.
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    again, out_of_fold = fit_findings_classifier(Holder(), features, readings, seed=0, return_out_of_fold=True)
+    assert again == info
+    held_out = cross_val_predict(reference, features.double().numpy(), readings[:, 0].numpy().astype(int),
+                                 cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")[:, 1]
+    np.testing.assert_allclose(out_of_fold[:, 0], held_out, atol=1e-12)
+    assert not np.allclose(out_of_fold[:, 0], expected.numpy(), atol=1e-3)  # not the in-sample fit
+    np.testing.assert_allclose(out_of_fold[:, 1], 3 / 80)
     # What the probe reads: mean and max over the grid tokens, registers left out.
     tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
     got = finding_features(tokens, grid=(2, 2, 1))
@@ -620,7 +679,7 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     head = loaded.head("report")
     assert head.config.findings == tuple(SYNTHETIC_FINDINGS)
     assert summary["findings_classifier"]["findings"] == list(SYNTHETIC_FINDINGS)
-    assert head.config.num_beams == 3 and head.config.repetition_penalty == 1.2
+    assert head.config.num_beams == 4 and head.config.consistent_candidates == 4 and head.config.repetition_penalty == 1.2
     assert all(s["generated_from_true_findings"].startswith("FINDINGS:") for s in samples)
     # The encoder and the other weights of the pretrained checkpoint are unchanged.
     before = volumevlm.load(pretrained).state_dict()

@@ -235,18 +235,24 @@ class AnatomyHead(nn.Module):
     section of the training reports that states it most often); a finding without one is
     read in the global image embedding.
 
-    Phenotypes organ by organ (``phecodes``, optional): per EHR code, a logistic
-    regression on the same organ features fitted on the training cases' codes
-    (:func:`volumevlm.train.anatomy.fit_anatomy_head`); :meth:`phenotype_logits`. The
-    pretraining's phenotype head reads the global embedding, where an organ's code is as
-    diluted as its finding.
+    Phenotypes organ by organ (``phecodes``, optional; :meth:`phenotype_logits`), fitted
+    on the training cases' codes (:func:`volumevlm.train.anatomy.fit_anatomy_head`). With
+    ``phenotype_findings`` they are read through the findings: a logistic regression per
+    finding on the organ features (fitted on the labeler's reading of the training
+    reports: every case teaches every finding) gives P(finding), and per code a logistic
+    regression on those probabilities (fitted on out-of-fold probabilities) gives the
+    code; a code is 10-40 noisy positives in a few hundred cases, too few to fit a
+    thousand organ features directly. Without them (heads fitted before), per code a
+    logistic regression on the organ features. The pretraining's phenotype head reads the
+    global embedding, where an organ's code is as diluted as its finding.
     """
 
     head_type: ClassVar[str] = "anatomy"
 
     def __init__(self, sections: Sequence[str], finding_sections: dict[str, str], organ_classes: int,
                  feature_dim: int, embed_dim: int, alpha: dict[str, float] | None = None,
-                 phecodes: Sequence[str] = (), organ_statistics: str = DEFAULT_ORGAN_STATISTICS):
+                 phecodes: Sequence[str] = (), organ_statistics: str = DEFAULT_ORGAN_STATISTICS,
+                 phenotype_findings: Sequence[str] = ()):
         super().__init__()
         self.sections = tuple(str(s) for s in sections)
         if not self.sections or len(set(self.sections)) != len(self.sections):
@@ -266,8 +272,16 @@ class AnatomyHead(nn.Module):
         self.phecodes = tuple(str(c) for c in phecodes)
         if len(set(self.phecodes)) != len(self.phecodes):
             raise VolumeVLMError(f"anatomy head: phecodes must be distinct, got {list(phecodes)}")
+        self.phenotype_findings = tuple(str(f) for f in phenotype_findings)
+        if self.phenotype_findings and not self.phecodes:
+            raise VolumeVLMError("anatomy head: phenotype_findings without phecodes")
         if self.phecodes:  # heads fitted without codes (or saved before them) carry no such weights
-            self.phenotype_weight = nn.Parameter(torch.zeros(len(self.phecodes), width), requires_grad=False)
+            inputs = width
+            if self.phenotype_findings:  # codes read through the findings' probabilities
+                inputs = len(self.phenotype_findings)
+                self.findings_weight = nn.Parameter(torch.zeros(inputs, width), requires_grad=False)
+                self.findings_bias = nn.Parameter(torch.zeros(inputs), requires_grad=False)
+            self.phenotype_weight = nn.Parameter(torch.zeros(len(self.phecodes), inputs), requires_grad=False)
             self.phenotype_bias = nn.Parameter(torch.zeros(len(self.phecodes)), requires_grad=False)
 
     def _flat(self, features: torch.Tensor) -> torch.Tensor:
@@ -286,7 +300,10 @@ class AnatomyHead(nn.Module):
         """Organ features float [B, K, F] -> logits float [B, V] of :attr:`phecodes`."""
         if not self.phecodes:
             raise VolumeVLMError(NO_PHENOTYPES)
-        return self._flat(features) @ self.phenotype_weight.T + self.phenotype_bias
+        x = self._flat(features)
+        if self.phenotype_findings:
+            x = torch.sigmoid(x @ self.findings_weight.T + self.findings_bias)
+        return x @ self.phenotype_weight.T + self.phenotype_bias
 
     def section_index(self, finding: str) -> int | None:
         """Index of the section a finding is read in, or None (read it globally)."""
@@ -296,11 +313,12 @@ class AnatomyHead(nn.Module):
     def head_config(self) -> dict:
         return {"sections": list(self.sections), "finding_sections": dict(self.finding_sections),
                 "organ_classes": self.organ_classes, "feature_dim": self.feature_dim, "embed_dim": self.embed_dim,
-                "alpha": dict(self.alpha), "phecodes": list(self.phecodes), "organ_statistics": self.organ_statistics}
+                "alpha": dict(self.alpha), "phecodes": list(self.phecodes), "organ_statistics": self.organ_statistics,
+                "phenotype_findings": list(self.phenotype_findings)}
 
     @classmethod
     def from_head_config(cls, config, folder=None, vlm=None) -> "AnatomyHead":
-        optional = {"alpha", "phecodes", "organ_statistics"}
+        optional = {"alpha", "phecodes", "organ_statistics", "phenotype_findings"}
         known = {"sections", "finding_sections", "organ_classes", "feature_dim", "embed_dim", *optional}
         config = {"organ_statistics": LEGACY_ORGAN_STATISTICS, **dict(config)}  # saved before the setting: hu16
         missing, unknown = sorted(known - set(config) - optional), sorted(set(config) - known)

@@ -52,6 +52,7 @@ joined in order. Trained on synthetic reports, generated text is NOT a clinical 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -80,7 +81,7 @@ DEFAULT_SECTION_NAMES: tuple[str, ...] = (*SECTIONS, IMPRESSION_HEADER)
 # What the findings classifier may read (ReportConfig.findings_features).
 FINDINGS_FEATURES = ("grid", "organs")
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty",
-                   "do_sample", "top_p", "temperature")
+                   "do_sample", "top_p", "temperature", "consistent_candidates")
 
 
 @dataclass
@@ -126,7 +127,10 @@ class ReportConfig:
     Generation defaults: ``max_new_tokens`` (per section when ``sections``),
     ``num_beams`` (1 = greedy), ``repetition_penalty`` (1.0 = off),
     ``no_repeat_ngram_size`` (0 = off), ``length_penalty`` (beam search only),
-    ``do_sample`` (False = deterministic search), ``top_p`` / ``temperature`` (sampling only).
+    ``do_sample`` (False = deterministic search), ``top_p`` / ``temperature`` (sampling only),
+    ``consistent_candidates`` (heads conditioned on findings: each section is written this
+    many ways, the best beams or samples, and the labeler picks the one that states what
+    the case's findings say; 1 = the decoder's first choice, see :meth:`ReportGenerator.generate`).
     """
 
     num_visual_tokens: int = 32
@@ -157,6 +161,7 @@ class ReportConfig:
     do_sample: bool = False
     top_p: float = 1.0
     temperature: float = 1.0
+    consistent_candidates: int = 1
     findings: tuple[str, ...] = ()
     findings_noise: float = 0.01
     findings_in_prompt: bool = False
@@ -204,7 +209,7 @@ class ReportConfig:
         if self.pretrained is not None:
             self.pretrained = str(self.pretrained)
         positive = ("num_visual_tokens", "resampler_depth", "resampler_heads", "n_layer", "n_embd", "n_head",
-                    "n_positions", "max_target_tokens", "max_new_tokens", "num_beams", "lora_r")
+                    "n_positions", "max_target_tokens", "max_new_tokens", "num_beams", "lora_r", "consistent_candidates")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -378,6 +383,17 @@ class VisualResampler(nn.Module):
 
 
 # ---------------------------------------------------------------------- text helpers
+
+
+@functools.lru_cache(maxsize=65536)
+def _labeler_reading(text: str, findings: tuple[str, ...]) -> np.ndarray:
+    """The labeler's reading of one text over ``findings``: bool [F], hedged = present.
+    Cached: the candidates of a section repeat the same few sentences case after case."""
+    from volumevlm.text.labeler import findings_matrix, label_reports
+
+    reading = findings_matrix(label_reports([text], findings), findings, uncertain_as=1)[0] == 1
+    reading.setflags(write=False)
+    return reading
 
 
 def finding_words(key: str) -> str:
@@ -885,6 +901,11 @@ class ReportGenerator(nn.Module):
         if unknown:
             raise VolumeVLMError(f"report generation: unknown settings {unknown}; known: {list(GENERATION_KEYS)}")
         settings = {**self.config.generation(), **generation}
+        candidates = settings.pop("consistent_candidates")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise VolumeVLMError(f"report generation: consistent_candidates must be a positive integer, got {candidates!r}")
+        if not self.config.findings:
+            candidates = 1  # nothing to be consistent with
         was_training = self.training
         self.eval()
         try:
@@ -892,20 +913,47 @@ class ReportGenerator(nn.Module):
                 findings = self.case_findings(encoder_tokens, grid, findings)
             prefix = self.visual_prefix(encoder_tokens, grid, findings)
             batch = prefix.shape[0]
-            present = self.present_findings(findings) if self.config.findings_in_prompt else [[] for _ in range(batch)]
+            present = self.present_findings(findings) if self.config.findings else [[] for _ in range(batch)]
+            in_prompt = present if self.config.findings_in_prompt else [[] for _ in range(batch)]
             if prompts is not None:
                 prompts = list(prompts)
                 if len(prompts) != batch:
                     raise VolumeVLMError(f"report generation: {len(prompts)} prompts for {batch} cases")
-                return self._continue(prefix, prompts, settings)
+                return [texts[0] for texts in self._continue(prefix, prompts, settings)]
             if not self.config.sections:
-                return self._continue(prefix, [None] * batch, settings)
+                written = self._continue(prefix, [None] * batch, settings, candidates)
+                return [self.consistent_choice(None, texts, present[i]) for i, texts in enumerate(written)]
             found: dict[str, list[str]] = {}
             for name in self.config.section_names:
-                found[name] = self._continue(prefix, [self.prompt_text(name, present[i]) for i in range(batch)], settings)
+                written = self._continue(prefix, [self.prompt_text(name, in_prompt[i]) for i in range(batch)], settings,
+                                         candidates)
+                found[name] = [self.consistent_choice(name, texts, present[i]) for i, texts in enumerate(written)]
             return [self._assemble({name: texts[i] for name, texts in found.items()}) for i in range(batch)]
         finally:
             self.train(was_training)
+
+    def consistent_choice(self, section: str | None, candidates: Sequence[str], present: Sequence[str]) -> str:
+        """Of a section's candidate texts (the decoder's preferred first), the one whose
+        labeler reading disagrees least with the case's findings ``present`` (keys); ties go
+        to the decoder's order. In a section that ``section_findings`` maps, the findings it
+        reports must read as present exactly when they are, and any other finding it states
+        must be present; IMPRESSION (and ``section`` None, the whole report) must state
+        exactly the present findings; a section the mapping does not name must state no
+        absent finding. One candidate is returned as it is."""
+        if len(candidates) == 1 or not self.config.findings:
+            return candidates[0]
+        keys = self.config.findings
+        mapping = self.config.section_findings or {}
+        if section is None or section == IMPRESSION_HEADER:
+            scope = set(keys)
+        else:
+            scope = set(mapping.get(section, ()))
+        want = np.array([k in set(present) for k in keys])
+        in_scope = np.array([k in scope for k in keys])
+        header = f"{section}: " if section else ""
+        read = np.stack([_labeler_reading(header + text, keys) for text in candidates])
+        errors = ((read != want) & in_scope).sum(axis=1) + (read & ~want & ~in_scope).sum(axis=1)
+        return candidates[int(np.argmin(errors))]
 
     @staticmethod
     def _assemble(parts: Mapping[str, str]) -> str:
@@ -915,10 +963,12 @@ class ReportGenerator(nn.Module):
             lines += ["", "IMPRESSION:", parts[IMPRESSION_HEADER]]
         return "\n".join(lines) + "\n"
 
-    def _continue(self, prefix: torch.Tensor, prompts: list[str | None], settings: Mapping[str, Any]) -> list[str]:
-        """Continuation of [prefix BOS prompt] per case; cases sharing a prompt run as one
+    def _continue(self, prefix: torch.Tensor, prompts: list[str | None], settings: Mapping[str, Any],
+                  candidates: int = 1) -> list[list[str]]:
+        """``candidates`` continuations of [prefix BOS prompt] per case (the decoder's
+        preferred first: beam order, or sampling order); cases sharing a prompt run as one
         batch (equal lengths, so no padding inside the prompt)."""
-        out: list[str] = [""] * len(prompts)
+        out: list[list[str]] = [[] for _ in prompts]
         groups: dict[str | None, list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(prompt, []).append(i)
@@ -936,22 +986,26 @@ class ReportGenerator(nn.Module):
                         f"report generation: the prompt ({inputs.shape[1]} positions with the visual prefix) "
                         f"fills the decoder's {limit} positions"
                     )
-            generated = self._hf_generate(inputs, new_tokens, settings)
-            for row, seq in zip(rows, generated.tolist()):
-                out[row] = self.decode(seq)
+            generated = self._hf_generate(inputs, new_tokens, settings, candidates).tolist()
+            # generate returns each input's sequences next to each other.
+            for k, row in enumerate(rows):
+                out[row] = [self.decode(seq) for seq in generated[k * candidates:(k + 1) * candidates]]
         return out
 
-    def _hf_generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, settings: Mapping[str, Any]) -> torch.Tensor:
+    def _hf_generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, settings: Mapping[str, Any],
+                     candidates: int = 1) -> torch.Tensor:
         from transformers import GenerationConfig
 
-        beams = int(settings["num_beams"])
         sample = bool(settings["do_sample"])
+        # Deterministic search returns its best beams, so it needs at least that many.
+        beams = int(settings["num_beams"]) if sample else max(int(settings["num_beams"]), candidates)
         sampling = {"top_p": float(settings["top_p"]), "temperature": float(settings["temperature"])} if sample else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=sample,
             **sampling,
             num_beams=beams,
+            num_return_sequences=candidates,
             repetition_penalty=float(settings["repetition_penalty"]),
             no_repeat_ngram_size=int(settings["no_repeat_ngram_size"]),
             length_penalty=float(settings["length_penalty"]) if beams > 1 else 1.0,

@@ -9,10 +9,12 @@ organ system at a time (the anatomy-level alignment of fVLM, as a closed-form fi
 frozen towers). The labeler only decides which section a finding is read in
 (:func:`finding_sections_of`), as it decides for the report head's prompts.
 
-Where the training cases carry EHR codes, the head also gets a phenotype classifier on
-the same organ features: per code, the logistic probe of the yardsticks
-(:func:`volumevlm.models.probes.fit_logistic_probes`), the standardisation folded into the
-weights (:func:`folded_linear`).
+Where the training cases carry EHR codes, the head also gets phenotype classifiers: per
+code, the logistic probe of the yardsticks (:func:`volumevlm.models.probes.fit_logistic_probes`),
+the standardisation folded into the weights (:func:`folded_linear`). Given a findings
+classifier on the same organ features (the report head's, with its out-of-fold
+probabilities on the training cases), the codes are fitted on those probabilities and
+read through it; else on the organ features themselves.
 """
 
 from __future__ import annotations
@@ -105,19 +107,37 @@ def _section_embeddings(model, texts: list[str]) -> np.ndarray:
     return torch.cat(rows).double().numpy()
 
 
+def _findings_inputs(probe: dict[str, Any], x: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(finding names, out-of-fold probabilities [N, F]) of a findings classifier given to
+    :func:`fit_anatomy_head`, checked against the organ features x [N, D]."""
+    names = [str(f) for f in probe["findings"]]
+    weight, bias = np.asarray(probe["weight"]), np.asarray(probe["bias"])
+    oof = np.asarray(probe["out_of_fold"], dtype=np.float64)
+    if weight.shape != (len(names), x.shape[1]) or bias.shape != (len(names),) or oof.shape != (x.shape[0], len(names)):
+        raise VolumeVLMError(f"anatomy head: findings classifier weight {list(weight.shape)}, bias {list(bias.shape)}, "
+                             f"out-of-fold {list(oof.shape)} for {len(names)} findings, {x.shape[0]} cases of "
+                             f"{x.shape[1]} organ features")
+    return names, oof
+
+
 def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str], findings: Sequence[str],
                      organ_classes: int, sections: Sequence[str] | None = None,
                      phecodes: Sequence[str] | None = None, codes: Any = None, seed: int = 0,
-                     organ_statistics: str | None = None) -> tuple[Any, dict[str, Any]]:
+                     organ_statistics: str | None = None,
+                     findings_probe: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """(AnatomyHead, info) fitted on N training cases: organ_features float [N, K, F]
     (:func:`~volumevlm.models.anatomy.organ_features`), their reports, the findings to
     route (labeler keys), the segmentation head's class count. ``model``: the VolumeVLM
     whose (frozen) text tower embeds the sections. ``phecodes`` and ``codes`` [N, V] (0/1,
     the cases' EHR codes in that order): also fit the phenotype classifiers
-    (:func:`fit_phenotype_classifiers`). ``organ_statistics``: the histogram recipe the
+    (:func:`fit_phenotype_classifiers`). ``findings_probe``: a findings classifier on the
+    same (flattened) organ features, {"findings": F names, "weight" [F, K*F'], "bias" [F],
+    "out_of_fold" [N, F] (its out-of-fold probabilities on these cases)}; the codes are then
+    fitted on those probabilities and the head reads them through it (see
+    :class:`~volumevlm.models.anatomy.AnatomyHead`). ``organ_statistics``: the histogram recipe the
     features were computed with (default: the current one), kept in the head. info: per section the chosen ridge strength and
     the cases it was fitted on, the finding -> section routing, per code fitted its
-    positives and C."""
+    positives and C (and ``phenotypes_through``: the findings they read, if any)."""
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
@@ -145,16 +165,26 @@ def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str]
     names = [name for name, _, _ in fitted]
     routing = finding_sections_of(reports, findings, names)
     code_names: list[str] = []
+    through: list[str] = []
     if phecodes is not None and codes is not None and len(phecodes):
-        code_names, code_weight, code_bias, info["phenotypes"] = fit_phenotype_classifiers(x, codes, phecodes, seed)
+        inputs = x
+        if findings_probe is not None:
+            through, inputs = _findings_inputs(findings_probe, x)
+            info["phenotypes_through"] = through
+        code_names, code_weight, code_bias, info["phenotypes"] = fit_phenotype_classifiers(inputs, codes, phecodes, seed)
+        if not code_names:
+            through = []
     head = AnatomyHead(names, routing, organ_classes, organ_features.shape[2], fitted[0][1].shape[0],
                        alpha={name: info["sections"][name]["alpha"] for name in names}, phecodes=code_names,
-                       organ_statistics=organ_statistics or DEFAULT_ORGAN_STATISTICS)
+                       organ_statistics=organ_statistics or DEFAULT_ORGAN_STATISTICS, phenotype_findings=through)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(np.stack([w for _, w, _ in fitted])).float())
         head.bias.copy_(torch.from_numpy(np.stack([b for _, _, b in fitted])).float())
         if code_names:
             head.phenotype_weight.copy_(torch.from_numpy(code_weight).float())
             head.phenotype_bias.copy_(torch.from_numpy(code_bias).float())
+        if through:
+            head.findings_weight.copy_(torch.as_tensor(np.asarray(findings_probe["weight"])).float())
+            head.findings_bias.copy_(torch.as_tensor(np.asarray(findings_probe["bias"])).float())
     info["finding_sections"] = routing
     return head.eval(), info

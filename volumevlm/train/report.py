@@ -225,7 +225,7 @@ def case_features(encoder, dataset, batch_size: int, device: torch.device | str 
 
 
 def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.Tensor, seed: int = 0,
-                            folds: int = 5) -> dict[str, Any]:
+                            folds: int = 5, return_out_of_fold: bool = False):
     """Fit the head's findings classifier (a linear probe of the frozen encoder) and its thresholds.
 
     features float [N, 2C] (:func:`~volumevlm.models.report.finding_features` of the
@@ -237,7 +237,8 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     prediction (its training prevalence) and a threshold of 0.5. The standardisation is
     folded into the linear layer. Returns {"findings", "thresholds", "oof_f1", "positives"}
     (out-of-fold figures on the training cases: a first look at how well the image alone
-    predicts each finding)."""
+    predicts each finding); with ``return_out_of_fold`` also the out-of-fold probabilities
+    float64 [N, F] (the training prevalence for a constant finding), as a second value."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -254,17 +255,20 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     weight = np.zeros((y.shape[1], x.shape[1]))
     bias = np.zeros(y.shape[1])
     thresholds = np.full(y.shape[1], 0.5)
+    out_of_fold = np.zeros(y.shape, dtype=np.float64)
     oof_f1: dict[str, float | None] = {}
     for j, name in enumerate(generator.config.findings):
         positives = int(y[:, j].sum())
         if min(positives, len(y) - positives) < folds:
             rate = min(max(positives / max(len(y), 1), 1e-4), 1 - 1e-4)
             bias[j] = math.log(rate / (1 - rate))
+            out_of_fold[:, j] = rate
             oof_f1[name] = None
             continue
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
         split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         oof = cross_val_predict(probe, x, y[:, j], cv=split, method="predict_proba")[:, 1]
+        out_of_fold[:, j] = oof
         best_f1, best_t = -1.0, 0.5
         for t in np.unique(oof):
             called = oof >= t
@@ -283,8 +287,9 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
         layer.bias.copy_(torch.from_numpy(bias).to(layer.bias.dtype))
         generator.finding_thresholds.copy_(torch.from_numpy(thresholds).to(generator.finding_thresholds.dtype))
     layer.requires_grad_(False)
-    return {"findings": list(generator.config.findings), "thresholds": [round(float(t), 4) for t in thresholds],
+    info = {"findings": list(generator.config.findings), "thresholds": [round(float(t), 4) for t in thresholds],
             "oof_f1": oof_f1, "positives": {n: int(v) for n, v in zip(generator.config.findings, y.sum(axis=0))}}
+    return (info, out_of_fold) if return_out_of_fold else info
 
 
 # ---------------------------------------------------------------------- metrics
@@ -552,7 +557,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         else:
             features = case_features(model.encoder, train_data, val_batch_size)
         readings = generator.findings_readings([row["report"] for row in train_rows])
-        findings_probe = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed))
+        findings_probe, findings_oof = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed),
+                                                               return_out_of_fold=True)
         log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
     anatomy_info: dict[str, Any] | None = None
     if settings["anatomy"]:
@@ -565,6 +571,12 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         organs = head_config.organ_classes - 1
         # The findings probe's input is the organ features, organ by organ (image_finding_features).
         features = torch.stack([c["features"] for c in train_set.cases]).view(len(train_set), organs, -1)
+        # The head's findings classifier reads these same features: the codes are read through it.
+        through = None
+        if head_config.findings:
+            layer = generator.findings_classifier
+            through = {"findings": list(head_config.findings), "weight": layer.weight.detach().double().numpy(),
+                       "bias": layer.bias.detach().double().numpy(), "out_of_fold": findings_oof}
         try:
             vocab = model.phecode_vocab
             # The pretraining's phenotype targets: a case without codes has none of them.
@@ -573,7 +585,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
                                                      [row["report"] for row in train_rows], head_config.findings,
                                                      head_config.organ_classes, phecodes=list(vocab.codes),
                                                      codes=codes, seed=int(cfg.seed),
-                                                     organ_statistics=head_config.organ_statistics)
+                                                     organ_statistics=head_config.organ_statistics,
+                                                     findings_probe=through)
         except VolumeVLMError as err:  # too few training reports: the report head still trains
             anatomy_info = {"skipped": str(err)}
             log.warning("report: %s; the checkpoint gets no anatomy head", err)
