@@ -31,6 +31,7 @@ from volumevlm.io import read_volume
 from volumevlm.metrics import dice_per_label, macro_auroc, macro_auroc_interval, per_finding_auroc, pool_recall, recall_at_k
 from volumevlm.metrics.report import report_metrics
 from volumevlm.models.zero_shot import zero_shot_from_sections
+from volumevlm.text.labeler import label_findings
 from volumevlm.text.phecodes import icd10_to_phecodes
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
 
@@ -213,6 +214,20 @@ def test_report_and_label_efficiency_sections(evaluated, runs):
     for key in ("clinical_f1", "bleu4", "rouge_l", "distinct_ratio"):
         value = expected[key]
         assert metrics["report"][key] == (None if math.isnan(value) else pytest.approx(value, abs=1e-9)), key
+    # The image's findings calls scored as a report's would be, by hand: macro F1 over the
+    # findings that occur in a call or a reference.
+    head = model.head("report")
+    assert all(set(s["calls"]) <= set(head.config.findings) for s in samples)
+    keys = [k for k in (_scored_findings(model.findings) or head.config.findings) if k in head.config.findings]
+    truth = [{k for k, v in label_findings(s["reference"], keys).items() if v != "negative"} for s in samples]
+    f1s = []
+    for key in keys:
+        tp = sum(key in set(s["calls"]) and key in t for s, t in zip(samples, truth))
+        wrong = sum((key in set(s["calls"])) != (key in t) for s, t in zip(samples, truth))
+        if 2 * tp + wrong:
+            f1s.append(2 * tp / (2 * tp + wrong))
+    assert metrics["report"]["calls"]["findings_scored"] == len(f1s)
+    assert metrics["report"]["calls"]["clinical_f1"] == pytest.approx(float(np.mean(f1s)), abs=1e-9)
     efficiency = metrics["label_efficiency"]
     assert efficiency["label_fraction"] == [0.5, 1.0]
     dice = [json.loads((run / "metrics.json").read_text())["metrics"]["val/mean_dice"] for run in reversed(runs["seg_runs"])]

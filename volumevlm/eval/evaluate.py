@@ -61,7 +61,9 @@ report (needs the report head)
     ``rouge_l``, ``distinct_ratio``; every case's pair in ``OUT/report_samples.jsonl``.
     A head conditioned on findings writes from the image's own findings calls; the same
     figures for reports it writes from the labeler's reading of the true report are under
-    ``from_true_findings`` (what a perfect findings classifier would give).
+    ``from_true_findings`` (what a perfect findings classifier would give), and the calls
+    themselves scored as a report's findings are under ``calls`` (``clinical_f1``: what a
+    decoder that wrote exactly its calls would give; each sample lists its ``calls``).
 label_efficiency (``--label-efficiency``)
     segmentation runs (``volumevlm train experiment=segment_demo
     segmentation.label_fraction=F output_dir=RUN``) given by their output folders: the
@@ -229,6 +231,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     task = progress.add_task(what + (" + reports" if generate else ""), total=len(dataset)) if progress else None
     image_emb, logits, text_emb, has_report, generated, ids, voxels = [], [], [], [], [], [], []
     oracle: list[str | None] = []
+    called: list[list[str]] = []  # a findings-conditioned report head's calls, per case
     organ_tokens, organ_hist, section_emb, organ_logits = [], [], [], []
     anatomy = model.heads["anatomy"] if "anatomy" in model.heads and segmentation is not None else None
     # The histogram recipes to compute: the probes' (the current one) and each head's own.
@@ -268,11 +271,13 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
                     organ_logits.append(anatomy.phenotype_logits(organs_by[anatomy.organ_statistics]).float().cpu())
         if head is not None:
             calls = None
-            if head.config.findings and head.config.findings_features == "organs":
-                if segmentation is None:
+            if head.config.findings:
+                if head.config.findings_features == "organs" and segmentation is None:
                     model.head("segmentation")  # the one-line error naming the recipe
-                features = image_finding_features(head, tokens, grid, organs=organs_by[head.config.organ_statistics])
+                organs = organs_by.get(head.config.organ_statistics)
+                features = image_finding_features(head, tokens, grid, organs=organs)
                 calls = head.findings_calls(head.predict_findings(None, features=features))
+                called.extend(head.present_findings(calls))
             generated.extend(head.generate(tokens, grid=grid, findings=calls))
             if head.config.findings:
                 # The same decoder written from the labeler's reading of the true report:
@@ -295,6 +300,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         **({"anatomy_phenotype_logits": torch.cat(organ_logits)} if organ_logits else {}),
         "generated": generated,
         "generated_from_true_findings": oracle,
+        "findings_calls": called,
         "ids": ids,
     }
 
@@ -668,7 +674,7 @@ def segmentation_section(model, rows, out: Path, synthetic: bool, progress=None)
 
 def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
     from volumevlm.io.writers import write_text_atomic
-    from volumevlm.metrics.report import report_metrics
+    from volumevlm.metrics.report import findings_efficacy, present_findings, report_metrics
     from volumevlm.text.labeler import scored_findings
 
     head = model.head("report")
@@ -688,6 +694,18 @@ def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
         figures["from_true_findings"] = dict(report_metrics(from_truth, references, findings=scored))
         for sample, text in zip(samples, from_truth):
             sample["generated_from_true_findings"] = text
+    calls = encoded.get("findings_calls") or []
+    if calls:
+        # The image's calls scored as a report's findings would be: what a decoder that
+        # wrote exactly its prompt would reach, so the F1 lost to the calls and the F1 lost
+        # to the decoder can be told apart.
+        keys = [k for k in (scored or head.config.findings) if k in set(head.config.findings)]
+        case_calls = [set(calls[i]) for i in keep]
+        efficacy = findings_efficacy(case_calls, [present_findings(r, keys) for r in references], keys)
+        figures["calls"] = {"clinical_f1": efficacy["macro_f1"], "clinical_f1_micro": efficacy["micro_f1"],
+                            "findings_scored": efficacy["findings_scored"]}
+        for sample, case in zip(samples, case_calls):
+            sample["calls"] = sorted(case)
     write_text_atomic(out / SAMPLES_NAME, "\n".join(json.dumps(s) for s in samples) + "\n")
     return {**figures, "cases": len(keep), "samples": SAMPLES_NAME}
 
@@ -917,6 +935,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         rows.append(("report clinical F1 (macro)", _fmt(rep.get("clinical_f1")), "-"))
         if "from_true_findings" in rep:
             rows.append(("report clinical F1, true findings given", _fmt(rep["from_true_findings"].get("clinical_f1")), "-"))
+        if "calls" in rep:
+            rows.append(("findings calls' F1 (a decoder writing exactly its calls)", _fmt(rep["calls"].get("clinical_f1")), "-"))
         rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
         rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
     sections = {name: metrics.get(name, {}) for name in ("zero_shot", "zero_shot_anatomy", "linear_probe", "organ_probe", "phenotypes",

@@ -59,7 +59,7 @@ from volumevlm.text.sections import FINDINGS_HEADER, IMPRESSION_HEADER, SECTIONS
 
 __all__ = [
     "UNCERTAIN_CHOICES", "bleu_statistics", "clinical_efficacy", "corpus_bleu", "distinct_ratio",
-    "f1_from_counts", "format_report_metrics", "lcs_length", "present_findings", "report_metrics",
+    "f1_from_counts", "findings_efficacy", "format_report_metrics", "lcs_length", "present_findings", "report_metrics",
     "rouge_l", "rouge_l_scores", "strip_headers", "text_tokens",
 ]
 
@@ -271,12 +271,21 @@ def clinical_efficacy(generated: Sequence[str], references: Sequence[str], findi
     if uncertain not in UNCERTAIN_CHOICES:
         raise VolumeVLMError(f"clinical efficacy: uncertain must be one of {UNCERTAIN_CHOICES}, got {uncertain!r}")
     keys = resolve_findings(findings)
+    said = [present_findings(gen, keys, uncertain) for gen in generated]
+    truth = [present_findings(ref, keys, uncertain) for ref in references]
+    return findings_efficacy(said, truth, keys)
+
+
+def findings_efficacy(said: Sequence[set[str]], truth: Sequence[set[str]], keys: Sequence[str]) -> dict[str, Any]:
+    """:func:`clinical_efficacy` of findings already read: per case the set of finding keys
+    called present (``said``) and the set truly present (``truth``), scored over ``keys``
+    (a key outside ``keys`` is ignored). Same return value."""
+    if len(said) != len(truth):
+        raise VolumeVLMError(f"findings efficacy: {len(said)} cases called, {len(truth)} with their truth")
     counts = {key: {"tp": 0, "fp": 0, "fn": 0, "tn": 0} for key in keys}
-    for gen, ref in zip(generated, references):
-        said = present_findings(gen, keys, uncertain)
-        truth = present_findings(ref, keys, uncertain)
+    for case_said, case_truth in zip(said, truth):
         for key in keys:
-            cell = ("tp" if key in truth else "fp") if key in said else ("fn" if key in truth else "tn")
+            cell = ("tp" if key in case_truth else "fp") if key in case_said else ("fn" if key in case_truth else "tn")
             counts[key][cell] += 1
     per_finding: dict[str, dict[str, Any]] = {}
     for key, c in counts.items():
