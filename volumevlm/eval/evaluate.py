@@ -697,7 +697,7 @@ def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
     calls = encoded.get("findings_calls") or []
     if calls:
         # The image's calls scored as a report's findings would be: what a decoder that
-        # wrote exactly its prompt would reach, so the F1 lost to the calls and the F1 lost
+        # wrote exactly its calls would reach, so the F1 lost to the calls and the F1 lost
         # to the decoder can be told apart.
         keys = [k for k in (scored or head.config.findings) if k in set(head.config.findings)]
         case_calls = [set(calls[i]) for i in keep]

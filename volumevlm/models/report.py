@@ -948,7 +948,8 @@ class ReportGenerator(nn.Module):
             scope = set(keys)
         else:
             scope = set(mapping.get(section, ()))
-        want = np.array([k in set(present) for k in keys])
+        stated = set(present)
+        want = np.array([k in stated for k in keys])
         in_scope = np.array([k in scope for k in keys])
         header = f"{section}: " if section else ""
         read = np.stack([_labeler_reading(header + text, keys) for text in candidates])
