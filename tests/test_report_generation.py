@@ -308,25 +308,42 @@ def test_consistent_choice_keeps_the_candidate_that_states_the_findings(pretrain
     assert generator.consistent_choice("SPLEEN", [normal], ["splenomegaly"]) == normal  # one candidate: as it is
 
 
-def test_generation_with_consistent_candidates_picks_among_the_best_beams(conditioned, train_cases):
+def test_generation_with_consistent_candidates_picks_among_the_best_beams(conditioned, train_cases, monkeypatch):
     generator = conditioned["generator"]
     tokens, grid = train_cases["tokens"], train_cases["grid"]
     findings = conditioned["readings"]
     assert generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=1) == \
         generator.generate(tokens, grid=grid, findings=findings)
+    # With the labeler's choice, each overfit case's report states its own findings.
     chosen = generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=3, num_beams=1)
+    assert [present(t) for t in chosen] == [present(r) for r in train_cases["reports"]]
+    # Each section is picked among the decoder's own 3 best beams, by consistent_choice: a
+    # choice that always takes the last beam shows up in every section of every report.
     present_of = generator.present_findings(findings)
     prefix = generator.visual_prefix(tokens, grid, findings)
     settings = {**generator.config.generation(), "num_beams": 1}
     settings.pop("consistent_candidates")
     in_prompt = present_of if generator.config.findings_in_prompt else [[] for _ in present_of]
+    asked = []
+
+    def last(section, candidates, case_present):
+        asked.append((section, list(candidates), list(case_present)))
+        return candidates[-1]
+
+    monkeypatch.setattr(generator, "consistent_choice", last)
+    lasts = generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=3, num_beams=1)
+    differ = 0
     for name in generator.config.section_names:
         beams = generator._continue(prefix, [generator.prompt_text(name, p) for p in in_prompt], settings, 3)
-        assert all(len(b) == 3 for b in beams)  # three beams per case, the decoder's best first
         for i, texts in enumerate(beams):
-            pick = generator.consistent_choice(name, texts, present_of[i])
-            assert f"{name}: {pick or 'Unremarkable.'}" in chosen[i] or (name == IMPRESSION_HEADER and pick in chosen[i])
-    assert [present(t) for t in chosen] == [present(r) for r in train_cases["reports"]]
+            assert len(texts) == 3 and (name, texts, present_of[i]) in asked
+            differ += texts[-1] != texts[0]
+            if name == IMPRESSION_HEADER:
+                assert lasts[i].endswith(f"IMPRESSION:\n{texts[-1]}\n")
+            else:
+                assert f"\n{name}: {texts[-1] or 'Unremarkable.'}\n" in lasts[i]
+    assert differ > 0 and lasts != chosen  # the beams differ, so the choice shows
+    monkeypatch.undo()
     for bad in (0, 1.5, True):
         with pytest.raises(VolumeVLMError, match="consistent_candidates must be a positive integer"):
             generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=bad)
