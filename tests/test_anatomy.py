@@ -78,6 +78,11 @@ def test_fine_histograms_count_the_organ_grown_by_one_voxel_in_hu_bins():
     torch.testing.assert_close(out[0, 0], first)
     torch.testing.assert_close(out[0, 1], second)
     assert bin_of(5.0) != bin_of(45.0)  # fluid and parenchyma fall in different bins
+    # The square-root recipe: the same counts, each value's root (small fractions spread apart).
+    rooted = organ_histograms(images, labels, num_classes=3, statistics="hu_fine_dilated_sqrt", hu_window=window)
+    assert rooted.shape == out.shape and organ_statistics_width("hu_fine_dilated_sqrt") == 1 + bins
+    torch.testing.assert_close(rooted[0, 0], first.sqrt())
+    torch.testing.assert_close(rooted[0, 1], second.sqrt())
     with pytest.raises(VolumeVLMError, match="hu_window"):
         organ_histograms(images, labels, num_classes=3)
     with pytest.raises(VolumeVLMError, match="must be one of"):

@@ -29,7 +29,7 @@ import torch
 
 import volumevlm
 from ct_files import seg_content, zip_series
-from pretrain_helpers import make_checkpoints
+from pretrain_helpers import TINY_REPORT_HEAD, make_checkpoints
 from volumevlm.cli import COMMANDS, main
 from volumevlm.errors import GeometryError, InputError, VolumeVLMError
 from volumevlm.inference.commands import report_text
@@ -440,6 +440,27 @@ def test_report_equals_the_api_as_text_and_json(model, checkpoints, inputs, tmp_
                                 "--num-beams", "2", "--consistent-candidates", "2")
     assert status == 0 and stdout == report_text(dict(zip(sources, shorter)))
     no_temporaries(tmp_path)
+
+
+def test_report_decoding_flags_of_a_findings_head_equal_the_api(checkpoints, inputs, tmp_path, capsys):
+    from volumevlm.models.report import ReportGenerator
+
+    # A findings-conditioned head with a section bank (untrained: its zero classifier calls
+    # every finding at P = 0.5, and its decoder states none, so the bank shows).
+    model = volumevlm.load(checkpoints["full"])
+    bank = {"IMPRESSION": ["1. Splenomegaly.", "No acute abnormality."]}
+    head = ReportGenerator.build({**TINY_REPORT_HEAD, "findings": ["splenomegaly"], "section_bank": bank,
+                                  "bank_fallback": True, "consistent_candidates": 2}, model)
+    model.attach_head("report", head.eval())
+    folder = model.save_pretrained(tmp_path / "findings_head")
+    model = volumevlm.load(folder)
+    sources = [inputs["other"]]
+    written = {value: model.generate_report(sources, bank_fallback=value, consistent_candidates=candidates)
+               for value, candidates in ((True, 2), (False, 1))}
+    assert written[True] != written[False] and written[True][0].endswith("IMPRESSION:\n1. Splenomegaly.\n")
+    for flags, value in ((["--no-bank-fallback", "--consistent-candidates", "1"], False), (["--bank-fallback"], True), ([], True)):
+        status, stdout, _ = run_cli(capsys, "report", "-m", folder, "-i", *sources, *flags)
+        assert status == 0 and stdout == report_text(dict(zip(sources, written[value]))), flags
 
 
 # ---------------------------------------------------------------------- errors and the real console script

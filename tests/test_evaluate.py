@@ -34,6 +34,7 @@ from volumevlm.models.zero_shot import zero_shot_from_sections
 from volumevlm.text.labeler import label_findings
 from volumevlm.text.phecodes import icd10_to_phecodes
 from volumevlm.text.prompts import load_prompt_set, zero_shot_probabilities
+from volumevlm.text.sections import split_report
 
 COHORT_CASES = 36  # more than the smallest Merlin pool (32) when every split is evaluated
 SPLIT = "train,val,test"
@@ -228,6 +229,16 @@ def test_report_and_label_efficiency_sections(evaluated, runs):
             f1s.append(2 * tp / (2 * tp + wrong))
     assert metrics["report"]["calls"]["findings_scored"] == len(f1s)
     assert metrics["report"]["calls"]["clinical_f1"] == pytest.approx(float(np.mean(f1s)), abs=1e-9)
+    # report_demo's head falls back on its section bank: the share of sections taken from
+    # it, by hand from the samples; each listed section's text is one of the bank's.
+    assert head.config.bank_fallback and head.config.section_bank
+    sections = len(head.config.section_names)
+    taken = [s["bank_sections"] for s in samples]
+    assert metrics["report"]["bank_sections"] == {"share": pytest.approx(sum(map(len, taken)) / (sections * len(samples)),
+                                                                         abs=1e-12), "sections_per_report": sections}
+    for sample in samples:
+        parts = split_report(sample["generated"])
+        assert all(parts[name] in head.config.section_bank[name] for name in sample["bank_sections"])
     efficiency = metrics["label_efficiency"]
     assert efficiency["label_fraction"] == [0.5, 1.0]
     dice = [json.loads((run / "metrics.json").read_text())["metrics"]["val/mean_dice"] for run in reversed(runs["seg_runs"])]
@@ -320,17 +331,20 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
             labels = organ_labels(seg, images)
             return (organ_token_means(tokens, grid, labels, classes).flatten(1).numpy(),
                     organ_histograms(images, labels, classes, "hu_fine_dilated", model.preprocess.hu_window).flatten(1).numpy(),
-                    np.array([[row["findings"].get(k, -1) for k in names] for row in case_rows], dtype=float))
+                    np.array([[row["findings"].get(k, -1) for k in names] for row in case_rows], dtype=float),
+                    organ_histograms(images, labels, classes, "hu_fine_dilated_sqrt",
+                                     model.preprocess.hu_window).flatten(1).numpy())
 
-    (train_tok, train_hist, train_y), (eval_tok, eval_hist, eval_y) = features(train), features(held_out)
-    # Zero-shot in the anatomy head's organ-system embeddings, by hand.
+    (train_tok, train_hist, train_y, _), (eval_tok, eval_hist, eval_y, eval_rooted) = features(train), features(held_out)
+    # Zero-shot in the anatomy head's organ-system embeddings, by hand. The heads read the
+    # report head's recipe (report_demo's: rooted histograms); the probes the default one.
     anatomy = model.head("anatomy")
-    assert anatomy.organ_statistics == "hu_fine_dilated" == model.head("report").config.organ_statistics
+    assert anatomy.organ_statistics == "hu_fine_dilated_sqrt" == model.head("report").config.organ_statistics
     with torch.no_grad():
         images = torch.stack([preprocess(row["image"], model.preprocess).as_tensor() for row in held_out])
         organs = classes - 1  # the anatomy head reads each organ's token means, then its size + histogram
         section_emb = anatomy(torch.cat([torch.from_numpy(eval_tok).view(len(held_out), organs, -1),
-                                         torch.from_numpy(eval_hist).view(len(held_out), organs, -1)], dim=-1))
+                                         torch.from_numpy(eval_rooted).view(len(held_out), organs, -1)], dim=-1))
         scores, keys, read_in = zero_shot_from_sections(model, model.encode_image(images), section_emb, anatomy,
                                                         findings=names)
     expected, used = macro_auroc(scores.numpy(), eval_y)
@@ -351,7 +365,7 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
     code_targets = np.array([vocab.encode(held_out[i]["phecodes"]) for i in with_codes])[:, columns]
     with torch.no_grad():
         organ_logits = anatomy.phenotype_logits(torch.cat([torch.from_numpy(eval_tok).view(len(held_out), organs, -1),
-                                                           torch.from_numpy(eval_hist).view(len(held_out), organs, -1)],
+                                                           torch.from_numpy(eval_rooted).view(len(held_out), organs, -1)],
                                                           dim=-1))
     expected, used = macro_auroc(organ_logits[with_codes].numpy(), code_targets)
     ph = metrics["phenotypes"]["anatomy"]

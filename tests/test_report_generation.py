@@ -349,6 +349,112 @@ def test_generation_with_consistent_candidates_picks_among_the_best_beams(condit
             generator.generate(tokens, grid=grid, findings=findings, consistent_candidates=bad)
 
 
+def test_section_bank_keeps_a_few_texts_per_labeler_reading():
+    from volumevlm.models.report import section_bank_of
+
+    def report(spleen, impression):
+        return f"FINDINGS:\nSPLEEN: {spleen}\nPERITONEUM: No ascites.\n\nIMPRESSION:\n{impression}\n"
+
+    reports = [
+        report("The spleen is enlarged.", "1. Splenomegaly."),
+        report("The spleen is normal in size.", "No acute abnormality."),
+        report("Splenomegaly.", "1. Splenomegaly."),
+        report("Unremarkable spleen.", "No acute abnormality."),
+        report("Splenomegaly.", "1. Splenomegaly."),
+        report("Unremarkable  spleen.", "No acute abnormality."),  # the same text once spaces are tidied
+        report("Moderate splenomegaly.", "1. Splenomegaly."),
+    ]
+    bank = section_bank_of(reports, SYNTHETIC_FINDINGS, (*SECTIONS, IMPRESSION_HEADER), per_reading=2)
+    # Per reading (first seen first), the most frequent texts, first seen first on ties.
+    assert bank == {
+        "SPLEEN": ["Splenomegaly.", "The spleen is enlarged.", "Unremarkable spleen.", "The spleen is normal in size."],
+        "PERITONEUM": ["No ascites."],
+        IMPRESSION_HEADER: ["1. Splenomegaly.", "No acute abnormality."],
+    }
+    config = ReportConfig.from_dict({"findings": ["splenomegaly"], "section_bank": bank})
+    assert ReportConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for bad in ({"SPLEEN": "Splenomegaly."}, {"SPLEEN": [1]}, ["Splenomegaly."]):
+        with pytest.raises(VolumeVLMError, match="section_bank must map section names to lists of texts"):
+            ReportConfig.from_dict({"findings": ["splenomegaly"], "section_bank": bad})
+
+
+def test_text_log_likelihood_is_the_decoder_loss(conditioned, train_cases):
+    generator = conditioned["generator"]
+    tokens, grid, findings = train_cases["tokens"][:1], train_cases["grid"], conditioned["readings"][:1]
+    prefix = generator.visual_prefix(tokens, grid, findings)[0]
+    prompt = generator.prompt_text("SPLEEN", generator.present_findings(findings)[0])
+    texts = ["Splenomegaly.", "The spleen is normal in size. No splenic lesion."]
+    scores = generator.text_log_likelihood(prefix, prompt, texts)
+    for text, score in zip(texts, scores):
+        batch = generator.encode_targets([text], [prompt])
+        with torch.no_grad():
+            loss = generator(tokens, batch["input_ids"], batch["attention_mask"], batch["labels"], grid=grid,
+                             findings=findings)
+        assert score == pytest.approx(-float(loss), abs=1e-4)
+
+
+def test_bank_choice_takes_the_bank_text_the_decoder_finds_likeliest(pretrained, monkeypatch):
+    model = volumevlm.load(pretrained)
+    bank = {"SPLEEN": ["Unremarkable spleen.", "Splenomegaly.", "The spleen is enlarged."]}
+    generator = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_in_prompt": True,
+                                       "section_findings": {"SPLEEN": ["splenomegaly"]}, "section_bank": bank}, model)
+    prefix = torch.zeros(4, generator.hidden_size)
+    scores = {}
+    monkeypatch.setattr(generator, "text_log_likelihood", lambda prefix, prompt, texts: np.array([scores[t] for t in texts]))
+    scores.update({"Splenomegaly.": -1.0, "The spleen is enlarged.": -2.0})
+    assert generator.bank_choice("SPLEEN", "Unremarkable spleen.", ["splenomegaly"], prefix, "SPLEEN:") == "Splenomegaly."
+    scores.update({"Splenomegaly.": -3.0})
+    assert generator.bank_choice("SPLEEN", "Unremarkable spleen.", ["splenomegaly"], prefix, "SPLEEN:") == \
+        "The spleen is enlarged."
+    # Text that already states the findings is kept; one consistent bank text needs no scoring.
+    assert generator.bank_choice("SPLEEN", "Moderate splenomegaly.", ["splenomegaly"], prefix, "SPLEEN:") is None
+    scores.clear()
+    assert generator.bank_choice("SPLEEN", "Splenomegaly.", [], prefix, "SPLEEN:") == "Unremarkable spleen."
+    # A section the bank lacks stays as written.
+    assert generator.bank_choice("PANCREAS", "Moderate ascites.", [], prefix, "PANCREAS:") is None
+
+
+def test_bank_fallback_replaces_exactly_the_sections_the_decoder_wrote_wrongly(conditioned, train_cases, monkeypatch):
+    from volumevlm.models.report import section_bank_of
+
+    generator = conditioned["generator"]
+    tokens, grid = train_cases["tokens"], train_cases["grid"]
+    seen = set().union(*(present(r) for r in train_cases["reports"]))
+    # A finding none of the three training reports states: the overfit decoder cannot write it.
+    unseen = next(f for f in ("splenomegaly", "ascites", "pleural_effusion", "cardiomegaly") if f not in seen)
+    bank = section_bank_of(train_cases["reports"], generator.config.findings, generator.config.section_names)
+    words = {"splenomegaly": "Splenomegaly.", "ascites": "Moderate ascites.", "pleural_effusion": "Small right pleural "
+             "effusion.", "cardiomegaly": "Cardiomegaly."}[unseen]
+    bank[IMPRESSION_HEADER] = [*bank.get(IMPRESSION_HEADER, []), f"1. {words}", "No acute abnormality."]
+    monkeypatch.setattr(generator.config, "section_bank", {k: tuple(v) for k, v in bank.items()})
+    asked = [[unseen], *(sorted(present(r)) for r in train_cases["reports"][1:])]
+    plain = generator.generate(tokens, grid=grid, findings=asked, consistent_candidates=2, bank_fallback=False)
+    sourced = generator.generate(tokens, grid=grid, findings=asked, consistent_candidates=2, bank_fallback=True,
+                                 return_sources=True)
+    assert present(plain[0]) != {unseen}
+    assert present(sourced[0][0]) == {unseen}  # the impression now states it
+    for (text, banked), before, case_present in zip(sourced, plain, asked):
+        ours, theirs = split_report(text), split_report(before)
+        for name in generator.config.section_names:
+            if name in banked:
+                # Replaced by a bank text that states the findings better than what was written.
+                assert ours[name] in bank[name] and ours[name] != theirs[name]
+                errors = generator.reading_errors(name, [theirs[name], ours[name]], case_present)
+                assert errors[1] < errors[0]
+            else:
+                assert ours[name] == theirs[name]
+    assert IMPRESSION_HEADER in sourced[0][1]
+    assert [text for text, _ in sourced] == generator.generate(tokens, grid=grid, findings=asked, consistent_candidates=2,
+                                                             bank_fallback=True)
+    monkeypatch.setattr(generator.config, "section_bank", None)
+    with pytest.raises(VolumeVLMError, match="bank_fallback needs the head's section bank"):
+        generator.generate(tokens, grid=grid, findings=asked, bank_fallback=True)
+    with pytest.raises(VolumeVLMError, match="bank_fallback must be True or False"):
+        generator.generate(tokens, grid=grid, findings=asked, bank_fallback="yes")
+    with pytest.raises(VolumeVLMError, match="return_sources applies to whole reports"):
+        generator.generate(tokens, prompts=["SPLEEN:"] * 3, grid=grid, findings=asked, return_sources=True)
+
+
 def test_section_findings_are_read_from_the_reports_sections():
     from volumevlm.models.report import section_findings_of
 
@@ -697,6 +803,15 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     assert head.config.findings == tuple(SYNTHETIC_FINDINGS)
     assert summary["findings_classifier"]["findings"] == list(SYNTHETIC_FINDINGS)
     assert head.config.num_beams == 4 and head.config.consistent_candidates == 4 and head.config.repetition_penalty == 1.2
+    # ... and keeps a section bank read from the training reports, on for generation.
+    from volumevlm.data.manifest import read_manifest
+    from volumevlm.models.report import section_bank_of
+
+    train_reports = [row["report"] for row in read_manifest(cohort / "manifest.jsonl").rows
+                     if row.get("split") == "train" and row.get("report")]
+    assert head.config.bank_fallback is True and head.config.organ_statistics == "hu_fine_dilated_sqrt"
+    assert head.config.section_bank == {k: tuple(v) for k, v in section_bank_of(
+        train_reports, head.config.findings, head.config.section_names).items()}
     assert all(s["generated_from_true_findings"].startswith("FINDINGS:") for s in samples)
     # The encoder and the other weights of the pretrained checkpoint are unchanged.
     before = volumevlm.load(pretrained).state_dict()

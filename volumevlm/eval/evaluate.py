@@ -64,6 +64,9 @@ report (needs the report head)
     ``from_true_findings`` (what a perfect findings classifier would give), and the calls
     themselves scored as a report's findings are under ``calls`` (``clinical_f1``: what a
     decoder that wrote exactly its calls would give; each sample lists its ``calls``).
+    A sectioned head reports under ``bank_sections`` the share of its sections taken from
+    its section bank (``bank_fallback``; each sample lists them), for the image's calls
+    and under ``from_true_findings``.
 label_efficiency (``--label-efficiency``)
     segmentation runs (``volumevlm train experiment=segment_demo
     segmentation.label_fraction=F output_dir=RUN``) given by their output folders: the
@@ -232,6 +235,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     image_emb, logits, text_emb, has_report, generated, ids, voxels = [], [], [], [], [], [], []
     oracle: list[str | None] = []
     called: list[list[str]] = []  # a findings-conditioned report head's calls, per case
+    banked: list[list[str]] = []  # the sections each report took from the head's section bank
+    oracle_banked: list[list[str] | None] = []
     organ_tokens, organ_hist, section_emb, organ_logits = [], [], [], []
     anatomy = model.heads["anatomy"] if "anatomy" in model.heads and segmentation is not None else None
     # The histogram recipes to compute: the probes' (the current one) and each head's own.
@@ -278,15 +283,22 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
                 features = image_finding_features(head, tokens, grid, organs=organs)
                 calls = head.findings_calls(head.predict_findings(None, features=features))
                 called.extend(head.present_findings(calls))
-            generated.extend(head.generate(tokens, grid=grid, findings=calls))
+            sourced = head.config.sections  # whole reports written section by section say which came from the bank
+            written = head.generate(tokens, grid=grid, findings=calls, return_sources=sourced)
+            written = written if sourced else [(text, []) for text in written]
+            generated.extend(text for text, _ in written)
+            banked.extend(sections for _, sections in written)
             if head.config.findings:
                 # The same decoder written from the labeler's reading of the true report:
                 # separates what the image's findings calls cost from what the decoder does.
                 rows_with = [i for i, r in enumerate(reports) if r is not None]
-                texts = iter(head.generate(tokens[rows_with], grid=grid,
-                                           findings=head.findings_readings([reports[i] for i in rows_with]))
-                             if rows_with else [])
-                oracle.extend(next(texts) if r is not None else None for r in reports)
+                from_truth = head.generate(tokens[rows_with], grid=grid, return_sources=sourced,
+                                           findings=head.findings_readings([reports[i] for i in rows_with])) if rows_with else []
+                pairs = iter(from_truth if sourced else [(text, []) for text in from_truth])
+                for report in reports:
+                    text, sections = next(pairs) if report is not None else (None, None)
+                    oracle.append(text)
+                    oracle_banked.append(sections)
         if progress is not None:
             progress.advance(task, len(reports))
     return {
@@ -300,6 +312,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         **({"anatomy_phenotype_logits": torch.cat(organ_logits)} if organ_logits else {}),
         "generated": generated,
         "generated_from_true_findings": oracle,
+        "bank_sections": banked,
+        "bank_sections_from_true_findings": oracle_banked,
         "findings_calls": called,
         "ids": ids,
     }
@@ -706,6 +720,20 @@ def report_section(model, encoded, rows, out: Path) -> dict[str, Any]:
                             "findings_scored": efficacy["findings_scored"]}
         for sample, case in zip(samples, case_calls):
             sample["calls"] = sorted(case)
+    banked = encoded.get("bank_sections") or []
+    if banked:
+        # How much of the text the decoder wrote itself: a section whose candidates all
+        # stated a finding wrongly came from the section bank (bank_fallback).
+        sections = len(head.config.section_names)
+        figures["bank_sections"] = {"share": sum(len(banked[i]) for i in keep) / (sections * len(keep)),
+                                    "sections_per_report": sections}
+        oracle_banked = encoded.get("bank_sections_from_true_findings") or []
+        if oracle and oracle_banked:
+            figures["from_true_findings"]["bank_sections"] = {
+                "share": sum(len(oracle_banked[i] or []) for i in keep) / (sections * len(keep)),
+                "sections_per_report": sections}
+        for sample, i in zip(samples, keep):
+            sample["bank_sections"] = banked[i]
     write_text_atomic(out / SAMPLES_NAME, "\n".join(json.dumps(s) for s in samples) + "\n")
     return {**figures, "cases": len(keep), "samples": SAMPLES_NAME}
 
@@ -937,6 +965,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             rows.append(("report clinical F1, true findings given", _fmt(rep["from_true_findings"].get("clinical_f1")), "-"))
         if "calls" in rep:
             rows.append(("findings calls' F1 (a decoder writing exactly its calls)", _fmt(rep["calls"].get("clinical_f1")), "-"))
+        if "bank_sections" in rep:
+            rows.append(("report sections taken from the section bank", _fmt(rep["bank_sections"].get("share")), "-"))
         rows.append(("report BLEU-4 / ROUGE-L", f"{_fmt(rep.get('bleu4'))} / {_fmt(rep.get('rouge_l'))}", "-"))
         rows.append(("report distinct ratio", _fmt(rep.get("distinct_ratio")), "-"))
     sections = {name: metrics.get(name, {}) for name in ("zero_shot", "zero_shot_anatomy", "linear_probe", "organ_probe", "phenotypes",

@@ -6,7 +6,7 @@
     volumevlm segment     -m CKPT -i IN... -o MASK.nii.gz|SEG.dcm|FOLDER [--format nifti|dicom-seg] [--statistics STATS.json|.csv]
     volumevlm retrieve    -m CKPT -i IN... --index DIR [-k N] [--kind report|image|all] [-o OUT.json]
     volumevlm report      -m CKPT -i IN... [-o OUT.txt|.json] [--max-new-tokens N] [--num-beams N]
-                          [--consistent-candidates N]
+                          [--consistent-candidates N] [--bank-fallback | --no-bank-fallback]
 
 IN is anything :func:`volumevlm.io.read_volume` reads: NIfTI, NRRD / MHA, a DICOM series
 folder or a ``.zip`` of one (``-i`` takes several, or repeat it). Each verb calls the
@@ -458,6 +458,9 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--consistent-candidates", type=int,
                         help="write each section N ways and keep the one the labeler reads as the image's findings "
                              "(default: the head's; 1 = the decoder's first choice)")
+    parser.add_argument("--bank-fallback", action=argparse.BooleanOptionalAction, default=None,
+                        help="take a section the decoder cannot write consistently with the image's findings from "
+                             "the head's section bank of training-report texts (default: the head's)")
 
 
 def report_text(reports: Mapping[str, str]) -> str:
@@ -479,7 +482,8 @@ def _report_run(args: argparse.Namespace) -> int:
         fmt = output_format(args.output, REPORT_SUFFIXES, "report")
         _not_an_input(args.output, inputs)
     generation = {key: value for key, value in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams),
-                                                ("consistent_candidates", args.consistent_candidates))
+                                                ("consistent_candidates", args.consistent_candidates),
+                                                ("bank_fallback", args.bank_fallback))
                   if value is not None}
     model = _load(args)
     model.head("report")  # a checkpoint without the head: its one-line error, before any input is read

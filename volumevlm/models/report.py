@@ -81,7 +81,9 @@ DEFAULT_SECTION_NAMES: tuple[str, ...] = (*SECTIONS, IMPRESSION_HEADER)
 # What the findings classifier may read (ReportConfig.findings_features).
 FINDINGS_FEATURES = ("grid", "organs")
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "repetition_penalty", "no_repeat_ngram_size", "length_penalty",
-                   "do_sample", "top_p", "temperature", "consistent_candidates")
+                   "do_sample", "top_p", "temperature", "consistent_candidates", "bank_fallback")
+# Texts the section bank keeps per section and labeler reading (ReportConfig.section_bank).
+BANK_TEXTS_PER_READING = 4
 
 
 @dataclass
@@ -130,7 +132,12 @@ class ReportConfig:
     ``do_sample`` (False = deterministic search), ``top_p`` / ``temperature`` (sampling only),
     ``consistent_candidates`` (heads conditioned on findings: each section is written this
     many ways, the best beams or samples, and the labeler picks the one that states what
-    the case's findings say; 1 = the decoder's first choice, see :meth:`ReportGenerator.generate`).
+    the case's findings say; 1 = the decoder's first choice, see :meth:`ReportGenerator.generate`),
+    ``bank_fallback`` (a section none of whose candidates states the case's findings is
+    taken from ``section_bank`` instead: of the bank's texts that state them, the one the
+    decoder finds most likely after the case's prefix; see :meth:`ReportGenerator.generate`).
+    ``section_bank``: section -> texts of the training reports, a few per labeler reading
+    (fitted by :func:`section_bank_of` when the head is trained; None = no bank).
     """
 
     num_visual_tokens: int = 32
@@ -162,6 +169,8 @@ class ReportConfig:
     top_p: float = 1.0
     temperature: float = 1.0
     consistent_candidates: int = 1
+    bank_fallback: bool = False
+    section_bank: dict[str, tuple[str, ...]] | None = None
     findings: tuple[str, ...] = ()
     findings_noise: float = 0.01
     findings_in_prompt: bool = False
@@ -198,6 +207,13 @@ class ReportConfig:
             if stray:
                 raise VolumeVLMError(f"report config: section_findings names findings the head does not have: {stray}")
             self.section_findings = mapped
+        if self.section_bank is not None:
+            if not isinstance(self.section_bank, Mapping) or any(
+                    isinstance(texts, str) or not all(isinstance(t, str) for t in texts) for texts in self.section_bank.values()):
+                raise VolumeVLMError("report config: section_bank must map section names to lists of texts")
+            self.section_bank = {str(k): tuple(v) for k, v in self.section_bank.items()}
+        if not isinstance(self.bank_fallback, bool):
+            raise VolumeVLMError(f"report config: bank_fallback must be true or false, got {self.bank_fallback!r}")
         self.do_sample = bool(self.do_sample)
         if not (0.0 < float(self.top_p) <= 1.0 and float(self.temperature) > 0.0 and 0.0 <= float(self.findings_noise) < 0.5):
             raise VolumeVLMError(
@@ -252,6 +268,8 @@ class ReportConfig:
         out["findings"] = list(self.findings)
         if self.section_findings is not None:
             out["section_findings"] = {k: list(v) for k, v in self.section_findings.items()}
+        if self.section_bank is not None:
+            out["section_bank"] = {k: list(v) for k, v in self.section_bank.items()}
         if self.lora_target_modules is not None:
             out["lora_target_modules"] = list(self.lora_target_modules)
         return out
@@ -423,6 +441,31 @@ def section_findings_of(reports: Sequence[str], findings: Sequence[str], section
     for name, row in counts.items():
         out[name] = [f for j, f in enumerate(findings) if row[j] > 0 and row[j] >= share * most[j]]
     return out
+
+
+def section_bank_of(reports: Sequence[str], findings: Sequence[str], section_names: Sequence[str],
+                    per_reading: int = BANK_TEXTS_PER_READING) -> dict[str, list[str]]:
+    """Texts a section may be taken from when the decoder cannot write it (``bank_fallback``),
+    read from (training) reports: for each section, the texts grouped by what the labeler
+    reads in them over ``findings`` (the same reading :meth:`ReportGenerator.consistent_choice`
+    checks), the ``per_reading`` most frequent of each reading (first seen first on ties).
+    Returns {section: [texts]} for the sections seen, readings in first-seen order."""
+    findings = tuple(findings)
+    counts: dict[str, dict[str, int]] = {}
+    for report in reports:
+        for name, text in section_pairs(report, section_names):  # texts with their spaces tidied
+            counts.setdefault(name, {})
+            counts[name][text] = counts[name].get(text, 0) + 1
+    bank: dict[str, list[str]] = {}
+    for name in section_names:
+        if name not in counts:
+            continue
+        by_reading: dict[bytes, list[str]] = {}
+        for text in counts[name]:  # first-seen order
+            by_reading.setdefault(_labeler_reading(f"{name}: {text}", findings).tobytes(), []).append(text)
+        bank[name] = [text for texts in by_reading.values()
+                      for text in sorted(texts, key=lambda t: -counts[name][t])[:per_reading]]
+    return bank
 
 
 def tidy_wordpiece_text(text: str) -> str:
@@ -884,8 +927,9 @@ class ReportGenerator(nn.Module):
         prompts: Sequence[str] | None = None,
         grid: Sequence[int] | None = None,
         findings: torch.Tensor | Sequence[Any] | None = None,
+        return_sources: bool = False,
         **generation: Any,
-    ) -> list[str]:
+    ) -> list[str] | list[tuple[str, list[str]]]:
         """Reports of B cases from their encoder tokens [B, N, C] (see :func:`encoder_features`).
 
         prompts: None -> whole reports (with ``sections``: header by header, joined as
@@ -895,7 +939,14 @@ class ReportGenerator(nn.Module):
         finding names to write from (e.g. the labeler's reading of a known report).
         generation: overrides of the config's defaults (max_new_tokens, num_beams,
         repetition_penalty, no_repeat_ngram_size, length_penalty, do_sample, top_p,
-        temperature). Deterministic unless do_sample. Returns B strings.
+        temperature, consistent_candidates, bank_fallback). Deterministic unless do_sample.
+        Returns B strings; with ``return_sources`` (whole reports of a sectioned head) B
+        pairs (report, the sections taken from the section bank).
+
+        Heads conditioned on findings write each section ``consistent_candidates`` ways and
+        keep :meth:`consistent_choice`; with ``bank_fallback``, a section whose kept text
+        still states a finding wrongly is replaced by :meth:`bank_choice` (a text of the
+        training reports that states the case's findings there, the decoder's likeliest).
         """
         unknown = sorted(set(generation) - set(GENERATION_KEYS))
         if unknown:
@@ -904,8 +955,16 @@ class ReportGenerator(nn.Module):
         candidates = settings.pop("consistent_candidates")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise VolumeVLMError(f"report generation: consistent_candidates must be a positive integer, got {candidates!r}")
+        bank_fallback = settings.pop("bank_fallback")
+        if not isinstance(bank_fallback, bool):
+            raise VolumeVLMError(f"report generation: bank_fallback must be True or False, got {bank_fallback!r}")
         if not self.config.findings:
-            candidates = 1  # nothing to be consistent with
+            candidates, bank_fallback = 1, False  # nothing to be consistent with
+        if bank_fallback and not self.config.section_bank:
+            raise VolumeVLMError("report generation: bank_fallback needs the head's section bank, which this head "
+                                 "does not have (heads trained with condition_on_findings keep one)")
+        if return_sources and (prompts is not None or not self.config.sections):
+            raise VolumeVLMError("report generation: return_sources applies to whole reports written section by section")
         was_training = self.training
         self.eval()
         try:
@@ -924,24 +983,39 @@ class ReportGenerator(nn.Module):
                 written = self._continue(prefix, [None] * batch, settings, candidates)
                 return [self.consistent_choice(None, texts, present[i]) for i, texts in enumerate(written)]
             found: dict[str, list[str]] = {}
+            banked: list[list[str]] = [[] for _ in range(batch)]
             for name in self.config.section_names:
-                written = self._continue(prefix, [self.prompt_text(name, in_prompt[i]) for i in range(batch)], settings,
-                                         candidates)
+                prompts_of = [self.prompt_text(name, in_prompt[i]) for i in range(batch)]
+                written = self._continue(prefix, prompts_of, settings, candidates)
                 found[name] = [self.consistent_choice(name, texts, present[i]) for i, texts in enumerate(written)]
-            return [self._assemble({name: texts[i] for name, texts in found.items()}) for i in range(batch)]
+                if bank_fallback:
+                    for i in range(batch):
+                        text = self.bank_choice(name, found[name][i], present[i], prefix[i], prompts_of[i])
+                        if text is not None:
+                            found[name][i] = text
+                            banked[i].append(name)
+            reports = [self._assemble({name: texts[i] for name, texts in found.items()}) for i in range(batch)]
+            return list(zip(reports, banked)) if return_sources else reports
         finally:
             self.train(was_training)
 
     def consistent_choice(self, section: str | None, candidates: Sequence[str], present: Sequence[str]) -> str:
         """Of a section's candidate texts (the decoder's preferred first), the one whose
         labeler reading disagrees least with the case's findings ``present`` (keys); ties go
-        to the decoder's order. In a section that ``section_findings`` maps, the findings it
-        reports must read as present exactly when they are, and any other finding it states
-        must be present; IMPRESSION (and ``section`` None, the whole report) must state
-        exactly the present findings; a section the mapping does not name must state no
-        absent finding. One candidate is returned as it is."""
+        to the decoder's order (the disagreements: :meth:`reading_errors`). One candidate
+        is returned as it is."""
         if len(candidates) == 1 or not self.config.findings:
             return candidates[0]
+        return candidates[int(np.argmin(self.reading_errors(section, candidates, present)))]
+
+    def reading_errors(self, section: str | None, texts: Sequence[str], present: Sequence[str]) -> np.ndarray:
+        """How many findings each of ``texts`` (written for ``section``) states wrongly for a
+        case whose findings are ``present`` (keys), int [len(texts)]: in a section that
+        ``section_findings`` maps, the findings it reports must read as present exactly when
+        they are, and any other finding it states must be present; IMPRESSION (and
+        ``section`` None, the whole report) must state exactly the present findings; a
+        section the mapping does not name must state no absent finding."""
+        self._need_findings()
         keys = self.config.findings
         mapping = self.config.section_findings or {}
         if section is None or section == IMPRESSION_HEADER:
@@ -952,9 +1026,46 @@ class ReportGenerator(nn.Module):
         want = np.array([k in stated for k in keys])
         in_scope = np.array([k in scope for k in keys])
         header = f"{section}: " if section else ""
-        read = np.stack([_labeler_reading(header + text, keys) for text in candidates])
-        errors = ((read != want) & in_scope).sum(axis=1) + (read & ~want & ~in_scope).sum(axis=1)
-        return candidates[int(np.argmin(errors))]
+        read = np.stack([_labeler_reading(header + text, keys) for text in texts])
+        return ((read != want) & in_scope).sum(axis=1) + (read & ~want & ~in_scope).sum(axis=1)
+
+    def bank_choice(self, section: str, written: str, present: Sequence[str], prefix: torch.Tensor,
+                    prompt: str) -> str | None:
+        """The section bank's replacement for the decoder's ``written`` text of ``section``,
+        or None to keep it: of the bank's texts for the section with fewer
+        :meth:`reading_errors` than ``written`` (the fewest), the one with the highest mean
+        token log-likelihood under the decoder after the case's ``prefix`` [P, H] and
+        ``prompt`` (so the image still chooses among texts that state its findings)."""
+        bank = (self.config.section_bank or {}).get(section) or ()
+        if not bank:
+            return None
+        errors = self.reading_errors(section, [written, *bank], present)
+        best = int(errors[1:].min())
+        if best >= int(errors[0]):
+            return None
+        texts = [t for t, e in zip(bank, errors[1:]) if e == best]
+        if len(texts) == 1:
+            return texts[0]
+        return texts[int(np.argmax(self.text_log_likelihood(prefix, prompt, texts)))]
+
+    @torch.no_grad()
+    def text_log_likelihood(self, prefix: torch.Tensor, prompt: str | None, texts: Sequence[str]) -> np.ndarray:
+        """Mean log-probability per token of each text (and its EOS) after one case's prefix
+        [P, H] and ``prompt`` under the decoder, float [len(texts)] (eval mode)."""
+        targets = self.encode_targets(list(texts), [prompt] * len(texts))
+        device = prefix.device
+        embeds = self.decoder.get_input_embeddings()(targets["input_ids"].to(device))
+        inputs = torch.cat([prefix[None].expand(len(texts), -1, -1).to(embeds.dtype), embeds], dim=1)
+        mask = torch.cat([torch.ones(len(texts), prefix.shape[0], dtype=torch.long, device=device),
+                          targets["attention_mask"].to(device)], dim=1)
+        logits = self.decoder(inputs_embeds=inputs, attention_mask=mask).logits[:, prefix.shape[0]:].float()
+        labels = targets["labels"].to(device)
+        # Position t predicts token t + 1.
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = labels[:, 1:]
+        scored = target != IGNORE_INDEX
+        token_logp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * scored
+        return (token_logp.sum(1) / scored.sum(1).clamp(min=1)).cpu().numpy()
 
     @staticmethod
     def _assemble(parts: Mapping[str, str]) -> str:

@@ -470,7 +470,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
 
     from volumevlm.data.datasets import PretrainDataset
     from volumevlm.data.manifest import read_manifest
-    from volumevlm.models.report import ReportConfig, ReportGenerator, section_findings_of
+    from volumevlm.models.report import ReportConfig, ReportGenerator, section_bank_of, section_findings_of
     from volumevlm.models.vlm import VolumeVLM
     from volumevlm.train.train import LAST_CHECKPOINT, _float_metrics, build_trainer, checkpoint_dir, data_provenance
 
@@ -505,6 +505,12 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         head_settings["section_findings"] = section_findings_of(
             [row["report"] for row in train_rows], ReportConfig.from_dict(head_settings).findings,
             ReportConfig.from_dict(head_settings).section_names)
+    if head_settings["findings"] and head_settings.get("sections", True) and head_settings.get("section_bank") is None:
+        # The texts a section may be taken from when the decoder cannot write the case's
+        # findings there (bank_fallback), read from the training reports once.
+        unfitted = ReportConfig.from_dict(head_settings)
+        head_settings["section_bank"] = section_bank_of([row["report"] for row in train_rows], unfitted.findings,
+                                                        unfitted.section_names)
     segmentation = None
     if head_settings.get("findings") and head_settings.get("findings_features", "grid") == "organs":
         if not settings["precompute"]:
