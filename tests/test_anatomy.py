@@ -13,6 +13,7 @@ from volumevlm.models.anatomy import (
     ORGAN_HU_BINS,
     ORGAN_HU_EDGES,
     organ_histograms,
+    organ_histograms_by,
     organ_labels,
     organ_statistics_width,
     organ_token_means,
@@ -83,6 +84,12 @@ def test_fine_histograms_count_the_organ_grown_by_one_voxel_in_hu_bins():
     assert rooted.shape == out.shape and organ_statistics_width("hu_fine_dilated_sqrt") == 1 + bins
     torch.testing.assert_close(rooted[0, 0], first.sqrt())
     torch.testing.assert_close(rooted[0, 1], second.sqrt())
+    both = organ_histograms_by(images, labels, 3, ["hu_fine_dilated_sqrt", "hu16", "hu_fine_dilated"], window)
+    assert set(both) == {"hu_fine_dilated_sqrt", "hu16", "hu_fine_dilated"}
+    for recipe, value in both.items():
+        torch.testing.assert_close(value, organ_histograms(images, labels, 3, recipe, window))
+    torch.testing.assert_close(organ_histograms_by(images, labels, 3, ["hu_fine_dilated_sqrt"], window)["hu_fine_dilated_sqrt"],
+                               rooted)
     with pytest.raises(VolumeVLMError, match="hu_window"):
         organ_histograms(images, labels, num_classes=3)
     with pytest.raises(VolumeVLMError, match="must be one of"):

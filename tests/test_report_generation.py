@@ -376,6 +376,10 @@ def test_section_bank_keeps_a_few_texts_per_labeler_reading():
     for bad in ({"SPLEEN": "Splenomegaly."}, {"SPLEEN": [1]}, ["Splenomegaly."]):
         with pytest.raises(VolumeVLMError, match="section_bank must map section names to lists of texts"):
             ReportConfig.from_dict({"findings": ["splenomegaly"], "section_bank": bad})
+    with pytest.raises(VolumeVLMError, match="bank_fallback replaces sections, so it needs sections: true"):
+        ReportConfig.from_dict({"findings": ["splenomegaly"], "bank_fallback": True, "sections": False})
+    with pytest.raises(VolumeVLMError, match="bank_fallback must be true or false"):
+        ReportConfig.from_dict({"findings": ["splenomegaly"], "bank_fallback": "yes"})
 
 
 def test_text_log_likelihood_is_the_decoder_loss(conditioned, train_cases):
@@ -572,6 +576,24 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     np.testing.assert_allclose(out_of_fold[:, 0], held_out, atol=1e-12)
     assert not np.allclose(out_of_fold[:, 0], expected.numpy(), atol=1e-3)  # not the in-sample fit
     np.testing.assert_allclose(out_of_fold[:, 1], 3 / 80)
+    # Each finding's out-of-fold AUROC is scikit-learn's on those probabilities; below
+    # min_auroc a finding is never called (and only then).
+    from sklearn.metrics import roc_auc_score
+
+    auroc = roc_auc_score(readings[:, 0].numpy(), held_out)
+    assert info["oof_auroc"] == {"ascites": round(auroc, 4), "splenomegaly": None} and info["not_called"] == []
+    noise = readings.clone()
+    noise[:, 1] = torch.arange(80) % 2  # a finding the features do not read
+    for floor, dropped in ((0.0, []), (0.6, ["splenomegaly"]), (auroc + 0.01, ["ascites", "splenomegaly"])):
+        guarded = Holder()
+        got = fit_findings_classifier(guarded, features, noise, seed=0, min_auroc=floor)
+        assert got["not_called"] == dropped and got["oof_auroc"]["splenomegaly"] < 0.6, floor
+        never = [j for j, name in enumerate(got["findings"]) if name in dropped]
+        assert [t for j, t in enumerate(got["thresholds"]) if j in never] == [2.0] * len(never)
+        calls = (torch.sigmoid(guarded.findings_classifier(features)) >= guarded.finding_thresholds).float()
+        assert all(calls[:, j].sum() == 0 for j in never)
+        assert [t for j, t in enumerate(got["thresholds"]) if j not in never] == \
+            [t for j, t in enumerate(fit_findings_classifier(Holder(), features, noise, seed=0)["thresholds"]) if j not in never]
     # What the probe reads: mean and max over the grid tokens, registers left out.
     tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
     got = finding_features(tokens, grid=(2, 2, 1))

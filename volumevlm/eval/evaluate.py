@@ -224,7 +224,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
     from volumevlm.data.datasets import PretrainDataset, collate_cases
     from volumevlm.eval.probes import voxel_features
-    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, cached_organ_labels, organ_histograms, organ_token_means
+    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, cached_organ_labels, organ_histograms_by, organ_token_means
     from volumevlm.models.report import encoder_features, image_finding_features
 
     dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
@@ -265,8 +265,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
             classes = int(segmentation.config.num_classes)
             labels = cached_organ_labels(segmentation, images, cache_dir)
             means = organ_token_means(tokens, grid, labels, classes)
-            for statistics in recipes:
-                histograms = organ_histograms(images, labels, classes, statistics, model.preprocess.hu_window)
+            for statistics, histograms in organ_histograms_by(images, labels, classes, recipes,
+                                                              model.preprocess.hu_window).items():
                 organs_by[statistics] = torch.cat([means, histograms.to(means.device)], dim=-1)
             organ_tokens.append(means.flatten(1).float().cpu())
             organ_hist.append(organs_by[DEFAULT_ORGAN_STATISTICS][..., means.shape[-1]:].flatten(1).float().cpu())

@@ -211,6 +211,20 @@ def organ_histograms(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     return statistics_row.sqrt() if statistics == "hu_fine_dilated_sqrt" else statistics_row
 
 
+def organ_histograms_by(images: torch.Tensor, labels: torch.Tensor, num_classes: int, recipes,
+                        hu_window: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`organ_histograms` of several recipes at once, {recipe: [B, K, 1 + bins]}: the
+    rooted recipe is the root of its plain one, so the voxels are counted once for both."""
+    out: dict[str, torch.Tensor] = {}
+    for statistics in sorted(set(recipes), key=lambda r: r.endswith("_sqrt")):  # plain ones first
+        plain = statistics.removesuffix("_sqrt")
+        if statistics != plain and plain in out:
+            out[statistics] = out[plain].sqrt()
+        else:
+            out[statistics] = organ_histograms(images, labels, num_classes, statistics, hu_window)
+    return out
+
+
 def organ_features(tokens: torch.Tensor, grid: Sequence[int], images: torch.Tensor, labels: torch.Tensor,
                    num_classes: int, statistics: str = DEFAULT_ORGAN_STATISTICS,
                    hu_window: Sequence[float] | None = None) -> torch.Tensor:

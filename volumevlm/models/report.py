@@ -214,6 +214,8 @@ class ReportConfig:
             self.section_bank = {str(k): tuple(v) for k, v in self.section_bank.items()}
         if not isinstance(self.bank_fallback, bool):
             raise VolumeVLMError(f"report config: bank_fallback must be true or false, got {self.bank_fallback!r}")
+        if self.bank_fallback and not self.sections:
+            raise VolumeVLMError("report config: bank_fallback replaces sections, so it needs sections: true")
         self.do_sample = bool(self.do_sample)
         if not (0.0 < float(self.top_p) <= 1.0 and float(self.temperature) > 0.0 and 0.0 <= float(self.findings_noise) < 0.5):
             raise VolumeVLMError(

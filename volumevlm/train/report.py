@@ -63,7 +63,14 @@ REPORT_DEFAULTS: dict[str, Any] = {
     # Also fit the anatomy head (volumevlm.train.anatomy) from the same encoder and
     # segmentation pass over the training cases (needs head.findings_features=organs).
     "anatomy": False,
+    # A finding the findings classifier reads at an out-of-fold AUROC below this is never
+    # called (0: every finding gets its F1-best threshold). For a finding read near chance
+    # that threshold calls nearly every case, and the report then states it in nearly
+    # every report: macro F1 counts that as a gain, a reader would not.
+    "findings_min_auroc": 0.0,
 }
+# The threshold of a finding the classifier does not call: no probability reaches it.
+NEVER_CALLED = 2.0
 
 
 def _settings(report: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -225,7 +232,7 @@ def case_features(encoder, dataset, batch_size: int, device: torch.device | str 
 
 
 def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.Tensor, seed: int = 0,
-                            folds: int = 5, return_out_of_fold: bool = False):
+                            folds: int = 5, return_out_of_fold: bool = False, min_auroc: float = 0.0):
     """Fit the head's findings classifier (a linear probe of the frozen encoder) and its thresholds.
 
     features float [N, 2C] (:func:`~volumevlm.models.report.finding_features` of the
@@ -235,12 +242,15 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     cross-validation), so it is not tuned on predictions of cases the probe was fitted to.
     A finding with fewer than ``folds`` positive (or negative) cases gets a constant
     prediction (its training prevalence) and a threshold of 0.5. The standardisation is
-    folded into the linear layer. Returns {"findings", "thresholds", "oof_f1", "positives"}
+    folded into the linear layer. A finding whose out-of-fold AUROC is below ``min_auroc``
+    gets the threshold :data:`NEVER_CALLED` (listed under "not_called"). Returns
+    {"findings", "thresholds", "oof_f1", "oof_auroc", "not_called", "positives"}
     (out-of-fold figures on the training cases: a first look at how well the image alone
     predicts each finding); with ``return_out_of_fold`` also the out-of-fold probabilities
     float64 [N, F] (the training prevalence for a constant finding), as a second value."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -257,13 +267,15 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     thresholds = np.full(y.shape[1], 0.5)
     out_of_fold = np.zeros(y.shape, dtype=np.float64)
     oof_f1: dict[str, float | None] = {}
+    oof_auroc: dict[str, float | None] = {}
+    not_called: list[str] = []
     for j, name in enumerate(generator.config.findings):
         positives = int(y[:, j].sum())
         if min(positives, len(y) - positives) < folds:
             rate = min(max(positives / max(len(y), 1), 1e-4), 1 - 1e-4)
             bias[j] = math.log(rate / (1 - rate))
             out_of_fold[:, j] = rate
-            oof_f1[name] = None
+            oof_f1[name] = oof_auroc[name] = None
             continue
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
         split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -281,6 +293,10 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
         weight[j], bias[j] = folded_weight[0], folded_bias[0]
         thresholds[j] = best_t
         oof_f1[name] = round(best_f1, 4)
+        oof_auroc[name] = round(float(roc_auc_score(y[:, j], oof)), 4)
+        if oof_auroc[name] < float(min_auroc):
+            thresholds[j] = NEVER_CALLED
+            not_called.append(name)
     layer = generator.findings_classifier
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight).to(layer.weight.dtype))
@@ -288,7 +304,8 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
         generator.finding_thresholds.copy_(torch.from_numpy(thresholds).to(generator.finding_thresholds.dtype))
     layer.requires_grad_(False)
     info = {"findings": list(generator.config.findings), "thresholds": [round(float(t), 4) for t in thresholds],
-            "oof_f1": oof_f1, "positives": {n: int(v) for n, v in zip(generator.config.findings, y.sum(axis=0))}}
+            "oof_f1": oof_f1, "oof_auroc": oof_auroc, "not_called": not_called,
+            "positives": {n: int(v) for n, v in zip(generator.config.findings, y.sum(axis=0))}}
     return (info, out_of_fold) if return_out_of_fold else info
 
 
@@ -564,7 +581,8 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
             features = case_features(model.encoder, train_data, val_batch_size)
         readings = generator.findings_readings([row["report"] for row in train_rows])
         findings_probe, findings_oof = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed),
-                                                               return_out_of_fold=True)
+                                                               return_out_of_fold=True,
+                                                               min_auroc=float(settings["findings_min_auroc"]))
         log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
     anatomy_info: dict[str, Any] | None = None
     if settings["anatomy"]:
