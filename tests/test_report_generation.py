@@ -373,7 +373,7 @@ def test_section_bank_keeps_a_few_texts_per_labeler_reading():
     }
     config = ReportConfig.from_dict({"findings": ["splenomegaly"], "section_bank": bank})
     assert ReportConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    for bad in ({"SPLEEN": "Splenomegaly."}, {"SPLEEN": [1]}, ["Splenomegaly."]):
+    for bad in ({"SPLEEN": "Splenomegaly."}, {"SPLEEN": [1]}, {"SPLEEN": 5}, ["Splenomegaly."]):
         with pytest.raises(VolumeVLMError, match="section_bank must map section names to lists of texts"):
             ReportConfig.from_dict({"findings": ["splenomegaly"], "section_bank": bad})
     with pytest.raises(VolumeVLMError, match="bank_fallback replaces sections, so it needs sections: true"):
@@ -750,12 +750,16 @@ def test_lora_needs_peft_and_says_so(pretrained, train_cases, tmp_path, monkeypa
 
 
 def test_bad_configs_and_missing_head_fail_in_one_line(pretrained):
+    from volumevlm.train.report import _settings
+
     model = volumevlm.load(pretrained)
+    assert _settings({"findings_min_auroc": 0.55})["findings_min_auroc"] == 0.55
     bad = [
         lambda: ReportConfig.from_dict({"no_such_key": 1}),
         lambda: ReportConfig.from_dict({"n_embd": 30, "n_head": 4}),
         lambda: ReportConfig.from_dict({"num_visual_tokens": 0}),
         lambda: ReportConfig.from_dict({"section_names": "SPLEEN"}),
+        *(lambda floor=floor: _settings({"findings_min_auroc": floor}) for floor in ("high", -0.1, 1.5, True)),
         lambda: model.head("report"),
         lambda: generate_reports(model, torch.rand(1, 32, 32, 16)),
     ]

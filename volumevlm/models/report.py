@@ -209,7 +209,8 @@ class ReportConfig:
             self.section_findings = mapped
         if self.section_bank is not None:
             if not isinstance(self.section_bank, Mapping) or any(
-                    isinstance(texts, str) or not all(isinstance(t, str) for t in texts) for texts in self.section_bank.values()):
+                    not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts)
+                    for texts in self.section_bank.values()):
                 raise VolumeVLMError("report config: section_bank must map section names to lists of texts")
             self.section_bank = {str(k): tuple(v) for k, v in self.section_bank.items()}
         if not isinstance(self.bank_fallback, bool):
@@ -1041,11 +1042,14 @@ class ReportGenerator(nn.Module):
         bank = (self.config.section_bank or {}).get(section) or ()
         if not bank:
             return None
-        errors = self.reading_errors(section, [written, *bank], present)
-        best = int(errors[1:].min())
-        if best >= int(errors[0]):
+        wrong = int(self.reading_errors(section, [written], present)[0])
+        if wrong == 0:  # most sections: the bank is not read
             return None
-        texts = [t for t, e in zip(bank, errors[1:]) if e == best]
+        errors = self.reading_errors(section, bank, present)
+        best = int(errors.min())
+        if best >= wrong:
+            return None
+        texts = [t for t, e in zip(bank, errors) if e == best]
         if len(texts) == 1:
             return texts[0]
         return texts[int(np.argmax(self.text_log_likelihood(prefix, prompt, texts)))]

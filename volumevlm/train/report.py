@@ -84,6 +84,9 @@ def _settings(report: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise VolumeVLMError(f"report.optimizer: unknown keys {unknown}; known: {sorted(OPTIMIZER_DEFAULTS)}")
     out["optimizer"] = {**OPTIMIZER_DEFAULTS, **optimizer}
+    floor = out["findings_min_auroc"]
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= float(floor) <= 1.0:
+        raise VolumeVLMError(f"report.findings_min_auroc: must be a number in [0, 1], got {floor!r}")
     return out
 
 
@@ -582,7 +585,7 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         readings = generator.findings_readings([row["report"] for row in train_rows])
         findings_probe, findings_oof = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed),
                                                                return_out_of_fold=True,
-                                                               min_auroc=float(settings["findings_min_auroc"]))
+                                                               min_auroc=settings["findings_min_auroc"])
         log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
     anatomy_info: dict[str, Any] | None = None
     if settings["anatomy"]:
