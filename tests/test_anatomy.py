@@ -456,3 +456,26 @@ def test_phenotypes_read_through_the_findings_classifier_when_given_one():
                          findings_probe={**probe, "out_of_fold": out_of_fold[:-1]})
     with pytest.raises(VolumeVLMError, match="phenotype_findings without phecodes"):
         AnatomyHead(["SPLEEN"], {}, organs + 1, channels, 2, phenotype_findings=["splenomegaly"])
+
+
+def test_section_texts_and_retrieval_vectors_by_hand():
+    from volumevlm.models.anatomy import anatomy_retrieval_vectors, section_texts
+
+    report = "FINDINGS:\nLIVER AND BILIARY TREE: Hepatomegaly.\nSPLEEN: Normal.\nIMPRESSION: Hepatomegaly."
+    assert section_texts(report, ["SPLEEN", "KIDNEYS AND URETERS", "LIVER AND BILIARY TREE"]) == \
+        ["SPLEEN: Normal.", None, "LIVER AND BILIARY TREE: Hepatomegaly."]
+    torch.manual_seed(0)
+    g_img, g_txt = torch.randn(3, 4), torch.randn(3, 4)
+    s_img, s_txt = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    s_txt[1, 0] = 0  # a report without its first section
+    a, b = anatomy_retrieval_vectors(g_img, s_img), anatomy_retrieval_vectors(g_txt, s_txt)
+    assert a.shape == (3, 12) and torch.allclose(a.norm(dim=1), torch.ones(3))
+    cos = torch.nn.functional.cosine_similarity
+    for i in range(3):
+        for j in range(3):
+            sections = [cos(s_img[i, s], s_txt[j, s], dim=0) if s_txt[j, s].any() else torch.tensor(0.0) for s in range(2)]
+            expected = (cos(g_img[i], g_txt[j], dim=0) + torch.stack(sections).mean()) / 2
+            assert torch.allclose(a[i] @ b[j], expected, atol=1e-6)
+    with pytest.raises(VolumeVLMError, match="do not match") as err:
+        anatomy_retrieval_vectors(g_img, s_img[:, :, :3])
+    assert "\n" not in str(err.value)

@@ -36,3 +36,15 @@ def test_finding_names():
     assert finding_key("  Lung-nodule ") == "lung_nodule"
     assert finding_text("renal_cyst") == "renal cyst"
     assert finding_text("free_air") == "free air"
+
+
+def test_finding_organs_name_registry_findings_and_our_structures():
+    from volumevlm.data.labels import LABEL_INDEX
+    from volumevlm.text.findings import FINDING_ORGANS
+
+    known = set().union(*FINDING_SETS.values())
+    assert set(FINDING_ORGANS) <= known
+    assert all(organs and set(organs) <= set(LABEL_INDEX) - {"background"} for organs in FINDING_ORGANS.values())
+    # Every synthetic finding seen in a labelled structure has its organs; fluid and bowel do not.
+    assert set(FINDING_SETS["synthetic"]) - set(FINDING_ORGANS) == {"ascites", "bowel_obstruction"}
+    assert FINDING_ORGANS["kidney_stone"] == ("kidney_left", "kidney_right")

@@ -8,6 +8,7 @@ the head to learn, not about report quality.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -600,6 +601,96 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     assert torch.equal(got, torch.cat([tokens[:, :4].mean(1), tokens[:, :4].amax(1)], dim=-1))
 
 
+def test_findings_read_from_the_feature_set_that_reads_them_best_out_of_fold():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from volumevlm.train.report import fit_findings_classifier
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = ReportConfig.from_dict({"findings": ["ascites", "splenomegaly"]})
+            self.findings_classifier = torch.nn.Linear(40, 2)
+            self.register_buffer("finding_thresholds", torch.full((2,), 0.5))
+
+    rng = torch.Generator().manual_seed(1)
+    readings = torch.zeros(90, 2)
+    readings[:30, 0] = 1
+    readings[::3, 1] = 1
+    features = torch.randn(90, 40, generator=rng)
+    features[:, 0] += 1.2 * readings[:, 0]  # ascites is read in column 0 (among 39 of noise)
+    features[:, 30] += 1.2 * readings[:, 1]  # splenomegaly only outside the columns it is given
+    columns = {"ascites": {"organs": list(range(12)), "organ_statistics": [3, 0, 1, 2]},
+               "splenomegaly": {"organs": [4, 5, 6, 7]}}
+    x, y = features.double().numpy(), readings.numpy().astype(int)
+
+    def reference(cols, j):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+        oof = cross_val_predict(probe, x[:, cols], y[:, j], cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                                method="predict_proba")[:, 1]
+        return probe.fit(x[:, cols], y[:, j]), oof, round(roc_auc_score(y[:, j], oof), 4)
+
+    holder = Holder()
+    info, out_of_fold = fit_findings_classifier(holder, features, readings, seed=0, return_out_of_fold=True,
+                                                columns=columns)
+    sets = {"all": list(range(40)), "organs": list(range(12)), "organ_statistics": [0, 1, 2, 3]}
+    fits = {key: reference(cols, 0) for key, cols in sets.items()}
+    assert info["oof_auroc_by_features"]["ascites"] == {key: fit[2] for key, fit in fits.items()}
+    assert fits["organ_statistics"][2] > max(fits["organs"][2], fits["all"][2])  # the case this test builds
+    assert info["features"] == {"ascites": "organ_statistics", "splenomegaly": "all"}
+    assert info["oof_auroc"]["ascites"] == fits["organ_statistics"][2]
+    np.testing.assert_allclose(out_of_fold[:, 0], fits["organ_statistics"][1], atol=1e-12)
+    weight = holder.findings_classifier.weight.detach()
+    assert torch.count_nonzero(weight[0, 4:]) == 0 and torch.count_nonzero(weight[0, :4]) == 4
+    probs = torch.sigmoid(holder.findings_classifier(features)).double().numpy()
+    np.testing.assert_allclose(probs[:, 0], fits["organ_statistics"][0].predict_proba(x[:, :4])[:, 1], atol=1e-5)
+    # splenomegaly reads better from all the features: it keeps the fit on all of them.
+    spleen = reference(sets["all"], 1)
+    assert info["oof_auroc_by_features"]["splenomegaly"]["all"] == spleen[2] == info["oof_auroc"]["splenomegaly"]
+    assert info["oof_auroc_by_features"]["splenomegaly"]["organs"] < spleen[2]
+    np.testing.assert_allclose(probs[:, 1], spleen[0].predict_proba(x)[:, 1], atol=1e-5)
+    assert torch.count_nonzero(weight[1]) == 40
+    # Without column sets: every finding from every feature, as before.
+    plain = fit_findings_classifier(Holder(), features, readings, seed=0)
+    assert plain["features"] == {"ascites": "all", "splenomegaly": "all"} and plain["oof_auroc_by_features"] == {}
+    assert plain["oof_auroc"]["ascites"] == fits["all"][2]
+    for bad in ({"ascites": {"organs": []}}, {"ascites": {"organs": [0, 40]}}, {"ascites": {"organs": [-1]}},
+                {"ascites": {"all": [0]}}):
+        with pytest.raises(VolumeVLMError, match="ascites") as err:
+            fit_findings_classifier(Holder(), features, readings, columns=bad)
+        assert "\n" not in str(err.value)
+
+
+def test_finding_organs_name_the_columns_of_their_organs():
+    from volumevlm.data.labels import LABEL_INDEX, LABELS
+    from volumevlm.train.report import finding_organ_columns
+
+    findings = ["kidney_stone", "ascites", "cardiomegaly", "cirrhosis"]
+    # Organ k of the features is label k + 1 of the segmentation head, `width` columns each,
+    # the last `statistics_width` of them its statistics.
+    got = finding_organ_columns("registry", findings, LABELS, 3, 2)
+    assert got == {"kidney_stone": {"organs": [6, 7, 8, 9, 10, 11], "organ_statistics": [7, 8, 10, 11]},
+                   "cardiomegaly": {"organs": [36, 37, 38], "organ_statistics": [37, 38]},
+                   "cirrhosis": {"organs": [0, 1, 2, 3, 4, 5], "organ_statistics": [1, 2, 4, 5]}}
+    # A segmentation head without the registry's organs reads those findings from all of them.
+    few = {0: "background", 1: "heart", 2: "kidney_right"}
+    assert finding_organ_columns("registry", findings, few, 2) == {"kidney_stone": {"organs": [2, 3]},
+                                                                  "cardiomegaly": {"organs": [0, 1]}}
+    mapping = {"ascites": ["spleen", "liver", "liver"]}
+    assert finding_organ_columns(mapping, findings, LABELS, 2) == {"ascites": {"organs": [0, 1, 2, 3]}}
+    assert finding_organ_columns(None, findings, LABELS, 2) == {}
+    assert LABEL_INDEX["kidney_left"] == 3 and LABEL_INDEX["heart"] == 13  # what the figures above assume
+    for bad, what in (({"gallstones": ["liver"]}, "not findings of the head"),
+                      ({"ascites": ["brain"]}, "not structures of the segmentation head")):
+        with pytest.raises(VolumeVLMError, match=what) as err:
+            finding_organ_columns(bad, findings, LABELS, 2)
+        assert "\n" not in str(err.value)
+
+
 def test_old_report_heads_load_and_mismatched_ones_are_refused_in_one_line(overfit, train_cases, tmp_path):
     """A head saved before findings conditioning (no findings / sampling keys in its config)
     loads and writes as before; a config that asks for findings its weights lack is refused."""
@@ -754,12 +845,17 @@ def test_bad_configs_and_missing_head_fail_in_one_line(pretrained):
 
     model = volumevlm.load(pretrained)
     assert _settings({"findings_min_auroc": 0.55})["findings_min_auroc"] == 0.55
+    assert _settings({"findings_organs": "registry"})["findings_organs"] == "registry"
+    assert _settings({"findings_organs": {"ascites": ("liver",)}})["findings_organs"] == {"ascites": ["liver"]}
+    assert _settings({})["findings_organs"] is None
     bad = [
         lambda: ReportConfig.from_dict({"no_such_key": 1}),
         lambda: ReportConfig.from_dict({"n_embd": 30, "n_head": 4}),
         lambda: ReportConfig.from_dict({"num_visual_tokens": 0}),
         lambda: ReportConfig.from_dict({"section_names": "SPLEEN"}),
         *(lambda floor=floor: _settings({"findings_min_auroc": floor}) for floor in ("high", -0.1, 1.5, True)),
+        *(lambda organs=organs: _settings({"findings_organs": organs})
+          for organs in ("organs", 3, {"ascites": "liver"}, {"ascites": []}, {"ascites": [1]})),
         lambda: model.head("report"),
         lambda: generate_reports(model, torch.rand(1, 32, 32, 16)),
     ]
@@ -839,6 +935,18 @@ def test_report_task_from_the_real_configs_leaves_the_head_in_model_dir(pretrain
     assert head.config.section_bank == {k: tuple(v) for k, v in section_bank_of(
         train_reports, head.config.findings, head.config.section_names).items()}
     assert all(s["generated_from_true_findings"].startswith("FINDINGS:") for s in samples)
+    # ... and fits each finding the registry places in organs on those organs' features as
+    # well, keeping that fit where it reads better out of fold (zero weight elsewhere).
+    # (This cohort is too small for any finding to be cross-validated: the fits themselves
+    # are tested on their own above.) A structure the segmentation head lacks fails at once.
+    fitted = summary["findings_classifier"]
+    assert fitted["features"] == {} and fitted["oof_auroc_by_features"] == {}
+    assert cfg.report.findings_organs == "registry"
+    misspelt = copy.deepcopy(cfg)
+    misspelt.report.findings_organs = {"kidney_stone": ["kidneys"]}
+    with pytest.raises(VolumeVLMError, match="'kidneys'.* not structures of the segmentation head") as err:
+        run_task(misspelt)
+    assert "\n" not in str(err.value)
     # The encoder and the other weights of the pretrained checkpoint are unchanged.
     before = volumevlm.load(pretrained).state_dict()
     after = loaded.state_dict()

@@ -39,8 +39,12 @@ retrieval
     in 100 random pools of 32, 64 and 128 cases (seed 0; None when the split has fewer
     cases), image -> report as the headline keys (``r1_pool32`` ...), both directions under
     ``image_to_report`` / ``report_to_image``, and recall@k over the whole split
-    (``full_set``). Plots: ``retrieval_recall.png`` (image -> report, the whole split drawn
-    as the largest pool) and ``retrieval_recall_t2i.png``.
+    (``full_set``). With an anatomy head also ``anatomy``: the same protocol on the mean of
+    the global cosine and the organ-system sections' mean cosine (the anatomy head's
+    section embeddings of the image against the text tower's of each report section;
+    :func:`volumevlm.models.anatomy.anatomy_retrieval_vectors`). Plots:
+    ``retrieval_recall.png`` (image -> report, the whole split drawn as the largest pool)
+    and ``retrieval_recall_t2i.png``.
 text_retrieval
     text -> report-section search with free-phrased queries per finding
     (``--text-queries``; default: the bundled set of the checkpoint's finding set,
@@ -204,6 +208,25 @@ def report_embeddings(model, reports: Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _section_text_embeddings(model, reports: Sequence[str | None], sections: Sequence[str], texts: bool) -> torch.Tensor:
+    """[B, S, E]: the text tower's unit embedding of each report's section (what the
+    anatomy head's section embeddings are fitted to), zero rows where a report has none,
+    has no report, or ``texts`` is off."""
+    from volumevlm.models.anatomy import section_texts
+
+    out = torch.zeros(len(reports), len(sections), model.embed_dim)
+    if not texts:
+        return out
+    where = [(i, s, text) for i, report in enumerate(reports) if report is not None
+             for s, text in enumerate(section_texts(report, sections)) if text is not None]
+    if where:
+        embedded = _encode_texts(model, [text for _, _, text in where])
+        for (i, s, _), row in zip(where, embedded):
+            out[i, s] = row
+    return out
+
+
+@torch.no_grad()
 def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cache_dir=None, progress=None,
                  generate: bool = False, texts: bool = True, what: str = "encoding") -> dict[str, Any]:
     """One pass of the image encoder over the cases (THE preprocessing, the checkpoint's config).
@@ -215,7 +238,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     with a segmentation head also "organ_tokens" [N, K*C] and "organ_histograms"
     [N, K*(1 + bins)] (:mod:`volumevlm.models.anatomy`, inside the organs that head finds,
     the current histogram recipe; the heads read theirs),
-    and with an anatomy head "section_emb" [N, S, E] (its organ-system embeddings) and,
+    and with an anatomy head "section_emb" [N, S, E] (its organ-system embeddings),
+    "section_text_emb" [N, S, E] (the text tower's of each report's sections) and,
     when it has phenotype classifiers, "anatomy_phenotype_logits" [N, V'] (its codes).
     The encoder runs once per batch: embedding, phenotype logits and the report head's
     visual tokens all come from that one output, and the segmentation head once per batch
@@ -237,7 +261,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
     called: list[list[str]] = []  # a findings-conditioned report head's calls, per case
     banked: list[list[str]] = []  # the sections each report took from the head's section bank
     oracle_banked: list[list[str] | None] = []
-    organ_tokens, organ_hist, section_emb, organ_logits = [], [], [], []
+    organ_tokens, organ_hist, section_emb, organ_logits, section_text_emb = [], [], [], [], []
     anatomy = model.heads["anatomy"] if "anatomy" in model.heads and segmentation is not None else None
     # The histogram recipes to compute: the probes' (the current one) and each head's own.
     recipes = {DEFAULT_ORGAN_STATISTICS}
@@ -272,6 +296,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
             organ_hist.append(organs_by[DEFAULT_ORGAN_STATISTICS][..., means.shape[-1]:].flatten(1).float().cpu())
             if anatomy is not None:
                 section_emb.append(anatomy(organs_by[anatomy.organ_statistics]).float().cpu())
+                section_text_emb.append(_section_text_embeddings(model, reports, anatomy.sections, texts))
                 if anatomy.phecodes:
                     organ_logits.append(anatomy.phenotype_logits(organs_by[anatomy.organ_statistics]).float().cpu())
         if head is not None:
@@ -308,7 +333,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         "has_report": torch.tensor(has_report, dtype=torch.bool),
         "voxel_features": torch.cat(voxels),
         **({"organ_tokens": torch.cat(organ_tokens), "organ_histograms": torch.cat(organ_hist)} if organ_tokens else {}),
-        **({"section_emb": torch.cat(section_emb)} if section_emb else {}),
+        **({"section_emb": torch.cat(section_emb), "section_text_emb": torch.cat(section_text_emb)} if section_emb else {}),
         **({"anatomy_phenotype_logits": torch.cat(organ_logits)} if organ_logits else {}),
         "generated": generated,
         "generated_from_true_findings": oracle,
@@ -527,6 +552,19 @@ def retrieval_section(encoded, out: Path, synthetic: bool) -> tuple[dict[str, An
         "chance": {**{f"r{k}_pool{p}": min(k, p) / p for p in POOL_SIZES for k in K_VALUES},
                    **{f"r{k}_full": min(k, n) / n for k in K_VALUES}},
     }
+    if "section_emb" in encoded and "section_text_emb" in encoded:
+        from volumevlm.models.anatomy import anatomy_retrieval_vectors
+
+        image_a = anatomy_retrieval_vectors(encoded["image_emb"][mask], encoded["section_emb"][mask]).double().numpy()
+        text_a = anatomy_retrieval_vectors(encoded["text_emb"][mask], encoded["section_text_emb"][mask]).double().numpy()
+        section["anatomy"] = {
+            "score": "mean of the global cosine and the organ-system sections' mean cosine (anatomy head)",
+            **pool_recall(image_a, text_a, POOL_SIZES, K_VALUES, n_pools=N_POOLS, seed=POOL_SEED, direction="i2t"),
+            "report_to_image": pool_recall(image_a, text_a, POOL_SIZES, K_VALUES, n_pools=N_POOLS, seed=POOL_SEED,
+                                           direction="t2i"),
+            "full_set": {"image_to_report": recall_at_k(image_a @ text_a.T, K_VALUES),
+                         "report_to_image": recall_at_k(text_a @ image_a.T, K_VALUES)},
+        }
     if any(v is None for v in i2t.values()):
         section["note"] = f"pools larger than the {n} cases of the split are None"
     plots = []
@@ -947,6 +985,11 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             n = rt.get("pairs") or 1
             rows.append((f"{label} R@1 / R@5 (all {n})", f"{_fmt(full.get('r1'))} / {_fmt(full.get('r5'))}",
                          f"{min(1, n) / n:.3f} / {min(5, n) / n:.3f}"))
+        anatomy_rt = rt.get("anatomy") or {}
+        if anatomy_rt:
+            rows.append(("image->report R@1 / R@5 (pool 32), global + organ-system embeddings",
+                         f"{_fmt(anatomy_rt.get('r1_pool32'))} / {_fmt(anatomy_rt.get('r5_pool32'))}",
+                         f"{1 / 32:.3f} / {5 / 32:.3f}"))
     tr = metrics.get("text_retrieval", {})
     if tr and "skipped" not in tr:
         chance = tr.get("chance") or {}

@@ -238,6 +238,33 @@ def organ_features(tokens: torch.Tensor, grid: Sequence[int], images: torch.Tens
     return torch.cat([means, histograms.to(means.device)], dim=-1)
 
 
+def section_texts(report: str, sections: Sequence[str]) -> list[str | None]:
+    """The text the anatomy head's embedding of each of ``sections`` is fitted to: the
+    report's section as "NAME: text" (what the text tower embeds), None where the report
+    has none."""
+    from volumevlm.text.sections import split_report
+
+    parts = split_report(report)
+    return [f"{name}: {parts[name]}" if parts.get(name, "").strip() else None for name in sections]
+
+
+def anatomy_retrieval_vectors(global_emb: torch.Tensor, section_emb: torch.Tensor) -> torch.Tensor:
+    """[N, (1 + S) * E] vectors whose dot product between an image's and a report's is the
+    mean of two cosines: of their global embeddings [N, E], and of their organ-system
+    embeddings [N, S, E] averaged over the S sections (the anatomy head's for an image, the
+    text tower's of each section of the report for a report, zero rows for a section it
+    lacks). A small finding is one section's change: the global embedding averages it away
+    and the section's embedding keeps it, while the global one still tells cases apart by
+    everything else. Unit vectors when every section is present."""
+    if global_emb.ndim != 2 or section_emb.ndim != 3 or section_emb.shape[0] != global_emb.shape[0] \
+            or section_emb.shape[2] != global_emb.shape[1]:
+        raise VolumeVLMError(f"anatomy retrieval: global embeddings {list(global_emb.shape)} and section embeddings "
+                             f"{list(section_emb.shape)} do not match ([N, E] and [N, S, E])")
+    sections = section_emb.shape[1]
+    return torch.cat([F.normalize(global_emb, dim=-1) / math.sqrt(2),
+                      (F.normalize(section_emb, dim=-1) / math.sqrt(2 * sections)).flatten(1)], dim=1)
+
+
 # ---------------------------------------------------------------------- the anatomy head
 
 

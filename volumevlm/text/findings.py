@@ -72,3 +72,53 @@ FINDING_SETS: dict[str, tuple[str, ...]] = {
 def finding_text(key: str) -> str:
     """Plain-English name of a finding key ("renal_cyst" -> "renal cyst")."""
     return SYNTHETIC_FINDING_NAMES.get(key, key.replace("_", " "))
+
+
+# The structures of our label map (volumevlm.data.labels.LABELS) a finding is seen in: the
+# organs whose features a findings classifier may be restricted to (report.findings_organs).
+# A finding not listed (ascites, bowel obstruction: outside every labelled structure) is read
+# from all of them. Lymph nodes are listed with the vessels they lie along.
+_KIDNEYS = ("kidney_left", "kidney_right")
+_LUNGS = ("lung_left", "lung_right")
+FINDING_ORGANS: dict[str, tuple[str, ...]] = {
+    # the synthetic cohort's findings
+    "hepatic_steatosis": ("liver",),
+    "hepatomegaly": ("liver",),
+    "cirrhosis": ("liver", "spleen"),
+    "liver_lesion": ("liver",),
+    "splenomegaly": ("spleen",),
+    "gallstones": ("gallbladder",),
+    "renal_cyst": _KIDNEYS,
+    "kidney_stone": _KIDNEYS,
+    "hydronephrosis": _KIDNEYS,
+    "abdominal_aortic_aneurysm": ("aorta",),
+    "atherosclerosis": ("aorta",),
+    "pleural_effusion": _LUNGS,
+    "lymphadenopathy": ("aorta", "inferior_vena_cava"),
+    "vertebral_compression_fracture": ("vertebrae",),
+    "osteopenia": ("vertebrae",),
+    "cardiomegaly": ("heart",),
+    # Merlin's and CT-RATE's findings our label map has organs for
+    "biliary_ductal_dilation": ("liver", "gallbladder"),
+    "surgically_absent_gallbladder": ("gallbladder",),
+    "pancreatic_atrophy": ("pancreas",),
+    "renal_hypodensity": _KIDNEYS,
+    "hiatal_hernia": ("stomach",),
+    "thrombosis": ("aorta", "inferior_vena_cava"),
+    "coronary_calcification": ("heart",),
+    "aortic_valve_calcification": ("heart",),
+    "fracture": ("vertebrae",),
+    "atelectasis": _LUNGS,
+    "arterial_wall_calcification": ("aorta",),
+    "pericardial_effusion": ("heart",),
+    "coronary_artery_wall_calcification": ("heart",),
+    "emphysema": _LUNGS,
+    "lung_nodule": _LUNGS,
+    "lung_opacity": _LUNGS,
+    "pulmonary_fibrotic_sequela": _LUNGS,
+    "mosaic_attenuation_pattern": _LUNGS,
+    "peribronchial_thickening": _LUNGS,
+    "consolidation": _LUNGS,
+    "bronchiectasis": _LUNGS,
+    "interlobular_septal_thickening": _LUNGS,
+}

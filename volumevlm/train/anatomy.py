@@ -141,22 +141,23 @@ def fit_anatomy_head(model, organ_features: torch.Tensor, reports: Sequence[str]
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, AnatomyHead
-    from volumevlm.text.sections import SECTIONS, split_report
+    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, AnatomyHead, section_texts
+    from volumevlm.text.sections import SECTIONS
 
     if organ_features.ndim != 3 or organ_features.shape[0] != len(reports):
         raise VolumeVLMError(f"anatomy head: organ features {list(organ_features.shape)} for {len(reports)} reports")
     x = organ_features.flatten(1).double().numpy()
     scaler = StandardScaler().fit(x)
     xs = scaler.transform(x)
-    parts = [split_report(r) for r in reports]
+    candidates = list(sections or SECTIONS)
+    texts = [section_texts(r, candidates) for r in reports]
     fitted: list[tuple[str, np.ndarray, np.ndarray]] = []
     info: dict[str, Any] = {"sections": {}, "train_cases": len(reports)}
-    for name in sections or SECTIONS:
-        rows = [i for i, p in enumerate(parts) if p.get(name, "").strip()]
+    for s, name in enumerate(candidates):
+        rows = [i for i, t in enumerate(texts) if t[s] is not None]
         if len(rows) < MIN_SECTION_CASES:
             continue
-        targets = _section_embeddings(model, [f"{name}: {parts[i][name]}" for i in rows])
+        targets = _section_embeddings(model, [texts[i][s] for i in rows])
         ridge = RidgeCV(alphas=ANATOMY_ALPHAS).fit(xs[rows], targets)
         fitted.append((name, *folded_linear(scaler, ridge.coef_, ridge.intercept_)))
         info["sections"][name] = {"alpha": float(ridge.alpha_), "cases": len(rows)}

@@ -68,9 +68,21 @@ REPORT_DEFAULTS: dict[str, Any] = {
     # that threshold calls nearly every case, and the report then states it in nearly
     # every report: macro F1 counts that as a gain, a reader would not.
     "findings_min_auroc": 0.0,
+    # Findings read in their own organs (needs head.findings_features=organs): null (every
+    # finding from every organ's features), "registry" (the organs
+    # volumevlm.text.findings.FINDING_ORGANS lists, those the segmentation head has), or
+    # {finding: [structure names of the segmentation head]}. A finding with organs gets the
+    # regression on their features alone when that reads it better out of fold than the
+    # regression on all of them: 420 cases do not fit a thousand features for a finding
+    # seen in one organ.
+    "findings_organs": None,
 }
 # The threshold of a finding the classifier does not call: no probability reaches it.
 NEVER_CALLED = 2.0
+# report.findings_organs: the organs volumevlm.text.findings.FINDING_ORGANS lists.
+REGISTRY_ORGANS = "registry"
+# The findings classifier's name for the whole feature vector (fit info "features").
+ALL_FEATURES = "all"
 
 
 def _settings(report: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -87,6 +99,54 @@ def _settings(report: Mapping[str, Any] | None) -> dict[str, Any]:
     floor = out["findings_min_auroc"]
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= float(floor) <= 1.0:
         raise VolumeVLMError(f"report.findings_min_auroc: must be a number in [0, 1], got {floor!r}")
+    organs = out["findings_organs"]
+    if organs is not None and organs != REGISTRY_ORGANS:
+        if not isinstance(organs, Mapping) or not all(
+                isinstance(v, Sequence) and not isinstance(v, str) and v and all(isinstance(o, str) for o in v)
+                for v in organs.values()):
+            raise VolumeVLMError(f"report.findings_organs: must be null, {REGISTRY_ORGANS!r} or a mapping of findings to "
+                                 f"lists of structure names, got {organs!r}")
+        out["findings_organs"] = {str(k): [str(o) for o in v] for k, v in organs.items()}
+    return out
+
+
+def finding_organ_columns(findings_organs: Mapping[str, Sequence[str]] | str | None, findings: Sequence[str],
+                          label_names: Mapping[int, str], width: int,
+                          statistics_width: int = 0) -> dict[str, dict[str, list[int]]]:
+    """{finding: {"organs": the columns of its organs, "organ_statistics": of their
+    statistics alone}}: the other feature sets the findings classifier tries for it
+    (:func:`fit_findings_classifier`). The organ features are laid out organ by organ,
+    ``width`` columns each (organ k = label k + 1 of the segmentation head whose
+    ``label_names`` are given), the organ's last ``statistics_width`` columns its
+    model-free statistics (size and HU histogram; 0: no "organ_statistics" set).
+    ``findings_organs``: see ``REPORT_DEFAULTS["findings_organs"]``; with "registry" a
+    finding none of whose organs the segmentation head has gets none (it is read from all
+    of them); a mapping must name the head's findings and the segmentation head's
+    structures (one-line error otherwise)."""
+    from volumevlm.text.findings import FINDING_ORGANS
+
+    if not findings_organs:
+        return {}
+    index = {name: int(k) for k, name in label_names.items() if int(k) > 0}
+    if findings_organs == REGISTRY_ORGANS:
+        mapping = {f: [o for o in FINDING_ORGANS.get(f, ()) if o in index] for f in findings}
+    else:
+        mapping = {str(f): list(v) for f, v in dict(findings_organs).items()}
+        stray = sorted(set(mapping) - set(findings))
+        if stray:
+            raise VolumeVLMError(f"report.findings_organs: {stray} are not findings of the head; its findings: {list(findings)}")
+        unknown = sorted({o for v in mapping.values() for o in v} - set(index))
+        if unknown:
+            raise VolumeVLMError(f"report.findings_organs: {unknown} are not structures of the segmentation head; "
+                                 f"its structures: {sorted(index, key=index.get)}")
+    out: dict[str, dict[str, list[int]]] = {}
+    for finding, organs in mapping.items():
+        starts = [(index[o] - 1) * width for o in sorted(set(organs), key=index.get)]
+        if not starts:
+            continue
+        out[finding] = {"organs": [s + c for s in starts for c in range(width)]}
+        if statistics_width:
+            out[finding]["organ_statistics"] = [s + c for s in starts for c in range(width - statistics_width, width)]
     return out
 
 
@@ -235,7 +295,8 @@ def case_features(encoder, dataset, batch_size: int, device: torch.device | str 
 
 
 def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.Tensor, seed: int = 0,
-                            folds: int = 5, return_out_of_fold: bool = False, min_auroc: float = 0.0):
+                            folds: int = 5, return_out_of_fold: bool = False, min_auroc: float = 0.0,
+                            columns: Mapping[str, Mapping[str, Sequence[int]]] | None = None):
     """Fit the head's findings classifier (a linear probe of the frozen encoder) and its thresholds.
 
     features float [N, 2C] (:func:`~volumevlm.models.report.finding_features` of the
@@ -246,8 +307,13 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     A finding with fewer than ``folds`` positive (or negative) cases gets a constant
     prediction (its training prevalence) and a threshold of 0.5. The standardisation is
     folded into the linear layer. A finding whose out-of-fold AUROC is below ``min_auroc``
-    gets the threshold :data:`NEVER_CALLED` (listed under "not_called"). Returns
-    {"findings", "thresholds", "oof_f1", "oof_auroc", "not_called", "positives"}
+    gets the threshold :data:`NEVER_CALLED` (listed under "not_called"). ``columns``
+    ({finding: {name: feature columns}}, :func:`finding_organ_columns`): such a finding is
+    also fitted on each of those column sets alone (its weight elsewhere zero) and keeps
+    the fit with the highest out-of-fold AUROC ("features": "all" or the set's name, per
+    finding; "oof_auroc_by_features": every set's AUROC for the findings with sets).
+    Returns {"findings", "thresholds", "oof_f1", "oof_auroc", "not_called", "features",
+    "oof_auroc_by_features", "positives"}
     (out-of-fold figures on the training cases: a first look at how well the image alone
     predicts each finding); with ``return_out_of_fold`` also the out-of-fold probabilities
     float64 [N, F] (the training prevalence for a constant finding), as a second value."""
@@ -272,6 +338,19 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     oof_f1: dict[str, float | None] = {}
     oof_auroc: dict[str, float | None] = {}
     not_called: list[str] = []
+    columns = {str(f): {str(k): np.unique(np.asarray(c, dtype=np.int64)) for k, c in sets.items()}
+               for f, sets in (columns or {}).items()}
+    outside = sorted({f for f, sets in columns.items() for k, c in sets.items()
+                      if k == ALL_FEATURES or not len(c) or c[0] < 0 or c[-1] >= x.shape[1]})
+    if outside:
+        raise VolumeVLMError(f"findings classifier: a column set of {outside} is named {ALL_FEATURES!r}, empty or outside "
+                             f"the {x.shape[1]} features")
+
+    def new_probe():
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
+
+    read_from: dict[str, str] = {}
+    oof_auroc_by: dict[str, dict[str, float]] = {}
     for j, name in enumerate(generator.config.findings):
         positives = int(y[:, j].sum())
         if min(positives, len(y) - positives) < folds:
@@ -280,9 +359,19 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
             out_of_fold[:, j] = rate
             oof_f1[name] = oof_auroc[name] = None
             continue
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
         split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        oof = cross_val_predict(probe, x, y[:, j], cv=split, method="predict_proba")[:, 1]
+        best = None  # (out-of-fold AUROC, set name, columns, probe, out-of-fold probabilities)
+        aurocs: dict[str, float] = {}
+        for key, used in {ALL_FEATURES: np.arange(x.shape[1]), **columns.get(name, {})}.items():
+            probe = new_probe()
+            oof = cross_val_predict(probe, x[:, used], y[:, j], cv=split, method="predict_proba")[:, 1]
+            auroc = float(roc_auc_score(y[:, j], oof))
+            aurocs[key] = round(auroc, 4)
+            if best is None or auroc > best[0]:  # a tie keeps the earlier set (all features first)
+                best = (auroc, key, used, probe, oof)
+        _, read_from[name], used, probe, oof = best
+        if name in columns:
+            oof_auroc_by[name] = aurocs
         out_of_fold[:, j] = oof
         best_f1, best_t = -1.0, 0.5
         for t in np.unique(oof):
@@ -291,9 +380,9 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
             f1 = 2 * tp / (called.sum() + positives)
             if f1 > best_f1:
                 best_f1, best_t = f1, float(t)
-        probe.fit(x, y[:, j])
+        probe.fit(x[:, used], y[:, j])
         folded_weight, folded_bias = folded_linear(probe[0], probe[1].coef_, probe[1].intercept_)
-        weight[j], bias[j] = folded_weight[0], folded_bias[0]
+        weight[j, used], bias[j] = folded_weight[0], folded_bias[0]
         thresholds[j] = best_t
         oof_f1[name] = round(best_f1, 4)
         oof_auroc[name] = round(float(roc_auc_score(y[:, j], oof)), 4)
@@ -308,6 +397,7 @@ def fit_findings_classifier(generator, features: torch.Tensor, readings: torch.T
     layer.requires_grad_(False)
     info = {"findings": list(generator.config.findings), "thresholds": [round(float(t), 4) for t in thresholds],
             "oof_f1": oof_f1, "oof_auroc": oof_auroc, "not_called": not_called,
+            "features": read_from, "oof_auroc_by_features": oof_auroc_by,
             "positives": {n: int(v) for n, v in zip(generator.config.findings, y.sum(axis=0))}}
     return (info, out_of_fold) if return_out_of_fold else info
 
@@ -538,6 +628,11 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         segmentation = model.head("segmentation")  # one-line error with the recipe when missing
         head_settings["organ_classes"] = int(segmentation.config.num_classes)
     head_config = ReportConfig.from_dict(head_settings)
+    if settings["findings_organs"] and head_config.findings:
+        if segmentation is None:
+            raise VolumeVLMError("report.findings_organs needs report.head.findings_features=organs")
+        # Checked before the pass over the cases (a misspelt organ fails at once).
+        finding_organ_columns(settings["findings_organs"], head_config.findings, segmentation.config.label_names, 1)
     generator = ReportGenerator.build(head_config, model)
 
     val_rows = _rows_with_reports(manifest.rows, "val")
@@ -583,10 +678,20 @@ def train_report(cfg, callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, A
         else:
             features = case_features(model.encoder, train_data, val_batch_size)
         readings = generator.findings_readings([row["report"] for row in train_rows])
+        columns = None
+        if settings["findings_organs"]:
+            from volumevlm.models.anatomy import organ_statistics_width
+
+            columns = finding_organ_columns(settings["findings_organs"], head_config.findings,
+                                            segmentation.config.label_names,
+                                            features.shape[1] // (head_config.organ_classes - 1),
+                                            organ_statistics_width(head_config.organ_statistics))
         findings_probe, findings_oof = fit_findings_classifier(generator, features, readings, seed=int(cfg.seed),
                                                                return_out_of_fold=True,
-                                                               min_auroc=settings["findings_min_auroc"])
-        log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s", len(features), findings_probe["oof_f1"])
+                                                               min_auroc=settings["findings_min_auroc"],
+                                                               columns=columns)
+        log.info("report: findings classifier fitted on %d cases; out-of-fold F1 %s; read from %s",
+                 len(features), findings_probe["oof_f1"], findings_probe["features"])
     anatomy_info: dict[str, Any] | None = None
     if settings["anatomy"]:
         import numpy as np
