@@ -354,11 +354,9 @@ def test_organ_probes_match_a_hand_computation_in_the_models_own_organs(runs):
     assert any(read_in)  # at least one finding is read in its organ system
     # Retrieval through the anatomy head, by hand: each image-report score is the mean of
     # the global cosine and the mean over the sections of the section cosines.
-    from volumevlm.eval.evaluate import report_embeddings
-
     reports = [row["report"] for row in held_out]
     with torch.no_grad():
-        global_text = report_embeddings(model, reports)
+        global_text = model.encode_reports(reports)
         section_text = torch.zeros(len(held_out), len(anatomy.sections), model.embed_dim)
         for i, report in enumerate(reports):
             parts = split_report(report)

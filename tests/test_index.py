@@ -331,6 +331,7 @@ def _corruptions():
         "lookup deleted": lambda d: (d / "entries.safetensors").unlink(),
         "not an index": lambda d: (d / "index.json").write_text(json.dumps({"format": "something else"})),
         "index.json deleted": lambda d: (d / "index.json").unlink(),
+        "index.json unknown space": lambda d: edit_json(d / "index.json", info={"space": "organs"}),
     }
 
 
@@ -384,3 +385,113 @@ def test_build_index_from_python_with_image_paths(tiny, tmp_path):
     with pytest.raises(VolumeVLMError) as err:
         build_index(model, tmp_path / "bad", images=[bad])
     assert "\n" not in str(err.value) and str(bad) in str(err.value) and not (tmp_path / "bad").exists()
+
+
+def test_anatomy_index_scores_by_the_global_and_the_organ_system_cosines(tiny, tmp_path, capsys):
+    """``--anatomy``: each report and image is stored as [global / sqrt 2, each organ-system
+    section / sqrt(2 S)], by hand here from the text tower, the segmentation head and the
+    anatomy head; an image query's hits are the brute-force ranking of those vectors; a
+    query text without section headers is its global embedding alone; the heads' weights
+    are part of the fingerprint."""
+    from volumevlm.models.anatomy import AnatomyHead, organ_features, organ_labels, organ_statistics_width
+    from volumevlm.models.report import encoder_features
+    from volumevlm.models.segmentation import SegmentationConfig, SegmentationNet
+    cohort, checkpoint = tiny
+    model = volumevlm.load(checkpoint)
+    with pytest.raises(VolumeVLMError, match="segmentation") as err:
+        build_index(model, tmp_path / "none", reports=cohort / "manifest.jsonl", anatomy=True)
+    assert "\n" not in str(err.value) and not (tmp_path / "none").exists()
+    torch.manual_seed(5)
+    seg = SegmentationNet.from_encoder(model.encoder, SegmentationConfig(feature_size=4, roi_size=model.preprocess.spatial_size))
+    model.attach_head("segmentation", seg.eval())
+    sections = ["SPLEEN", "KIDNEYS AND URETERS", "LIVER AND BILIARY TREE"]
+    head = AnatomyHead(sections, {"splenomegaly": "SPLEEN"}, organ_classes=seg.config.num_classes,
+                       feature_dim=model.encoder.config.dim + organ_statistics_width(), embed_dim=model.embed_dim)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(0.0, 0.3)
+    model.attach_head("anatomy", head.eval())
+    model = volumevlm.load(model.save_pretrained(tmp_path / "anatomy_ckpt"))
+    head, seg = model.head("anatomy"), model.head("segmentation")
+    rows = _manifest_rows(cohort)
+    manifest = cohort / "manifest.jsonl"
+    status, out, err = _main(capsys, "index", "build", "--checkpoint", str(tmp_path / "anatomy_ckpt"), "--reports",
+                             str(manifest), "--manifest", str(manifest), "--anatomy", "--dtype", "float32",
+                             "--out", str(tmp_path / "idx"), "--no-progress")
+    assert status == 0, err
+    assert json.loads(out)["space"] == "anatomy"
+    index = RetrievalIndex.open(tmp_path / "idx")
+    assert index.space == "anatomy" and index.header["info"]["anatomy_sections"] == sections
+    assert index.kind_counts == {"report": len(rows), "image": len(rows)}
+    assert index.embed_dim == (1 + len(sections)) * model.embed_dim
+
+    def by_hand(global_emb: torch.Tensor, section_emb: torch.Tensor) -> torch.Tensor:
+        parts = [F.normalize(global_emb, dim=-1) / 2 ** 0.5]
+        parts += [F.normalize(row, dim=-1) / (2 * len(sections)) ** 0.5 if row.any() else row for row in section_emb]
+        return torch.cat(parts)
+
+    with torch.no_grad():
+        reports = []
+        for row in rows:
+            split = split_report(row["report"])
+            # A whole report as pretraining matched it (this tower reads whole reports).
+            assert not model.text_config.sections
+            global_emb = model.encode_text([row["report"]])[0]
+            section_emb = torch.stack([model.encode_text([f"{name}: {split[name]}"])[0] if split.get(name, "").strip()
+                                       else torch.zeros(model.embed_dim) for name in sections])
+            reports.append(by_hand(global_emb, section_emb))
+        images = []
+        for row in rows:
+            x = volumevlm.preprocess(cohort / row["image"], model.preprocess).as_tensor()[None]
+            out = model.encoder(x)
+            tokens, grid = encoder_features(out)
+            organs = organ_features(tokens, grid, x, organ_labels(seg, x), seg.config.num_classes, head.organ_statistics,
+                                    model.preprocess.hu_window)
+            images.append(by_hand(model.encode_image(x)[0], head(organs)[0]))
+    expected = torch.cat([torch.stack(reports), torch.stack(images)])
+    assert any(r[model.embed_dim:].abs().sum() > 0 for r in reports)  # the sections are there
+    stored = _stored(index)
+    assert torch.allclose(stored, F.normalize(expected, dim=1), atol=1e-5)
+    # An image query: the brute-force ranking of the by-hand vectors, through retrieve().
+    query = cohort / rows[2]["image"]
+    hits = retrieve(model, query, k=4, index=index)
+    reference = _brute_force(images[2][None], F.normalize(expected, dim=1), 4, list(range(len(rows))))[0]
+    assert [h["index"] for h in hits] == [j for _, j in reference]
+    assert [h["score"] for h in hits] == pytest.approx([s for s, _ in reference], abs=1e-5)
+    # A query text without section headers: its global embedding, the sections' part zero.
+    text = "Splenomegaly."
+    with torch.no_grad():
+        vector = torch.cat([model.encode_text([text])[0] / 2 ** 0.5, torch.zeros(len(sections) * model.embed_dim)])
+    got = index.query_text(model, text, k=3, kind="report")
+    assert [h["index"] for h in got] == [h["index"] for h in index.query(vector, 3, "report")[0]]
+    # The anatomy head's weights are part of what the index was built with.
+    with torch.no_grad():
+        model.head("anatomy").weight.add_(0.01)
+    with pytest.raises(VolumeVLMError, match="different model") as err:
+        retrieve(model, query, index=index)
+    assert "\n" not in str(err.value)
+    with pytest.raises(VolumeVLMError, match="drop --sections or --anatomy") as err:
+        build_index(model, tmp_path / "both", reports=manifest, sections=True, anatomy=True)
+    assert "\n" not in str(err.value)
+
+
+def test_whole_reports_are_embedded_as_pretraining_matched_them(tiny, tmp_path):
+    """``encode_reports`` (what evaluation's retrieval and a whole-report index compare images
+    with): a tower that reads whole reports embeds the text at once; a tower trained on
+    sections, the re-normalised mean of the sections' embeddings."""
+    from volumevlm.text.sections import report_sections
+
+    cohort, checkpoint = tiny
+    model = volumevlm.load(checkpoint).eval()
+    reports = [row["report"] for row in _manifest_rows(cohort)[:3]]
+    with torch.no_grad():
+        whole = model.encode_reports(reports)
+        assert torch.allclose(whole, model.encode_text(reports), atol=1e-6)
+        index = build_index(model, tmp_path / "whole", reports=cohort / "manifest.jsonl", dtype="float32")
+        assert torch.allclose(_stored(index)[:3], whole, atol=1e-5)
+        model.text_config.sections = True
+        by_sections = model.encode_reports(reports)
+        expected = torch.stack([F.normalize(model.encode_text(report_sections(r)).mean(0), dim=-1) for r in reports])
+        assert torch.allclose(by_sections, expected, atol=1e-6) and not torch.allclose(by_sections, whole, atol=1e-3)
+        index = build_index(model, tmp_path / "sections", reports=cohort / "manifest.jsonl", dtype="float32")
+        assert torch.allclose(_stored(index)[:3], by_sections, atol=1e-5)

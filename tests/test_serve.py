@@ -848,8 +848,20 @@ def test_zero_shot_and_phenotypes_organ_by_organ_over_http_equal_the_python_api(
     checkpoint = model.save_pretrained(tmp_path / "anatomy")
     model = volumevlm.load(checkpoint)
     files = [setup["inputs"]["nii.gz"], setup["inputs"]["nrrd"]]
-    with running(checkpoint, tmp_path / "uploads", max_batch=4, batch_wait_ms=200) as url:
+    # An anatomy index (global + organ-system vectors): the server compares uploads through
+    # the same organ-by-organ pass.
+    cohort = setup["cohort"] / "manifest.jsonl"
+    anatomy_index = build_index(model, tmp_path / "anatomy_index", reports=cohort, images=cohort, anatomy=True)
+    with running(checkpoint, tmp_path / "uploads", max_batch=4, batch_wait_ms=200, index=anatomy_index.folder) as url:
         with httpx.Client(base_url=url, timeout=60) as c:
+            for file in files:
+                hits = ok_json(post_file(c, "/v1/retrieve", file, k=3, kind="all"))["hits"]
+                expected_hits = model.retrieve(file, k=3, index=anatomy_index, kind=None)
+                assert [h["id"] for h in hits] == [h["id"] for h in expected_hits]
+                assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in expected_hits], abs=1e-4)
+            by_text = ok_json(c.post("/v1/retrieve", params={"k": 2, "kind": "report"}, json={"text": "Splenomegaly."}))
+            assert [h["id"] for h in by_text["hits"]] == [h["id"] for h in anatomy_index.query_text(model, "Splenomegaly.", 2,
+                                                                                                   "report")]
             for file in files:
                 scored = ok_json(post_file(c, "/v1/zero-shot", file, anatomy="true"))
                 expected = model.zero_shot(file, anatomy=True)

@@ -196,36 +196,6 @@ def _progress(enabled: bool):
 # ---------------------------------------------------------------------- encoding pass
 
 
-def report_embeddings(model, reports: Sequence[str]) -> torch.Tensor:
-    """Unit report embeddings [B, E] as pretraining validated them: the whole report, or
-    (a text tower trained on sections) the re-normalised mean of its section embeddings."""
-    from volumevlm.text.sections import report_sections
-
-    if not getattr(model.text_config, "sections", False):
-        return model.encode_text(list(reports)).float()
-    rows = [F.normalize(model.encode_text(report_sections(r)).float().mean(dim=0), dim=-1) for r in reports]
-    return torch.stack(rows)
-
-
-@torch.no_grad()
-def _section_text_embeddings(model, reports: Sequence[str | None], sections: Sequence[str], texts: bool) -> torch.Tensor:
-    """[B, S, E]: the text tower's unit embedding of each report's section (what the
-    anatomy head's section embeddings are fitted to), zero rows where a report has none,
-    has no report, or ``texts`` is off."""
-    from volumevlm.models.anatomy import section_texts
-
-    out = torch.zeros(len(reports), len(sections), model.embed_dim)
-    if not texts:
-        return out
-    where = [(i, s, text) for i, report in enumerate(reports) if report is not None
-             for s, text in enumerate(section_texts(report, sections)) if text is not None]
-    if where:
-        embedded = _encode_texts(model, [text for _, _, text in where])
-        for (i, s, _), row in zip(where, embedded):
-            out[i, s] = row
-    return out
-
-
 @torch.no_grad()
 def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cache_dir=None, progress=None,
                  generate: bool = False, texts: bool = True, what: str = "encoding") -> dict[str, Any]:
@@ -248,7 +218,13 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
 
     from volumevlm.data.datasets import PretrainDataset, collate_cases
     from volumevlm.eval.probes import voxel_features
-    from volumevlm.models.anatomy import DEFAULT_ORGAN_STATISTICS, cached_organ_labels, organ_histograms_by, organ_token_means
+    from volumevlm.models.anatomy import (
+        DEFAULT_ORGAN_STATISTICS,
+        cached_organ_labels,
+        organ_histograms_by,
+        organ_token_means,
+        report_section_embeddings,
+    )
     from volumevlm.models.report import encoder_features, image_finding_features
 
     dataset = PretrainDataset(list(rows), model.preprocess, cache_dir=cache_dir)
@@ -279,7 +255,7 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
         mask = [r is not None for r in reports]
         rows_text = torch.zeros(len(reports), model.embed_dim)
         if any(mask) and texts:
-            rows_text[torch.tensor(mask)] = report_embeddings(model, [r for r in reports if r is not None]).cpu()
+            rows_text[torch.tensor(mask)] = model.encode_reports([r for r in reports if r is not None]).cpu()
         text_emb.append(rows_text)
         has_report.extend(mask)
         ids.extend(batch["id"])
@@ -296,7 +272,8 @@ def encode_cases(model, rows: Sequence[Mapping[str, Any]], batch_size: int, cach
             organ_hist.append(organs_by[DEFAULT_ORGAN_STATISTICS][..., means.shape[-1]:].flatten(1).float().cpu())
             if anatomy is not None:
                 section_emb.append(anatomy(organs_by[anatomy.organ_statistics]).float().cpu())
-                section_text_emb.append(_section_text_embeddings(model, reports, anatomy.sections, texts))
+                section_text_emb.append(report_section_embeddings(model, reports if texts else [None] * len(reports),
+                                                                  anatomy.sections))
                 if anatomy.phecodes:
                     organ_logits.append(anatomy.phenotype_logits(organs_by[anatomy.organ_statistics]).float().cpu())
         if head is not None:

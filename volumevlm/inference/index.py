@@ -3,8 +3,10 @@
 An index is a folder written by :func:`build_index` (``volumevlm index build``)::
 
     index.json                 format + version, embedding size E, entry count N, storage
-                               dtype, the chunk files, entries per kind, and the model the
-                               embeddings came from (checkpoint path and fingerprint)
+                               dtype, the chunk files, entries per kind, the model the
+                               embeddings came from (checkpoint path and fingerprint), and
+                               under "info" the space: "global" (the embeddings) or
+                               "anatomy" (global and organ-system embeddings side by side)
     chunks/chunk-00000.safetensors   "embeddings": unit vectors [rows <= chunk_size, E]
     chunks/chunk-00001.safetensors   ... (entry order = chunk order, then row order)
     entries.jsonl              one JSON object per entry, in entry order:
@@ -64,18 +66,25 @@ HIT_KEYS: tuple[str, ...] = ("rank", "score", "index")
 # temperature do not change them, so attaching a head keeps an index valid).
 EMBEDDING_MODULES: tuple[str, ...] = ("encoder", "image_projection", "text", "text_projection")
 BUILD_HINT = "volumevlm index build --checkpoint CKPT --reports REPORTS --out DIR"
+# The spaces an index's vectors live in: the global embeddings, or (``--anatomy``) the global
+# embedding and the organ-system section embeddings side by side
+# (volumevlm.models.anatomy.anatomy_retrieval_vectors), which also need these heads.
+GLOBAL_SPACE, ANATOMY_SPACE = "global", "anatomy"
+ANATOMY_HEADS: tuple[str, ...] = ("segmentation", "anatomy")
 
 
 # ---------------------------------------------------------------------- model fingerprint
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, heads: Sequence[str] = ()) -> str:
     """"sha256:<hex>" of everything that decides a VolumeVLM's embeddings: the weights of
     its encoder, projections and text tower (names, dtypes, shapes, values), its
-    preprocessing config and its tokenizer's vocabulary.
+    preprocessing config and its tokenizer's vocabulary; with ``heads`` (an anatomy index:
+    :data:`ANATOMY_HEADS`) also those heads' weights.
 
     Two checkpoints with the same architecture but other weights differ; attaching a
-    downstream head does not change it. Cached on the model until a parameter changes.
+    downstream head does not change it (unless it is one of ``heads``). Cached on the
+    model until a parameter changes.
     """
     if not all(hasattr(model, name) for name in (*EMBEDDING_MODULES, "preprocess", "tokenizer")):
         raise VolumeVLMError(f"model fingerprint: expected a VolumeVLM, got {type(model).__name__}")
@@ -84,9 +93,10 @@ def model_fingerprint(model) -> str:
         for part in EMBEDDING_MODULES
         for name, tensor in getattr(model, part).state_dict().items()
     ]
+    tensors += [(f"heads.{head}.{name}", tensor) for head in heads for name, tensor in model.head(head).state_dict().items()]
     # Parameters bump their _version on every in-place change, so this key goes stale
     # exactly when the weights do.
-    key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
+    key = (tuple(heads), *((name, t.data_ptr(), t._version) for name, t in tensors))
     cached = getattr(model, "_volumevlm_fingerprint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -346,9 +356,15 @@ class RetrievalIndex:
             raise VolumeVLMError(f"{path}: corrupt retrieval index (entry {i} does not match its kind)")
         return entry
 
+    @property
+    def space(self) -> str:
+        """:data:`GLOBAL_SPACE` or :data:`ANATOMY_SPACE` (indexes built before spaces: global)."""
+        return str(self.header.get("info", {}).get("space", GLOBAL_SPACE))
+
     def check_model(self, model) -> None:
         """One-line VolumeVLMError unless ``model`` is the model this index was built with."""
-        if model_fingerprint(model) != self.fingerprint:
+        heads = ANATOMY_HEADS if self.space == ANATOMY_SPACE else ()
+        if model_fingerprint(model, heads) != self.fingerprint:
             built = self.checkpoint or "an in-memory model"
             used = _checkpoint_of(model) or "an in-memory model"
             raise VolumeVLMError(
@@ -438,18 +454,19 @@ class RetrievalIndex:
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise VolumeVLMError("retrieval: query texts must be non-empty strings")
         with _inference(model):
-            emb = model.encode_text(texts).float()
+            emb = query_text_vectors(model, texts, self.space)
         hits = self.query(emb, k, kind)
         return hits if many else hits[0]
 
     def query_image(self, model, x, k: int = 5, kind: str | None = None):
         """Hits for CT input(s) ``x`` (anything the inference verbs take: a path, nibabel
         image, (array, affine), a preprocessed tensor, or a list of these), embedded with
-        ``model.encode_image`` after the checkpoint's preprocessing."""
-        from volumevlm.inference.pipeline import embed
+        ``model.encode_image`` after the checkpoint's preprocessing (in an anatomy index,
+        with the organ-system embeddings of the anatomy head beside it)."""
+        from volumevlm.inference.pipeline import embed, embed_anatomy
 
         self.check_model(model)
-        emb = embed(model, x)  # [E] for one input, [N, E] for a list
+        emb = embed_anatomy(model, x) if self.space == ANATOMY_SPACE else embed(model, x)  # [E'] one input, [N, E'] a list
         hits = self.query(emb.to(model.device), k, kind)
         return hits if emb.ndim == 2 else hits[0]
 
@@ -490,6 +507,9 @@ def _check_header(header: Any, path: Path) -> None:
         raise corrupt("bad dtype, embed_dim, count or chunk_size")
     if not isinstance(header["model"].get("fingerprint"), str):
         raise corrupt("no model fingerprint")
+    info = header.get("info", {})
+    if not isinstance(info, dict) or info.get("space", GLOBAL_SPACE) not in (GLOBAL_SPACE, ANATOMY_SPACE):
+        raise corrupt(f"unknown space {info.get('space') if isinstance(info, dict) else info!r}")
     for i, chunk in enumerate(header["chunks"]):
         if (not isinstance(chunk, dict) or not isinstance(chunk.get("file"), str) or not chunk["file"].startswith(f"{CHUNKS_DIR}/")
                 or ".." in chunk["file"] or not isinstance(chunk.get("rows"), int) or not 1 <= chunk["rows"] <= header["chunk_size"]):
@@ -605,24 +625,54 @@ def _progress(enabled: bool):
                     TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def _report_batches(model, reports, batch_size: int, advance) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+def query_text_vectors(model, texts: Sequence[str], space: str = GLOBAL_SPACE) -> torch.Tensor:
+    """[Q, E'] what query texts are compared with an index's entries as: their
+    ``model.encode_text`` embeddings, or in an anatomy index each text read as a report
+    (:func:`~volumevlm.models.anatomy.report_retrieval_vectors`: its organ-system sections
+    where it has section headers, its global embedding alone where it has none)."""
+    if space == ANATOMY_SPACE:
+        from volumevlm.models.anatomy import report_retrieval_vectors
+
+        return report_retrieval_vectors(model, model.head("anatomy"), list(texts))
+    return model.encode_text(list(texts)).float()
+
+
+def _report_batches(model, reports, batch_size: int, advance, space: str,
+                    sections: bool) -> Iterator[tuple[torch.Tensor, list[dict]]]:
     for lo in range(0, len(reports), batch_size):
         batch = reports[lo : lo + batch_size]
+        texts = [text for text, _ in batch]
         with _inference(model):
-            emb = model.encode_text([text for text, _ in batch]).float().cpu()
+            if space == ANATOMY_SPACE:
+                emb = query_text_vectors(model, texts, space)
+            elif sections:
+                emb = model.encode_text(texts).float().cpu()
+            else:  # a whole report as pretraining matched it to its image
+                emb = model.encode_reports(texts).float().cpu()
         yield emb, [meta for _, meta in batch]
         advance(len(batch))
 
 
-def _image_batches(model, rows, batch_size: int, num_workers: int, advance) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+def _image_batches(model, rows, batch_size: int, num_workers: int, advance,
+                   space: str) -> Iterator[tuple[torch.Tensor, list[dict]]]:
     from volumevlm.inference.batch import CaseDataset, case_loader
+    from volumevlm.inference.pipeline import organ_pass
+    from volumevlm.models.anatomy import anatomy_retrieval_vectors
 
     loader = case_loader(CaseDataset(rows, model.preprocess), batch_size=batch_size, num_workers=num_workers)
     for batch in loader:
         if batch["errors"]:
             raise VolumeVLMError(batch["errors"][0]["error"])
         with _inference(model):
-            emb = torch.cat([model.encode_image(x.to(model.device)) for x in batch["images"]]).float().cpu()
+            if space == ANATOMY_SPACE:
+                head, segmentation = model.head("anatomy"), model.head("segmentation")
+                vectors = []
+                for x in batch["images"]:
+                    emb, organs = organ_pass(model, x.to(model.device), segmentation, head.organ_statistics)
+                    vectors.append(anatomy_retrieval_vectors(emb.float().cpu(), head(organs).float().cpu()))
+                emb = torch.cat(vectors)
+            else:
+                emb = torch.cat([model.encode_image(x.to(model.device)) for x in batch["images"]]).float().cpu()
         yield emb, [{"kind": "image", "id": i, "source": s} for i, s in zip(batch["ids"], batch["sources"])]
         advance(len(batch["ids"]))
 
@@ -634,6 +684,7 @@ def build_index(
     reports: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     sections: bool = False,
+    anatomy: bool = False,
     batch_size: int = 32,
     image_batch_size: int = 2,
     num_workers: int = 0,
@@ -648,12 +699,25 @@ def build_index(
         reader with the row's overrides, preprocessed with the checkpoint's config and
         embedded with ``model.encode_image``; an unreadable image stops the build with its
         one-line error.
+    anatomy: store each report and image as the global embedding and the organ-system
+        section embeddings side by side (the model's anatomy and segmentation heads;
+        :func:`~volumevlm.models.anatomy.anatomy_retrieval_vectors`): an image query then
+        scores a report by the mean of the global cosine and the sections' mean cosine,
+        which finds the right report more often than the global embedding alone
+        (docs/learning.md). Whole reports only (not with ``sections``).
     batch_size / image_batch_size: texts / volumes per forward pass; num_workers: image
         reading processes. The model's checkpoint and :func:`model_fingerprint` are
         recorded; ``out_dir`` is replaced atomically.
     """
     if reports is None and images is None:
         raise VolumeVLMError("index build: give reports, images or both")
+    if anatomy and sections:
+        raise VolumeVLMError("index build: an anatomy index holds whole reports (their sections side by side); "
+                             "drop --sections or --anatomy")
+    space = ANATOMY_SPACE if anatomy else GLOBAL_SPACE
+    heads = ANATOMY_HEADS if anatomy else ()
+    for head in heads:
+        model.head(head)  # a checkpoint without it fails now, with the recipe, before any work
     for name, value in (("batch_size", batch_size), ("image_batch_size", image_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise VolumeVLMError(f"index build: {name} must be a positive integer, got {value!r}")
@@ -661,17 +725,20 @@ def build_index(
     rows = image_rows(images) if images is not None else []
     if not texts and not rows:
         raise VolumeVLMError("index build: the given report files and images hold nothing to index")
-    info = {"sections": bool(sections), "data_note": data_note(model)}
-    writer = IndexWriter(out_dir, fingerprint=model_fingerprint(model), checkpoint=_checkpoint_of(model),
+    info = {"sections": bool(sections), "space": space, "data_note": data_note(model)}
+    if anatomy:
+        info["anatomy_sections"] = list(model.head("anatomy").sections)
+    writer = IndexWriter(out_dir, fingerprint=model_fingerprint(model, heads), checkpoint=_checkpoint_of(model),
                          dtype=dtype, chunk_size=chunk_size, info=info)
     with writer, _progress(progress) as bar:
         if texts:
             task = bar.add_task("reports" if not sections else "report sections", total=len(texts))
-            for emb, metas in _report_batches(model, texts, batch_size, lambda n: bar.advance(task, n)):
+            for emb, metas in _report_batches(model, texts, batch_size, lambda n: bar.advance(task, n), space, sections):
                 writer.add(emb, metas)
         if rows:
             task = bar.add_task("images", total=len(rows))
-            for emb, metas in _image_batches(model, rows, image_batch_size, num_workers, lambda n: bar.advance(task, n)):
+            for emb, metas in _image_batches(model, rows, image_batch_size, num_workers, lambda n: bar.advance(task, n),
+                                             space):
                 writer.add(emb, metas)
         return writer.commit()
 
@@ -712,6 +779,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--images", nargs="+", help="CT volumes to index (files or DICOM folders)")
     images.add_argument("--manifest", help="CT volumes to index from a manifest.jsonl")
     build.add_argument("--sections", action="store_true", help="one entry per organ-system section of each report")
+    build.add_argument("--anatomy", action="store_true",
+                       help="store the organ-system embeddings beside the global one (needs the anatomy and segmentation "
+                            "heads; image queries find the right report more often; whole reports only)")
     build.add_argument("--out", required=True, help="index folder to write (an older index there is replaced)")
     build.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage precision (default float16)")
     build.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"rows per chunk file (default {DEFAULT_CHUNK_SIZE})")
@@ -742,10 +812,11 @@ def run(args: argparse.Namespace) -> int:
         model = load(args.checkpoint, device=args.device)
         index = build_index(
             model, args.out, reports=args.reports, images=args.manifest or args.images, sections=args.sections,
+            anatomy=args.anatomy,
             batch_size=args.batch_size, image_batch_size=args.image_batch_size, num_workers=args.num_workers,
             dtype=args.dtype, chunk_size=args.chunk_size, progress=not args.no_progress,
         )
-        print(json.dumps({"index": str(index.folder), "count": len(index), "kinds": index.kind_counts,
+        print(json.dumps({"index": str(index.folder), "count": len(index), "kinds": index.kind_counts, "space": index.space,
                           "chunks": len(index.header["chunks"]), "checkpoint": index.checkpoint}, indent=2))
         return 0
     index = RetrievalIndex.open(args.index)

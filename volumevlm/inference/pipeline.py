@@ -264,6 +264,19 @@ def _anatomy_embeddings(model, x: Any, head, segmentation) -> tuple[torch.Tensor
     return globals_[0], sections[0]
 
 
+def embed_anatomy(model, x: Any) -> torch.Tensor:
+    """What an anatomy retrieval index compares an image as: the global embedding and the
+    anatomy head's organ-system embeddings side by side
+    (:func:`~volumevlm.models.anatomy.anatomy_retrieval_vectors`), float32 [E'] for one
+    input, [N, E'] for a list (CPU)."""
+    from volumevlm.models.anatomy import anatomy_retrieval_vectors
+
+    emb, sections = _anatomy_embeddings(model, x, model.head("anatomy"), model.head("segmentation"))
+    if emb.dim() == 2:
+        return anatomy_retrieval_vectors(emb, sections)
+    return anatomy_retrieval_vectors(emb[None], sections[None])[0]
+
+
 # ---------------------------------------------------------------------- phenotypes
 
 

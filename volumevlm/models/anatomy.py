@@ -248,6 +248,29 @@ def section_texts(report: str, sections: Sequence[str]) -> list[str | None]:
     return [f"{name}: {parts[name]}" if parts.get(name, "").strip() else None for name in sections]
 
 
+def report_section_embeddings(model, reports: Sequence[str | None], sections: Sequence[str]) -> torch.Tensor:
+    """[B, S, E]: the text tower's unit embedding of each report's ``sections`` (their
+    :func:`section_texts`, what the anatomy head's section embeddings are fitted to), zero
+    rows where a report has none or is None. ``model``: the VolumeVLM (no autograd here)."""
+    out = torch.zeros(len(reports), len(sections), model.embed_dim)
+    where = [(i, s, text) for i, report in enumerate(reports) if report is not None
+             for s, text in enumerate(section_texts(report, sections)) if text is not None]
+    if where:
+        with torch.no_grad():
+            embedded = model.encode_text([text for _, _, text in where]).float().cpu()
+        for (i, s, _), row in zip(where, embedded):
+            out[i, s] = row
+    return out
+
+
+def report_retrieval_vectors(model, head: "AnatomyHead", reports: Sequence[str]) -> torch.Tensor:
+    """:func:`anatomy_retrieval_vectors` of whole reports (a text without section headers
+    is its global embedding alone): what an anatomy retrieval index stores for a report."""
+    with torch.no_grad():
+        global_emb = model.encode_reports(list(reports)).float().cpu()
+    return anatomy_retrieval_vectors(global_emb, report_section_embeddings(model, reports, head.sections))
+
+
 def anatomy_retrieval_vectors(global_emb: torch.Tensor, section_emb: torch.Tensor) -> torch.Tensor:
     """[N, (1 + S) * E] vectors whose dot product between an image's and a report's is the
     mean of two cosines: of their global embeddings [N, E], and of their organ-system

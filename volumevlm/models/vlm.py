@@ -188,6 +188,17 @@ class VolumeVLM(nn.Module):
         )
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def encode_reports(self, reports: Sequence[str]) -> torch.Tensor:
+        """Unit embeddings [B, E] of whole reports as pretraining matched them to images: the
+        report itself, or (a text tower trained on sections) the re-normalised mean of its
+        organ-system sections' embeddings. What evaluation's retrieval and a report index
+        compare images with."""
+        from volumevlm.text.sections import report_sections
+
+        if not getattr(self.text_config, "sections", False):
+            return self.encode_text(list(reports)).float()
+        return torch.stack([F.normalize(self.encode_text(report_sections(r)).float().mean(dim=0), dim=-1) for r in reports])
+
     def phenotype_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Phecode logits [B, V] (columns = ``phecode_vocab.codes``) of images x [B, 1, X, Y, Z]."""
         return self.phenotype_head(self.image_features(x))

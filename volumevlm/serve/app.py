@@ -796,7 +796,9 @@ def create_app(
         def finish(read, hits):
             return {"hits": hits, "query": {"input": read.facts}, **summary}
 
-        return _json(await _upload_job(request, "retrieve", {"k": k, "kind": wanted}, finish))
+        # An anatomy index compares images through the anatomy head: the organ-by-organ pass.
+        return _json(await _upload_job(request, "retrieve", {"k": k, "kind": wanted,
+                                                             "anatomy": index.space == "anatomy"}, finish))
 
     return app
 

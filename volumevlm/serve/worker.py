@@ -13,7 +13,8 @@ of them at once:
   (``model.encode_image`` / ``model.phenotype_logits``); each job's answer is made from its
   row (zero-shot with the pipeline's prompt set and scorer, each prompt text embedded
   once and remembered; retrieval through :meth:`RetrievalIndex.query`).
-* retrieve_text: the query texts go through ``model.encode_text`` together.
+* retrieve_text: the query texts go through ``model.encode_text`` together (in an anatomy
+  index read as reports, :func:`volumevlm.inference.index.query_text_vectors`).
 * segment: each preprocessed volume goes through the segmentation head
   (:func:`volumevlm.models.segmentation.segment_probabilities`); the class probabilities
   come back on the preprocessed grid, and the request's reading thread takes them to the
@@ -236,8 +237,10 @@ def run_batch(model, jobs: list[Job], *, index=None, prompt_set=None, prompts: P
         net = model.head("segmentation")
         return [segment_probabilities(net, job.payload) for job in jobs]
     if verb == "retrieve_text":
+        from volumevlm.inference.index import query_text_vectors
+
         with inference_mode(model):
-            emb = model.encode_text([job.payload for job in jobs]).float()
+            emb = query_text_vectors(model, [job.payload for job in jobs], index.space)
         return _retrieve(index, emb, jobs)
 
     # Volumes of one preprocessed shape go through the encoder together (and, read organ by
@@ -249,7 +252,7 @@ def run_batch(model, jobs: list[Job], *, index=None, prompt_set=None, prompts: P
         x = _stack(group, model.device)
         with inference_mode(model):
             if anatomy:
-                answers = _organ_by_organ(model, verb, x, group, prompt_set)
+                answers = _organ_by_organ(model, verb, x, group, prompt_set, index)
             elif verb == "phenotypes":
                 answers = _phenotypes(model, model.phenotype_logits(x).float().cpu(), group)
             else:
@@ -304,10 +307,11 @@ def _zero_shot(model, emb: torch.Tensor, jobs: list[Job], prompt_set, prompts: P
     return answers
 
 
-def _organ_by_organ(model, verb: str, x: torch.Tensor, jobs: list[Job], prompt_set) -> list[Any]:
+def _organ_by_organ(model, verb: str, x: torch.Tensor, jobs: list[Job], prompt_set, index=None) -> list[Any]:
     """zero_shot / phenotypes read in the organs the model segments (the anatomy head):
     what :func:`volumevlm.inference.pipeline.zero_shot` and ``phenotypes`` compute with
-    ``anatomy=True``, for a batch: one encoder and one segmentation pass."""
+    ``anatomy=True``, and retrieve in an anatomy index, for a batch: one encoder and one
+    segmentation pass."""
     from volumevlm.inference.pipeline import organ_pass
     from volumevlm.models.zero_shot import zero_shot_from_sections
 
@@ -317,6 +321,10 @@ def _organ_by_organ(model, verb: str, x: torch.Tensor, jobs: list[Job], prompt_s
         return _phenotypes(model, head.phenotype_logits(organs).float().cpu(), jobs, codes=head.phecodes)
     emb = emb.float().cpu()
     sections = head(organs).float().cpu()
+    if verb == "retrieve":
+        from volumevlm.models.anatomy import anatomy_retrieval_vectors
+
+        return _retrieve(index, anatomy_retrieval_vectors(emb, sections), jobs)
     answers: list[Any] = [None] * len(jobs)
     for findings, positions in _groups(jobs, lambda job: job.options.get("findings")).items():
         probs, names, _ = zero_shot_from_sections(model, emb[positions], sections[positions], head, prompt_set,

@@ -31,7 +31,6 @@ import torch
 
 from volumevlm.errors import VolumeVLMError
 from volumevlm.metrics import macro_auroc, retrieval_recall
-from volumevlm.text.sections import report_sections
 from volumevlm.train.targets import CaseReading, read_case
 
 OBJECTIVE_DEFAULTS: dict[str, Any] = {
@@ -555,10 +554,8 @@ class PretrainModule(L.LightningModule):
             return self.text_embeddings(reports, dtype)
         mask = torch.tensor([r is not None for r in reports], dtype=torch.bool, device=self.device)
         emb = torch.zeros(len(reports), self.model.embed_dim, device=self.device, dtype=dtype)
-        for i, report in enumerate(reports):
-            if report is not None:
-                mean = self.model.encode_text(report_sections(report)).mean(dim=0)
-                emb[i] = torch.nn.functional.normalize(mean, dim=-1).to(dtype)
+        if bool(mask.any()):
+            emb[mask] = self.model.encode_reports([r for r in reports if r is not None]).to(dtype)
         return emb, mask
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
