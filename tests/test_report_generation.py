@@ -419,6 +419,42 @@ def test_bank_choice_takes_the_bank_text_the_decoder_finds_likeliest(pretrained,
     assert generator.bank_choice("PANCREAS", "Moderate ascites.", [], prefix, "PANCREAS:") is None
 
 
+def test_calls_no_bank_text_combines_are_written_by_splicing_bank_sentences(pretrained, monkeypatch):
+    """A renal cyst with hydronephrosis and no stone: the bank has each apart, never together.
+    The decoder's text keeps its cyst, loses its denial of hydronephrosis and gains the bank's
+    sentence stating it; the impression is renumbered; nothing is spliced when no bank
+    sentence helps."""
+    from volumevlm.text.labeler import label_reports
+
+    model = volumevlm.load(pretrained)
+    kidneys = "KIDNEYS AND URETERS"
+    bank = {kidneys: ["Simple right renal cyst. No hydronephrosis.", "Left kidney stone, 6 mm. Mild left hydronephrosis.",
+                      "No renal calculi or hydronephrosis. The ureters are unremarkable."],
+            "IMPRESSION": ["1. Renal cyst.", "1. Left hydronephrosis. 2. Left kidney stone."]}
+    generator = ReportGenerator.build({**TINY_HEAD, "findings": list(SYNTHETIC_FINDINGS), "findings_in_prompt": True,
+                                       "section_findings": {kidneys: ["renal_cyst", "kidney_stone", "hydronephrosis"]},
+                                       "section_bank": bank}, model)
+    present = ["renal_cyst", "hydronephrosis"]
+    written = "Right renal cyst, 2 cm. No hydronephrosis. The ureters are unremarkable."
+    assert all(e > 0 for e in generator.reading_errors(kidneys, [written, *bank[kidneys]], present))  # no whole text fits
+    spliced = generator.spliced_text(kidneys, written, present)
+    assert spliced == "Right renal cyst, 2 cm. The ureters are unremarkable. Mild left hydronephrosis."
+    assert generator.reading_errors(kidneys, [spliced], present)[0] == 0
+    assert label_reports([f"{kidneys}: {spliced}"], ["renal_cyst", "kidney_stone", "hydronephrosis"])[0] == \
+        {"renal_cyst": "positive", "hydronephrosis": "positive"}
+    # bank_choice takes the spliced text (no bank text has fewer errors), whatever the likelihoods.
+    monkeypatch.setattr(generator, "text_log_likelihood", lambda prefix, prompt, texts: np.zeros(len(texts)))
+    prefix = torch.zeros(4, generator.hidden_size)
+    assert generator.bank_choice(kidneys, written, present, prefix, f"{kidneys}:") == spliced
+    # The impression: two items to add, renumbered.
+    impression = generator.spliced_text("IMPRESSION", "1. Aortoiliac atherosclerosis.", ["atherosclerosis", *present])
+    assert impression == "1. Aortoiliac atherosclerosis. 2. Renal cyst. 3. Left hydronephrosis."  # ties: bank order
+    # Nothing to gain: None (a correct text, or no bank sentence states the missing finding).
+    assert generator.spliced_text(kidneys, "Right renal cyst. Mild hydronephrosis.", present) is None
+    assert generator.spliced_text(kidneys, written, ["renal_cyst", "hydronephrosis", "ascites"]) is not None
+    assert generator.spliced_text("SPLEEN", "Unremarkable spleen.", ["splenomegaly"]) is None
+
+
 def test_bank_fallback_replaces_exactly_the_sections_the_decoder_wrote_wrongly(conditioned, train_cases, monkeypatch):
     from volumevlm.models.report import section_bank_of
 

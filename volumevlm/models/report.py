@@ -406,6 +406,11 @@ class VisualResampler(nn.Module):
 # ---------------------------------------------------------------------- text helpers
 
 
+# Sentence ends inside a section's text, and the "2. " of a numbered impression item.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+_LIST_NUMBER = re.compile(r"^\d+\.\s+")
+
+
 @functools.lru_cache(maxsize=65536)
 def _labeler_reading(text: str, findings: tuple[str, ...]) -> np.ndarray:
     """The labeler's reading of one text over ``findings``: bool [F], hedged = present.
@@ -1038,7 +1043,9 @@ class ReportGenerator(nn.Module):
         or None to keep it: of the bank's texts for the section with fewer
         :meth:`reading_errors` than ``written`` (the fewest), the one with the highest mean
         token log-likelihood under the decoder after the case's ``prefix`` [P, H] and
-        ``prompt`` (so the image still chooses among texts that state its findings)."""
+        ``prompt`` (so the image still chooses among texts that state its findings). When no
+        bank text states the findings exactly, :meth:`spliced_text` is taken if it has fewer
+        errors than both."""
         bank = (self.config.section_bank or {}).get(section) or ()
         if not bank:
             return None
@@ -1047,12 +1054,68 @@ class ReportGenerator(nn.Module):
             return None
         errors = self.reading_errors(section, bank, present)
         best = int(errors.min())
+        if best > 0:  # no bank text states these findings exactly: try a spliced one
+            spliced = self.spliced_text(section, written, present)
+            if spliced is not None and int(self.reading_errors(section, [spliced], present)[0]) < min(best, wrong):
+                return spliced
         if best >= wrong:
             return None
         texts = [t for t, e in zip(bank, errors) if e == best]
         if len(texts) == 1:
             return texts[0]
         return texts[int(np.argmax(self.text_log_likelihood(prefix, prompt, texts)))]
+
+    def spliced_text(self, section: str, written: str, present: Sequence[str], max_added: int = 3) -> str | None:
+        """``written`` (the decoder's text of ``section``) edited sentence by sentence, or
+        None when the edit does not have fewer :meth:`reading_errors`: its sentences that
+        deny a present finding or state an absent one are left out, then, while that lowers
+        the errors (at most ``max_added`` times), the section bank's sentence that lowers
+        them most is added (the bank's order breaks ties). Only bank sentences the labeler
+        reads as stating a present finding are tried.
+
+        For calls the training reports never combined (a renal cyst with hydronephrosis and
+        no stone): no whole text of the bank states them, and the decoder writes the cyst
+        and "No hydronephrosis."; the edit keeps the cyst and puts a bank sentence stating
+        hydronephrosis in place of the denial. The IMPRESSION is renumbered."""
+        from volumevlm.text.labeler import label_reports
+
+        keys = self.config.findings
+        header = f"{section}: "
+        wanted = set(present)
+
+        def sentences(text: str) -> list[str]:
+            pieces = (_LIST_NUMBER.sub("", piece).strip() for piece in _SENTENCE_BREAK.split(text))
+            return [piece for piece in pieces if piece and not _LIST_NUMBER.fullmatch(piece + " ")]
+
+        def wrong(sentence: str) -> bool:
+            status = label_reports([header + sentence], keys)[0]
+            return any((k in wanted) == (v == "negative") for k, v in status.items() if v in ("positive", "negative"))
+
+        def joined(kept: list[str]) -> str:
+            if section == IMPRESSION_HEADER:
+                return " ".join(f"{i}. {sentence}" for i, sentence in enumerate(kept, start=1))
+            return " ".join(kept)
+
+        kept = [sentence for sentence in sentences(written) if not wrong(sentence)]
+        wanted_columns = [keys.index(k) for k in wanted if k in keys]
+        pool: list[str] = []
+        for text in (self.config.section_bank or {}).get(section) or ():
+            for sentence in sentences(text):
+                if sentence not in kept and sentence not in pool and not wrong(sentence) \
+                        and _labeler_reading(header + sentence, keys)[wanted_columns].any():
+                    pool.append(sentence)
+        errors = int(self.reading_errors(section, [joined(kept)], present)[0])
+        for _ in range(max_added):
+            if errors == 0 or not pool:
+                break
+            tried = self.reading_errors(section, [joined([*kept, sentence]) for sentence in pool], present)
+            if int(tried.min()) >= errors:
+                break
+            errors = int(tried.min())
+            kept.append(pool.pop(int(tried.argmin())))
+        if not kept or errors >= int(self.reading_errors(section, [written], present)[0]):
+            return None
+        return joined(kept)
 
     @torch.no_grad()
     def text_log_likelihood(self, prefix: torch.Tensor, prompt: str | None, texts: Sequence[str]) -> np.ndarray:
