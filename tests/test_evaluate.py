@@ -230,7 +230,8 @@ def test_report_and_label_efficiency_sections(evaluated, runs):
     assert metrics["report"]["calls"]["findings_scored"] == len(f1s)
     assert metrics["report"]["calls"]["clinical_f1"] == pytest.approx(float(np.mean(f1s)), abs=1e-9)
     # report_demo's head falls back on its section bank: the share of sections taken from
-    # it, by hand from the samples; each listed section's text is one of the bank's.
+    # it, by hand from the samples; each listed section's text is one of the bank's, or (no
+    # bank text fitting the calls) the decoder's edited with one of the bank's sentences.
     assert head.config.bank_fallback and head.config.section_bank
     sections = len(head.config.section_names)
     taken = [s["bank_sections"] for s in samples]
@@ -238,7 +239,10 @@ def test_report_and_label_efficiency_sections(evaluated, runs):
                                                                          abs=1e-12), "sections_per_report": sections}
     for sample in samples:
         parts = split_report(sample["generated"])
-        assert all(parts[name] in head.config.section_bank[name] for name in sample["bank_sections"])
+        for name in sample["bank_sections"]:
+            bank = head.config.section_bank[name]
+            assert parts[name] in bank or any(sentence.rstrip(".") in parts[name] for text in bank
+                                               for sentence in text.split(". ") if len(sentence) > 8), (name, parts[name])
     efficiency = metrics["label_efficiency"]
     assert efficiency["label_fraction"] == [0.5, 1.0]
     dice = [json.loads((run / "metrics.json").read_text())["metrics"]["val/mean_dice"] for run in reversed(runs["seg_runs"])]

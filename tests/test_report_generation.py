@@ -511,6 +511,12 @@ def test_section_findings_are_read_from_the_reports_sections():
     assert mapping["LIVER AND BILIARY TREE"] == ["hepatic_steatosis", "hepatomegaly"]
     assert mapping["PERITONEUM"] == ["ascites"]
     assert IMPRESSION_HEADER not in mapping  # it restates them all
+    # A finding stated in more than 127 reports is still counted (the labeler's matrix is
+    # int8; summed as int8 the count wrapped to a negative and the finding was mapped nowhere).
+    many = ["FINDINGS:\nVASCULATURE: Aortoiliac atherosclerosis.\nSPLEEN: Splenomegaly.\n"] * 130 + \
+        ["FINDINGS:\nVASCULATURE: No aortic atherosclerosis.\nSPLEEN: Splenomegaly.\n"] * 20
+    mapping = section_findings_of(many, SYNTHETIC_FINDINGS, names)
+    assert mapping["VASCULATURE"] == ["atherosclerosis"] and mapping["SPLEEN"] == ["splenomegaly"]
 
 
 def test_prompts_name_the_present_findings_of_each_section(pretrained, train_cases):

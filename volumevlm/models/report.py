@@ -440,7 +440,9 @@ def section_findings_of(reports: Sequence[str], findings: Sequence[str], section
         for name, text in section_pairs(report, section_names):
             if name == IMPRESSION_HEADER:
                 continue
-            row = findings_matrix(label_reports([f"{name}: {text}"], findings), findings, uncertain_as=1)[0]
+            # int64: the labeler's matrix is int8, and a finding stated in more than 127
+            # reports would wrap around to a negative count.
+            row = findings_matrix(label_reports([f"{name}: {text}"], findings), findings, uncertain_as=1)[0].astype(np.int64)
             counts[name] = counts.get(name, 0) + row
     if not counts:
         return {}
