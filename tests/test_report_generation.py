@@ -575,6 +575,17 @@ def test_prompts_name_the_present_findings_of_each_section(pretrained, train_cas
         ReportGenerator.build({**TINY_HEAD, "findings_in_prompt": True}, model)
 
 
+class _FindingsHolder(torch.nn.Module):
+    """The two attributes fit_findings_classifier fills, for ascites and splenomegaly read
+    from ``width`` features."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.config = ReportConfig.from_dict({"findings": ["ascites", "splenomegaly"]})
+        self.findings_classifier = torch.nn.Linear(width, 2)
+        self.register_buffer("finding_thresholds", torch.full((2,), 0.5))
+
+
 def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -583,20 +594,13 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     from volumevlm.models.report import finding_features
     from volumevlm.train.report import fit_findings_classifier
 
-    class Holder(torch.nn.Module):  # the two attributes fit_findings_classifier fills
-        def __init__(self):
-            super().__init__()
-            self.config = ReportConfig.from_dict({"findings": ["ascites", "splenomegaly"]})
-            self.findings_classifier = torch.nn.Linear(6, 2)
-            self.register_buffer("finding_thresholds", torch.full((2,), 0.5))
-
     rng = torch.Generator().manual_seed(0)
     readings = torch.zeros(80, 2)
     readings[:40, 0] = 1
     readings[:3, 1] = 1  # too rare to cross-validate: a constant at its prevalence
     features = torch.randn(80, 6, generator=rng) * torch.tensor([1.0, 5.0, 1.0, 1.0, 1.0, 1.0]) + 3.0
     features[:, 0] += 2.5 * readings[:, 0]
-    holder = Holder()
+    holder = _FindingsHolder(6)
     info = fit_findings_classifier(holder, features, readings, seed=0)
     probs = torch.sigmoid(holder.findings_classifier(features))
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
@@ -612,7 +616,7 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     # scikit-learn's cross_val_predict over the same folds; the prevalence for the rare one.
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    again, out_of_fold = fit_findings_classifier(Holder(), features, readings, seed=0, return_out_of_fold=True)
+    again, out_of_fold = fit_findings_classifier(_FindingsHolder(6), features, readings, seed=0, return_out_of_fold=True)
     assert again == info
     held_out = cross_val_predict(reference, features.double().numpy(), readings[:, 0].numpy().astype(int),
                                  cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")[:, 1]
@@ -628,7 +632,7 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
     noise = readings.clone()
     noise[:, 1] = torch.arange(80) % 2  # a finding the features do not read
     for floor, dropped in ((0.0, []), (0.6, ["splenomegaly"]), (auroc + 0.01, ["ascites", "splenomegaly"])):
-        guarded = Holder()
+        guarded = _FindingsHolder(6)
         got = fit_findings_classifier(guarded, features, noise, seed=0, min_auroc=floor)
         assert got["not_called"] == dropped and got["oof_auroc"]["splenomegaly"] < 0.6, floor
         never = [j for j, name in enumerate(got["findings"]) if name in dropped]
@@ -636,7 +640,7 @@ def test_findings_classifier_matches_scikit_learn_and_thresholds_out_of_fold():
         calls = (torch.sigmoid(guarded.findings_classifier(features)) >= guarded.finding_thresholds).float()
         assert all(calls[:, j].sum() == 0 for j in never)
         assert [t for j, t in enumerate(got["thresholds"]) if j not in never] == \
-            [t for j, t in enumerate(fit_findings_classifier(Holder(), features, noise, seed=0)["thresholds"]) if j not in never]
+            [t for j, t in enumerate(fit_findings_classifier(_FindingsHolder(6), features, noise, seed=0)["thresholds"]) if j not in never]
     # What the probe reads: mean and max over the grid tokens, registers left out.
     tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
     got = finding_features(tokens, grid=(2, 2, 1))
@@ -651,13 +655,6 @@ def test_findings_read_from_the_feature_set_that_reads_them_best_out_of_fold():
     from sklearn.preprocessing import StandardScaler
 
     from volumevlm.train.report import fit_findings_classifier
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = ReportConfig.from_dict({"findings": ["ascites", "splenomegaly"]})
-            self.findings_classifier = torch.nn.Linear(40, 2)
-            self.register_buffer("finding_thresholds", torch.full((2,), 0.5))
 
     rng = torch.Generator().manual_seed(1)
     readings = torch.zeros(90, 2)
@@ -676,7 +673,7 @@ def test_findings_read_from_the_feature_set_that_reads_them_best_out_of_fold():
                                 method="predict_proba")[:, 1]
         return probe.fit(x[:, cols], y[:, j]), oof, round(roc_auc_score(y[:, j], oof), 4)
 
-    holder = Holder()
+    holder = _FindingsHolder(40)
     info, out_of_fold = fit_findings_classifier(holder, features, readings, seed=0, return_out_of_fold=True,
                                                 columns=columns)
     sets = {"all": list(range(40)), "organs": list(range(12)), "organ_statistics": [0, 1, 2, 3]}
@@ -697,13 +694,13 @@ def test_findings_read_from_the_feature_set_that_reads_them_best_out_of_fold():
     np.testing.assert_allclose(probs[:, 1], spleen[0].predict_proba(x)[:, 1], atol=1e-5)
     assert torch.count_nonzero(weight[1]) == 40
     # Without column sets: every finding from every feature, as before.
-    plain = fit_findings_classifier(Holder(), features, readings, seed=0)
+    plain = fit_findings_classifier(_FindingsHolder(40), features, readings, seed=0)
     assert plain["features"] == {"ascites": "all", "splenomegaly": "all"} and plain["oof_auroc_by_features"] == {}
     assert plain["oof_auroc"]["ascites"] == fits["all"][2]
     for bad in ({"ascites": {"organs": []}}, {"ascites": {"organs": [0, 40]}}, {"ascites": {"organs": [-1]}},
                 {"ascites": {"all": [0]}}):
         with pytest.raises(VolumeVLMError, match="ascites") as err:
-            fit_findings_classifier(Holder(), features, readings, columns=bad)
+            fit_findings_classifier(_FindingsHolder(40), features, readings, columns=bad)
         assert "\n" not in str(err.value)
 
 
